@@ -1,0 +1,87 @@
+//! The `auditwal` command line: the contract of DESIGN.md ("Command line contract").
+//!
+//! Each subcommand's work lives in `bin/cmd/<name>.rs`; this file only parses flags
+//! and maps outcomes to the contract's exit codes: 0 success, 1 the work found a
+//! problem (verify found damage), 2 bad usage or configuration, 3 runtime failure.
+
+mod cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "auditwal",
+    version,
+    about = "Audit logging over a local segment WAL and PostgreSQL",
+    after_help = "Environment: DATABASE_URL stands in for --database-url, AUDITWAL_WAL_DIR for --wal-dir.\n\
+Exit codes: 0 success, 1 the work found a problem (verify found damage), 2 bad usage or configuration, 3 runtime failure."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a throwaway local PostgreSQL, write events, load them, print a summary.
+    Demo(cmd::demo::DemoArgs),
+    /// Apply the schema migrations to a database.
+    Migrate(cmd::migrate::MigrateArgs),
+    /// Read JSON lines on stdin and record each event; print each id once acknowledged.
+    Emit(cmd::emit::EmitArgs),
+    /// Print the records of a segment file or stream directory.
+    Inspect(cmd::inspect::InspectArgs),
+    /// Check a segment file or stream directory for damage (exit 1 if any).
+    Verify(cmd::inspect::VerifyArgs),
+    /// Run a benchmark against a baseline measured in the same run.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Which benchmark.
+    which: BenchKind,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Where to put scratch files (WAL segments, database cluster); default: a temp dir.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchKind {
+    Wal,
+    Sync,
+    Load,
+    E2e,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cmd::init_tracing();
+    let result = match cli.command {
+        Command::Demo(a) => cmd::demo::run(a),
+        Command::Migrate(a) => cmd::migrate::run(a),
+        Command::Emit(a) => cmd::emit::run(a),
+        Command::Inspect(a) => cmd::inspect::run_inspect(a),
+        Command::Verify(a) => cmd::inspect::run_verify(a),
+        Command::Bench(a) => match a.which {
+            BenchKind::Wal => cmd::bench_wal::run(a.json, a.dir),
+            BenchKind::Sync => cmd::bench_sync::run(a.json, a.dir),
+            BenchKind::Load | BenchKind::E2e => Err(cmd::Failure::runtime(anyhow::anyhow!(
+                "this benchmark is not built yet"
+            ))),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("auditwal: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! `auditwal bench sync`.
+use std::path::PathBuf;
+
+use super::CmdResult;
+
+pub fn run(_json: bool, _dir: Option<PathBuf>) -> CmdResult {
+    Err(super::Failure::runtime(anyhow::anyhow!(
+        "bench sync is not built yet"
+    )))
+}

@@ -1,0 +1,58 @@
+//! Subcommand implementations and what they share: exit codes, logging, and the
+//! bench output format of the contract.
+
+pub mod bench;
+pub mod bench_sync;
+pub mod bench_wal;
+pub mod demo;
+pub mod emit;
+pub mod inspect;
+pub mod migrate;
+
+use std::process::ExitCode;
+
+/// Exit code: the work found a problem (e.g. verify found damage).
+pub const EXIT_FOUND_PROBLEM: u8 = 1;
+/// Exit code: bad usage or configuration.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: a runtime failure (I/O, database).
+pub const EXIT_RUNTIME: u8 = 3;
+
+/// An error on its way out of `main`, with the exit code it maps to.
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Failure {
+            code: EXIT_USAGE,
+            error: error.into(),
+        }
+    }
+    pub fn runtime(error: impl Into<anyhow::Error>) -> Self {
+        Failure {
+            code: EXIT_RUNTIME,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure::runtime(error)
+    }
+}
+
+pub type CmdResult = Result<ExitCode, Failure>;
+
+/// Logs go to stderr (stdout carries the contract's output); RUST_LOG filters them.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

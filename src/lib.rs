@@ -1,0 +1,16 @@
+//! auditwal: audit logging for services on unreliable networks.
+//!
+//! Four delivery modes share one event type ([`AuditEvent`]):
+//! - **sync**: INSERT + COMMIT in PostgreSQL before the call returns ([`pg::sync`]);
+//! - **durable**: appended to the local segment WAL and fsynced before return ([`wal`]);
+//! - **async**: appended to the WAL (page cache) and fsynced by a background flusher;
+//! - **sampled**: a fraction of events, delivered async.
+//!
+//! A separate loader process tails the WAL and bulk-COPYs it into PostgreSQL.
+//! See docs/modes.md for what each mode can lose and when.
+
+pub mod event;
+pub mod pg;
+pub mod wal;
+
+pub use event::{AuditEvent, EventError, JsonText, Outcome, DEFAULT_MAX_EVENT_BYTES};

@@ -1,0 +1,1 @@
+//! PostgreSQL side: schema, migrations, sync mode, the throwaway test cluster.

@@ -1,0 +1,1 @@
+//! The segment write-ahead log (owned by the WAL work; see docs/segment-format.md).
