@@ -6,6 +6,8 @@ pub mod bench_sync;
 pub mod bench_wal;
 pub mod demo;
 pub mod emit;
+pub mod emit_sync;
+pub mod emit_wal;
 pub mod inspect;
 pub mod migrate;
 

@@ -1,0 +1,1 @@
+//! wal::payload (being written)

@@ -1,0 +1,1 @@
+//! wal::reader (being written)

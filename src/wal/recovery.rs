@@ -1,0 +1,1 @@
+//! wal::recovery (being written)

@@ -1,0 +1,1 @@
+//! wal::writer (being written)
