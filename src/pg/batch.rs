@@ -1,0 +1,163 @@
+//! One loader batch as one transaction: lock the stream's checkpoint, COPY the rows,
+//! advance the checkpoint, COMMIT.
+//!
+//! Rows and checkpoint commit together or not at all, which is what makes loading
+//! exactly-once. Every attempt starts by reading the checkpoint under its row lock,
+//! so a batch whose COMMIT was lost with the connection (it may have committed) is
+//! recognised as already loaded instead of being sent twice. This module knows one
+//! transaction; retries, reconnects and dead-letter files are the loader's.
+
+use std::borrow::Cow;
+
+use sqlx::{Connection, PgConnection};
+
+use crate::event::AuditEvent;
+use crate::pg::checkpoint;
+use crate::pg::copy::{copy_statement, CopyBuffer, RowOrigin};
+
+/// One row of a batch, decoded from the WAL.
+#[derive(Debug, Clone)]
+pub struct BatchRow {
+    pub lsn: u64,
+    pub event: AuditEvent,
+    pub sample_rate: f64,
+}
+
+/// Rows of one stream, in LSN order, and the checkpoint they bring the stream to.
+/// `end_lsn` can be past the last row's LSN: end-of-segment records and corrupt
+/// ranges consume LSNs but load no row.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub rows: Vec<BatchRow>,
+    pub end_lsn: u64,
+}
+
+/// What a commit attempt did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Rows and checkpoint committed.
+    Committed { rows: u64 },
+    /// The checkpoint was already at or past `end_lsn`: nothing sent.
+    AlreadyLoaded { checkpoint: u64 },
+}
+
+/// Why an attempt failed, sorted by what the caller should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// PostgreSQL refused one row's data (SQLSTATE class 22 or 23): dead-letter
+    /// that row and try again without it. `index` is into `Batch::rows`.
+    #[error("row at index {index} refused ({sqlstate}): {message}")]
+    PoisonRow {
+        index: usize,
+        sqlstate: String,
+        message: String,
+    },
+    /// PostgreSQL refused the data but did not say which row: load row by row.
+    #[error("batch refused ({sqlstate}), row unknown: {message}")]
+    PoisonUnknownRow { sqlstate: String, message: String },
+    /// Anything else (connection lost, server shutting down, timeouts, schema
+    /// missing): drop the connection, back off, reconnect, retry from the checkpoint.
+    #[error("{0}")]
+    Database(#[from] sqlx::Error),
+    /// COPY reported a different row count than was sent: a bug or a trigger; the
+    /// transaction was rolled back.
+    #[error("COPY stored {stored} rows, {sent} were sent")]
+    RowCountMismatch { sent: u64, stored: u64 },
+}
+
+/// Runs one batch transaction on `conn` for `stream_id` into `table`.
+pub async fn commit(
+    conn: &mut PgConnection,
+    table: &str,
+    stream_id: &str,
+    batch: &Batch,
+) -> Result<BatchOutcome, BatchError> {
+    let mut tx = conn.begin().await?;
+    let checkpoint = checkpoint::lock(&mut tx, stream_id).await?;
+    if checkpoint >= batch.end_lsn {
+        tx.rollback().await?;
+        return Ok(BatchOutcome::AlreadyLoaded { checkpoint });
+    }
+    // Rows at or below the checkpoint are already in the table (another loader got
+    // there first, or a replay overlapped): send only the rest.
+    let first = batch.rows.partition_point(|r| r.lsn <= checkpoint);
+    let rows = &batch.rows[first..];
+    let mut sent = 0u64;
+    if !rows.is_empty() {
+        let mut body = CopyBuffer::new();
+        for r in rows {
+            body.push(
+                &r.event,
+                RowOrigin {
+                    stream_id,
+                    lsn: r.lsn,
+                    sample_rate: r.sample_rate,
+                },
+            );
+        }
+        sent = body.rows() as u64;
+        let body = body.finish();
+        let mut copy = tx.copy_in_raw(&copy_statement(table)).await?;
+        let result = match copy.send(body).await {
+            Ok(_) => copy.finish().await,
+            Err(e) => Err(e),
+        };
+        let stored = result.map_err(|e| classify_copy_error(e, first))?;
+        if stored != sent {
+            tx.rollback().await?;
+            return Err(BatchError::RowCountMismatch { sent, stored });
+        }
+    }
+    checkpoint::advance(&mut tx, stream_id, batch.end_lsn).await?;
+    tx.commit().await?;
+    Ok(BatchOutcome::Committed { rows: sent })
+}
+
+/// Data exceptions (22) and integrity violations (23) are about a row; everything
+/// else is about the connection, the server or the schema.
+fn classify_copy_error(e: sqlx::Error, first_index: usize) -> BatchError {
+    let sqlx::Error::Database(db) = &e else {
+        return BatchError::Database(e);
+    };
+    let code = db.code().unwrap_or(Cow::Borrowed(""));
+    if !(code.starts_with("22") || code.starts_with("23")) {
+        return BatchError::Database(e);
+    }
+    let sqlstate = code.into_owned();
+    let message = db.message().to_string();
+    let line = db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .and_then(|pg| pg.r#where())
+        .and_then(copy_line_number);
+    match line {
+        // COPY numbers rows from 1.
+        Some(n) if n >= 1 => BatchError::PoisonRow {
+            index: first_index + n - 1,
+            sqlstate,
+            message,
+        },
+        _ => BatchError::PoisonUnknownRow { sqlstate, message },
+    }
+}
+
+/// Extracts N from a COPY error context such as `COPY audit_events, line 3, column ip: "x"`.
+fn copy_line_number(context: &str) -> Option<usize> {
+    let after = &context[context.find("line ")? + 5..];
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_line_number;
+
+    #[test]
+    fn copy_context_line_numbers_are_read() {
+        assert_eq!(copy_line_number("COPY audit_events, line 3"), Some(3));
+        assert_eq!(
+            copy_line_number("COPY audit_events, line 12, column ip: \"x\""),
+            Some(12)
+        );
+        assert_eq!(copy_line_number("SQL statement"), None);
+    }
+}

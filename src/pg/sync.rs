@@ -1,0 +1,646 @@
+//! Sync mode: each event INSERTed and COMMITted in PostgreSQL before the call
+//! returns, with group commit.
+//!
+//! [`SyncWriter::record`] validates the event, queues it and waits for its own
+//! answer. A few *committer* tasks share the queue; each holds one pooled
+//! connection. A committer that becomes free takes **everything** queued at that
+//! moment (up to `max_batch`) and writes it with one multi-row INSERT, which in
+//! autocommit is one transaction and one commit (one WAL flush) for the whole
+//! batch. There is no timer window: a lone caller finds an idle committer waiting
+//! and is written at once with a plain single-row INSERT, the same statement a
+//! naive writer would send. Coalescing happens only because calls arrive while
+//! commits are in flight; several committers keep several commits in flight.
+//!
+//! Invariants:
+//! - the INSERT never runs in the caller's transaction (the writer has its own
+//!   connections), so the audit row survives the caller's rollback and an audit
+//!   failure never rolls the caller back;
+//! - every caller gets its own answer: its row id, or its own error. When a batch
+//!   fails because of one row (a duplicate, a constraint), each event is retried
+//!   alone, so one bad event does not fail its neighbours;
+//! - no call waits longer than the configured timeout (plus a small grace): a
+//!   database that is down gives [`PgError::DatabaseUnavailable`] (the event was not
+//!   sent), a statement that got no answer gives [`PgError::OutcomeUnknown`]. Each
+//!   request carries a claim flag that either the committer (about to send it) or
+//!   the caller (giving up) sets first, so that distinction is exact.
+//!
+//! Sync rows have `stream_id` and `lsn` NULL and `sample_rate` 1.0 unless the caller
+//! passes one ([`SyncWriter::record_sampled`]). The WAL, the loader and the COPY
+//! encoding are elsewhere.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::JoinHandle;
+use tokio::time::{timeout_at, Instant};
+use uuid::Uuid;
+
+use super::error::{classify, PgError, Stage};
+use super::schema::{self, PARTITIONS_AHEAD};
+use crate::event::{AuditEvent, DEFAULT_MAX_EVENT_BYTES};
+
+/// The id of a stored row (`audit_events.id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowId(pub i64);
+
+impl std::fmt::Display for RowId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Settings of a [`SyncWriter`]. Defaults in [`SyncConfig::default`].
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Committer tasks, each with its own connection: how many commits can be in
+    /// flight at once. The pool made by [`SyncWriter::connect`] has one more
+    /// connection, for partition upkeep.
+    pub committers: usize,
+    /// The longest a call waits for its answer, connecting included.
+    pub timeout: Duration,
+    /// Apply the migrations at start (needs the table owner's rights; a login with
+    /// only `auditwal_writer` sets this to false).
+    pub migrate: bool,
+    /// Most events in one multi-row INSERT.
+    pub max_batch: usize,
+    /// Event size limit passed to [`AuditEvent::validate`].
+    pub max_event_bytes: usize,
+    /// How often to make sure the monthly partitions ahead exist.
+    pub partition_check_interval: Duration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            committers: 4,
+            timeout: Duration::from_secs(5),
+            migrate: true,
+            max_batch: 512,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            partition_check_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl SyncConfig {
+    fn check(&self) -> Result<(), PgError> {
+        if self.committers == 0 {
+            return Err(PgError::Config("sync.committers must be at least 1".into()));
+        }
+        if self.max_batch == 0 {
+            return Err(PgError::Config("sync.max_batch must be at least 1".into()));
+        }
+        if self.timeout.is_zero() {
+            return Err(PgError::Config("sync.timeout must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// How long a caller waits past its deadline for the committer's own answer
+/// before giving up: the committer bounds its waits by the same deadline, so its
+/// answer normally arrives first and is the more precise one.
+const GRACE: Duration = Duration::from_millis(100);
+
+/// A connection idle for longer than this is pinged before use: after a server
+/// restart it is dead, and finding that out by sending an INSERT would turn "not
+/// sent" into "outcome unknown".
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+const QUEUED: u8 = 0;
+const SENT: u8 = 1;
+const ABANDONED: u8 = 2;
+
+struct Request {
+    event: AuditEvent,
+    sample_rate: f64,
+    deadline: Instant,
+    /// QUEUED until the committer (SENT, about to send) or the caller (ABANDONED,
+    /// gave up) claims it.
+    claim: Arc<AtomicU8>,
+    reply: oneshot::Sender<Result<RowId, PgError>>,
+}
+
+impl Request {
+    fn answer(self, result: Result<RowId, PgError>) {
+        // The caller may have given up; nobody is left to tell.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Writes events in sync mode. Cheap to clone; clones share the queue and the
+/// committers, which stop when the last clone is dropped (after answering what is
+/// queued). Must be created inside a tokio runtime.
+#[derive(Clone)]
+pub struct SyncWriter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: mpsc::UnboundedSender<Request>,
+    pool: PgPool,
+    config: SyncConfig,
+    upkeep: JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.upkeep.abort();
+    }
+}
+
+impl SyncWriter {
+    /// Connects to `url` (lazily: the pool opens connections on demand, each bounded
+    /// by `config.timeout`), applies the migrations if `config.migrate`, and starts
+    /// the committers.
+    pub async fn connect(url: &str, config: SyncConfig) -> Result<SyncWriter, PgError> {
+        config.check()?;
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e: sqlx::Error| PgError::Config(format!("database URL: {e}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(u32::try_from(config.committers + 1).unwrap_or(u32::MAX))
+            .min_connections(0)
+            .acquire_timeout(config.timeout)
+            // Our committers ping connections that sat idle instead (see
+            // PING_AFTER_IDLE): a ping per batch would double a lone caller's latency.
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        SyncWriter::from_pool(pool, config).await
+    }
+
+    /// Uses an existing pool (it should allow `config.committers` connections, plus
+    /// one for partition upkeep).
+    pub async fn from_pool(pool: PgPool, config: SyncConfig) -> Result<SyncWriter, PgError> {
+        config.check()?;
+        if config.migrate {
+            match tokio::time::timeout(config.timeout, schema::migrate(&pool)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(PgError::DatabaseUnavailable {
+                        reason: PgError::timed_out("applying migrations", config.timeout),
+                    })
+                }
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..config.committers {
+            let committer = Committer {
+                pool: pool.clone(),
+                conn: None,
+                last_used: Instant::now(),
+                timeout: config.timeout,
+            };
+            tokio::spawn(committer.run(rx.clone(), config.max_batch));
+        }
+        let upkeep = tokio::spawn(partition_upkeep(
+            pool.clone(),
+            config.partition_check_interval,
+            // Right after migrate the partitions are fresh; otherwise check now.
+            !config.migrate,
+        ));
+        Ok(SyncWriter {
+            inner: Arc::new(Inner {
+                queue: tx,
+                pool,
+                config,
+                upkeep,
+            }),
+        })
+    }
+
+    /// Stores `event` (sample_rate 1.0) in its own transaction and returns its row
+    /// id once committed.
+    pub async fn record(&self, event: &AuditEvent) -> Result<RowId, PgError> {
+        self.record_sampled(event, 1.0).await
+    }
+
+    /// As [`SyncWriter::record`], storing `sample_rate` (in (0, 1]) with the row:
+    /// the fraction of such events that were kept, for the sampled mode.
+    pub async fn record_sampled(
+        &self,
+        event: &AuditEvent,
+        sample_rate: f64,
+    ) -> Result<RowId, PgError> {
+        event.validate(self.inner.config.max_event_bytes)?;
+        if !(sample_rate > 0.0 && sample_rate <= 1.0) {
+            return Err(PgError::InvalidSampleRate { value: sample_rate });
+        }
+        let timeout = self.inner.config.timeout;
+        let deadline = Instant::now() + timeout;
+        let mut event = event.clone();
+        // PostgreSQL keeps microseconds. Truncate here so the value we send is the
+        // value stored, which is how batch results are matched back to callers.
+        event.occurred_at = event.occurred_at.trunc_subsecs(6);
+        let claim = Arc::new(AtomicU8::new(QUEUED));
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .queue
+            .send(Request {
+                event,
+                sample_rate,
+                deadline,
+                claim: claim.clone(),
+                reply,
+            })
+            .map_err(|_| PgError::Closed)?;
+        match timeout_at(deadline + GRACE, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PgError::Closed),
+            Err(_) => {
+                if claim
+                    .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    Err(PgError::DatabaseUnavailable {
+                        reason: format!(
+                            "not sent: no committer could reach the database within {timeout:?}"
+                        ),
+                    })
+                } else {
+                    Err(PgError::OutcomeUnknown {
+                        reason: PgError::timed_out("INSERT sent", timeout),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The writer's pool (for callers that want to read what they wrote).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    pub fn config(&self) -> &SyncConfig {
+        &self.inner.config
+    }
+}
+
+/// Keeps the monthly partitions ahead in existence while the writer lives, so rows
+/// of a new month never pile up in the default partition.
+async fn partition_upkeep(pool: PgPool, every: Duration, check_now: bool) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    if !check_now {
+        tick.tick().await;
+    }
+    loop {
+        tick.tick().await;
+        let result = async {
+            let mut conn = pool
+                .acquire()
+                .await
+                .map_err(|e| classify(&e, Stage::BeforeSend, None))?;
+            schema::ensure_partitions(&mut conn, PARTITIONS_AHEAD).await
+        }
+        .await;
+        match result {
+            Ok(n) if n > 0 => tracing::info!(created = n, "created monthly partitions ahead"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the monthly partitions; will retry")
+            }
+        }
+    }
+}
+
+struct Committer {
+    pool: PgPool,
+    conn: Option<PoolConnection<Postgres>>,
+    last_used: Instant,
+    timeout: Duration,
+}
+
+impl Committer {
+    async fn run(mut self, queue: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>, max_batch: usize) {
+        loop {
+            let mut batch = Vec::new();
+            {
+                // One committer at a time waits on the queue; when it wakes it takes
+                // everything already there. The others wait their turn here.
+                let mut rx = queue.lock().await;
+                match rx.recv().await {
+                    Some(r) => batch.push(r),
+                    None => return,
+                }
+                while batch.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.commit(batch).await;
+        }
+    }
+
+    /// Writes one batch and answers each of its callers.
+    async fn commit(&mut self, batch: Vec<Request>) {
+        let Some(earliest) = batch.iter().map(|r| r.deadline).min() else {
+            return;
+        };
+        if let Err(reason) = self.ready_connection(earliest).await {
+            for r in batch {
+                r.answer(Err(PgError::DatabaseUnavailable {
+                    reason: reason.clone(),
+                }));
+            }
+            return;
+        }
+        // Claim what we are about to send; skip callers that gave up or ran out of
+        // time while queued (for those, "not sent" is the truth).
+        let now = Instant::now();
+        let mut sending = Vec::with_capacity(batch.len());
+        for r in batch {
+            if r.reply.is_closed() {
+                continue;
+            }
+            if now >= r.deadline {
+                if r.claim
+                    .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    r.answer(Err(PgError::DatabaseUnavailable {
+                        reason: format!("not sent within {:?}", self.timeout),
+                    }));
+                }
+                continue;
+            }
+            if r.claim
+                .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                sending.push(r);
+            }
+        }
+        let Some(latest) = sending.iter().map(|r| r.deadline).max() else {
+            return;
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let result = match sending.as_slice() {
+            [one] => timeout_at(latest, insert_one(conn, &one.event, one.sample_rate))
+                .await
+                .map(|r| r.map(|id| vec![Some(id)])),
+            many => timeout_at(latest, insert_many(conn, many)).await,
+        };
+        self.last_used = Instant::now();
+        match result {
+            Ok(Ok(ids)) => {
+                for (r, id) in sending.into_iter().zip(ids) {
+                    r.answer(id.ok_or_else(|| PgError::OutcomeUnknown {
+                        reason: "the INSERT returned no row for this event".into(),
+                    }));
+                }
+            }
+            Err(_elapsed) => {
+                // The statement may still run; the connection is in an unknown state.
+                self.discard_connection();
+                for r in sending {
+                    r.answer(Err(PgError::OutcomeUnknown {
+                        reason: PgError::timed_out("INSERT sent", self.timeout),
+                    }));
+                }
+            }
+            Ok(Err(e)) if is_connection_error(&e) => {
+                self.discard_connection();
+                for r in sending {
+                    let err = classify(&e, Stage::InFlight, Some(r.event.event_id));
+                    r.answer(Err(err));
+                }
+            }
+            Ok(Err(e)) if sending.len() == 1 => {
+                for r in sending {
+                    let err = classify(&e, Stage::InFlight, Some(r.event.event_id));
+                    r.answer(Err(err));
+                }
+            }
+            Ok(Err(e)) => {
+                // Some row of the batch was refused, and the whole statement with it
+                // (nothing was stored). Retry each event alone so each caller gets
+                // its own answer.
+                tracing::debug!(error = %e, events = sending.len(), "batch refused; retrying each event alone");
+                self.one_by_one(sending).await;
+            }
+        }
+    }
+
+    async fn one_by_one(&mut self, sending: Vec<Request>) {
+        for r in sending {
+            let result = match self.conn.as_mut() {
+                None => Err(PgError::DatabaseUnavailable {
+                    reason: "connection lost while retrying a refused batch".into(),
+                }),
+                Some(conn) => {
+                    // A caller whose deadline passed gets the "sent, no answer" error
+                    // from its own timer; bound this statement by the batch timeout.
+                    let deadline = r.deadline.max(Instant::now() + Duration::from_millis(1));
+                    match timeout_at(deadline, insert_one(conn, &r.event, r.sample_rate)).await {
+                        Ok(Ok(id)) => Ok(id),
+                        Ok(Err(e)) => {
+                            if is_connection_error(&e) {
+                                self.discard_connection();
+                            }
+                            Err(classify(&e, Stage::InFlight, Some(r.event.event_id)))
+                        }
+                        Err(_) => {
+                            self.discard_connection();
+                            Err(PgError::OutcomeUnknown {
+                                reason: PgError::timed_out("INSERT sent", self.timeout),
+                            })
+                        }
+                    }
+                }
+            };
+            self.last_used = Instant::now();
+            r.answer(result);
+        }
+    }
+
+    /// Makes sure `self.conn` holds a live connection, by `deadline`.
+    async fn ready_connection(&mut self, deadline: Instant) -> Result<(), String> {
+        if self.conn.is_some() && self.last_used.elapsed() >= PING_AFTER_IDLE {
+            let alive = match self.conn.as_mut() {
+                Some(c) => matches!(timeout_at(deadline, c.ping()).await, Ok(Ok(()))),
+                None => false,
+            };
+            if !alive {
+                self.discard_connection();
+            }
+        }
+        if self.conn.is_none() {
+            match timeout_at(deadline, self.pool.acquire()).await {
+                Ok(Ok(c)) => self.conn = Some(c),
+                Ok(Err(e)) => {
+                    return Err(match classify(&e, Stage::BeforeSend, None) {
+                        PgError::DatabaseUnavailable { reason } => reason,
+                        other => other.to_string(),
+                    })
+                }
+                Err(_) => return Err(PgError::timed_out("connecting", self.timeout)),
+            }
+        }
+        self.last_used = Instant::now();
+        Ok(())
+    }
+
+    fn discard_connection(&mut self) {
+        if let Some(mut c) = self.conn.take() {
+            // Never hand a connection in an unknown state back to the pool.
+            c.close_on_drop();
+        }
+    }
+}
+
+/// True when the error says the connection (not the row) is the problem.
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(
+        classify(e, Stage::InFlight, None),
+        PgError::OutcomeUnknown { .. } | PgError::DatabaseUnavailable { .. } | PgError::Closed
+    )
+}
+
+/// The column list shared by both statements, in bind order.
+const COLUMNS: &str = "event_id, occurred_at, action, actor_id, actor_type, target_type, \
+     target_id, target_name, tenant_id, outcome, reason, ip, user_agent, request_id, \
+     before, after, metadata, sample_rate";
+
+fn insert_one_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "INSERT INTO audit_events ({COLUMNS}) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::inet, $13, $14, \
+              $15::jsonb, $16::jsonb, $17::jsonb, $18) RETURNING id"
+        )
+    })
+}
+
+fn insert_many_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        // One statement, one transaction, one commit for the whole batch. The
+        // arrays are unnested in step; text is cast to inet/jsonb server-side.
+        format!(
+            "INSERT INTO audit_events ({COLUMNS}) \
+             SELECT e, o, a, aid, aty, tty, tid, tn, ten, oc, re, ip::inet, ua, rq, \
+                    b::jsonb, af::jsonb, m::jsonb, sr \
+             FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], \
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+                         $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], \
+                         $16::text[], $17::text[], $18::float8[]) \
+                  AS t(e, o, a, aid, aty, tty, tid, tn, ten, oc, re, ip, ua, rq, b, af, m, sr) \
+             RETURNING id, event_id, occurred_at"
+        )
+    })
+}
+
+/// One event, one statement, autocommit: its own transaction, no coalescing. This
+/// is the naive baseline the sync bench compares group commit against (same SQL as
+/// a lone caller's). The event is validated first, as [`SyncWriter::record`] does.
+pub async fn insert_unbatched(
+    conn: &mut PgConnection,
+    event: &AuditEvent,
+    sample_rate: f64,
+) -> Result<RowId, PgError> {
+    event.validate(DEFAULT_MAX_EVENT_BYTES)?;
+    insert_one(conn, event, sample_rate)
+        .await
+        .map_err(|e| classify(&e, Stage::InFlight, Some(event.event_id)))
+}
+
+async fn insert_one(
+    conn: &mut PgConnection,
+    event: &AuditEvent,
+    sample_rate: f64,
+) -> Result<RowId, sqlx::Error> {
+    let id: i64 = sqlx::query_scalar(insert_one_sql())
+        .bind(event.event_id)
+        .bind(event.occurred_at)
+        .bind(event.action.as_str())
+        .bind(event.actor_id.as_deref())
+        .bind(event.actor_type.as_deref())
+        .bind(event.target_type.as_deref())
+        .bind(event.target_id.as_deref())
+        .bind(event.target_name.as_deref())
+        .bind(event.tenant_id.as_deref())
+        .bind(event.outcome.map(|o| o.as_str()))
+        .bind(event.reason.as_deref())
+        .bind(event.ip.map(|ip| ip.to_string()))
+        .bind(event.user_agent.as_deref())
+        .bind(event.request_id.as_deref())
+        .bind(event.before.as_ref().map(|j| j.as_str()))
+        .bind(event.after.as_ref().map(|j| j.as_str()))
+        .bind(event.metadata.as_ref().map(|j| j.as_str()))
+        .bind(sample_rate)
+        .fetch_one(conn)
+        .await?;
+    Ok(RowId(id))
+}
+
+/// Several events in one multi-row INSERT; the ids come back in request order
+/// (`None` if the database returned no row for one, which would be a bug).
+async fn insert_many(
+    conn: &mut PgConnection,
+    batch: &[Request],
+) -> Result<Vec<Option<RowId>>, sqlx::Error> {
+    let n = batch.len();
+    let text = |f: fn(&AuditEvent) -> Option<&str>| -> Vec<Option<&str>> {
+        batch.iter().map(|r| f(&r.event)).collect()
+    };
+    let event_ids: Vec<Uuid> = batch.iter().map(|r| r.event.event_id).collect();
+    let occurred: Vec<DateTime<Utc>> = batch.iter().map(|r| r.event.occurred_at).collect();
+    let actions: Vec<&str> = batch.iter().map(|r| r.event.action.as_str()).collect();
+    let ips: Vec<Option<String>> = batch
+        .iter()
+        .map(|r| r.event.ip.map(|ip| ip.to_string()))
+        .collect();
+    let rates: Vec<f64> = batch.iter().map(|r| r.sample_rate).collect();
+    let rows = sqlx::query(insert_many_sql())
+        .bind(&event_ids)
+        .bind(&occurred)
+        .bind(&actions)
+        .bind(text(|e| e.actor_id.as_deref()))
+        .bind(text(|e| e.actor_type.as_deref()))
+        .bind(text(|e| e.target_type.as_deref()))
+        .bind(text(|e| e.target_id.as_deref()))
+        .bind(text(|e| e.target_name.as_deref()))
+        .bind(text(|e| e.tenant_id.as_deref()))
+        .bind(text(|e| e.outcome.map(|o| o.as_str())))
+        .bind(text(|e| e.reason.as_deref()))
+        .bind(&ips)
+        .bind(text(|e| e.user_agent.as_deref()))
+        .bind(text(|e| e.request_id.as_deref()))
+        .bind(text(|e| e.before.as_ref().map(|j| j.as_str())))
+        .bind(text(|e| e.after.as_ref().map(|j| j.as_str())))
+        .bind(text(|e| e.metadata.as_ref().map(|j| j.as_str())))
+        .bind(&rates)
+        .fetch_all(conn)
+        .await?;
+    // (event_id, occurred_at) is unique in the table, so it identifies each
+    // returned row; occurred_at was truncated to microseconds before sending, so the
+    // stored value compares equal.
+    let mut by_key: HashMap<(Uuid, i64), i64> = HashMap::with_capacity(n);
+    for row in rows {
+        let id: i64 = row.try_get(0)?;
+        let event_id: Uuid = row.try_get(1)?;
+        let at: DateTime<Utc> = row.try_get(2)?;
+        by_key.insert((event_id, at.timestamp_micros()), id);
+    }
+    Ok(batch
+        .iter()
+        .map(|r| {
+            by_key
+                .get(&(r.event.event_id, r.event.occurred_at.timestamp_micros()))
+                .map(|&id| RowId(id))
+        })
+        .collect())
+}

@@ -1,0 +1,175 @@
+//! The test database every integration test uses: `mod common;` then
+//! `let db = common::TestDb::new().await;`.
+//!
+//! With `DATABASE_URL` unset, tests run against a private PostgreSQL cluster started
+//! once per test process (`Cluster::shared`, fsync off, stopped by its guardian when
+//! the process exits, even on panic or SIGKILL). With `DATABASE_URL` set they use
+//! that server instead; its role needs CREATEDB. Either way each `TestDb` is a fresh
+//! database of its own (`CREATE DATABASE` with a unique name, migrations applied), so
+//! tests run in parallel without seeing each other's rows; it is dropped again when
+//! the `TestDb` is.
+//!
+//! Tests that stop and restart the server use [`private_cluster`] and
+//! [`TestDb::on_cluster`].
+#![allow(dead_code)] // each test file uses its own subset of these helpers
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use auditwal::pg::{Cluster, ClusterOptions};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The server tests run against: `DATABASE_URL`, or the shared private cluster.
+/// Returns the URL of a database to connect to for CREATE DATABASE.
+pub fn server_url() -> String {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => Cluster::shared()
+            .expect("starting the private test PostgreSQL (or set DATABASE_URL)")
+            .url(),
+    }
+}
+
+/// A private, restartable cluster (fsync off) for tests that stop the server.
+pub fn private_cluster() -> Cluster {
+    Cluster::start(ClusterOptions::for_tests()).expect("starting a private PostgreSQL cluster")
+}
+
+/// `url` with its database name replaced by `dbname`.
+pub fn with_database(url: &str, dbname: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{}", &base[..path_start], dbname);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// A fresh database of one test's own.
+pub struct TestDb {
+    name: String,
+    url: String,
+    admin_url: String,
+    pool: PgPool,
+}
+
+impl TestDb {
+    /// A fresh database with the migrations applied, on the default test server.
+    pub async fn new() -> TestDb {
+        let db = TestDb::empty().await;
+        auditwal::pg::migrate(&db.pool)
+            .await
+            .expect("applying migrations to the test database");
+        db
+    }
+
+    /// A fresh database with nothing in it (for migration tests).
+    pub async fn empty() -> TestDb {
+        TestDb::create(server_url()).await
+    }
+
+    /// A fresh migrated database on `cluster` (a private one, for restart tests).
+    pub async fn on_cluster(cluster: &Cluster) -> TestDb {
+        let db = TestDb::create(cluster.url()).await;
+        auditwal::pg::migrate(&db.pool)
+            .await
+            .expect("applying migrations to the test database");
+        db
+    }
+
+    async fn create(admin_url: String) -> TestDb {
+        let name = format!(
+            "auditwal_t{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_micros())
+        );
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .expect("connecting to the test server to create a database");
+        admin
+            .execute(format!("CREATE DATABASE \"{name}\"").as_str())
+            .await
+            .expect("CREATE DATABASE (with DATABASE_URL set, the role needs CREATEDB)");
+        let _ = admin.close().await;
+        let url = with_database(&admin_url, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&url)
+            .await
+            .expect("connecting to the new test database");
+        TestDb {
+            name,
+            url,
+            admin_url,
+            pool,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Rows in audit_events.
+    pub async fn count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM audit_events")
+            .fetch_one(&self.pool)
+            .await
+            .expect("counting audit_events")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop has no runtime to await on; a short-lived thread with its own does the
+        // DROP DATABASE. Best effort: with the shared cluster the whole server goes
+        // away at exit anyway, and a stopped private cluster has nothing to drop.
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        let handle = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let work = async {
+                    let mut admin = PgConnection::connect(&admin_url).await.ok()?;
+                    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                    admin.execute(sql.as_str()).await.ok()?;
+                    admin.close().await.ok()
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(10), work).await;
+            });
+        });
+        let _ = handle.join();
+    }
+}
+
+/// The `auditwal` binary built for these tests.
+pub fn auditwal_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_auditwal")
+}
