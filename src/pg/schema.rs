@@ -27,7 +27,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), PgError> {
         .acquire()
         .await
         .map_err(|e| classify(&e, Stage::BeforeSend, None))?;
-    if let Err(e) = MIGRATOR.run(&mut *conn).await {
+    if let Err(e) = MIGRATOR.run_direct(&mut *conn).await {
         // sqlx leaves its advisory lock held when a migration fails; a connection
         // returned to the pool would keep every other migrator of this database
         // waiting. Close it instead.
