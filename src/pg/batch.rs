@@ -97,10 +97,13 @@ pub async fn commit(
         }
         sent = body.rows() as u64;
         let body = body.finish();
-        let mut copy = tx.copy_in_raw(&copy_statement(table)).await?;
-        let result = match copy.send(body).await {
-            Ok(_) => copy.finish().await,
-            Err(e) => Err(e),
+        let result = {
+            let mut copy = tx.copy_in_raw(&copy_statement(table)).await?;
+            match copy.send(body).await {
+                Ok(_) => copy.finish().await,
+                // Dropping `copy` sends CopyFail; the transaction is then aborted.
+                Err(e) => Err(e),
+            }
         };
         let stored = result.map_err(|e| classify_copy_error(e, first))?;
         if stored != sent {

@@ -15,7 +15,13 @@
 //! The binary COPY encoder and the loader (the async path from the WAL) live beside
 //! these and reuse the schema and the errors.
 
+pub mod backoff;
+pub mod batch;
+pub mod checkpoint;
 pub mod cluster;
+pub mod copy;
+pub mod dead_letter;
+pub mod metrics;
 pub mod error;
 pub mod schema;
 pub mod sync;
