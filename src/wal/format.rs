@@ -521,6 +521,21 @@ pub struct ScanPosition {
     pub first_lsn: Option<Lsn>,
     /// The LSN of the last valid record so far.
     pub last_lsn: Option<Lsn>,
+    /// The frame at `offset` was already vetted (a gap was reported before it, or
+    /// a resync chose it): a resumed scan returns it without reporting again.
+    pub vetted: bool,
+}
+
+impl ScanPosition {
+    /// The position of a fresh scan of frames, before the first one.
+    pub fn at_first_frame(first_lsn: Option<Lsn>) -> ScanPosition {
+        ScanPosition {
+            offset: SEGMENT_HEADER_LEN,
+            first_lsn,
+            last_lsn: None,
+            vetted: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -564,6 +579,7 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan<'_> {
             offset: 0,
             first_lsn: None,
             last_lsn: None,
+            vetted: false,
         },
         phase: Phase::Header,
     }
@@ -571,14 +587,20 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan<'_> {
 
 impl<'a> SegmentScan<'a> {
     /// Continues a scan at `position` (from [`SegmentScan::position`] of an earlier
-    /// scan of the same segment) over `bytes`, a view of the same segment that may
-    /// now hold more data. The header is not decoded again.
+    /// scan of the same segment, or [`ScanPosition::at_first_frame`]) over `bytes`,
+    /// a view of the same segment that may now hold more data. The header is not
+    /// decoded again. A position taken right after an end-of-segment record
+    /// resumes past it (the `Sealed` item is not repeated).
     pub fn resume(bytes: &'a [u8], position: ScanPosition) -> Self {
         let offset = position.offset.max(SEGMENT_HEADER_LEN);
         SegmentScan {
             bytes,
             pos: ScanPosition { offset, ..position },
-            phase: Phase::Frames,
+            phase: if position.vetted {
+                Phase::AcceptNext
+            } else {
+                Phase::Frames
+            },
         }
     }
 
@@ -587,7 +609,10 @@ impl<'a> SegmentScan<'a> {
     /// looks there again; after [`ScanItem::Sealed`] it is the end of the
     /// end-of-segment frame.
     pub fn position(&self) -> ScanPosition {
-        self.pos
+        ScanPosition {
+            vetted: self.phase == Phase::AcceptNext,
+            ..self.pos
+        }
     }
 
     /// The LSN the next record should carry, if known.
