@@ -79,7 +79,7 @@ pub struct SyncConfig {
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            committers: 4,
+            committers: 2,
             timeout: Duration::from_secs(5),
             migrate: true,
             max_batch: 512,
