@@ -32,6 +32,10 @@ enum Command {
     Migrate(cmd::migrate::MigrateArgs),
     /// Read JSON lines on stdin and record each event; print each id once acknowledged.
     Emit(cmd::emit::EmitArgs),
+    /// Tail the WAL and load it into PostgreSQL (binary COPY, exactly once).
+    Load(cmd::load::LoadArgs),
+    /// Re-send a range of the WAL idempotently (after a database restore).
+    Replay(cmd::load::ReplayArgs),
     /// Print the records of a segment file or stream directory.
     Inspect(cmd::inspect::InspectArgs),
     /// Check a segment file or stream directory for damage (exit 1 if any).
@@ -67,6 +71,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Migrate(a) => cmd::migrate::run(a),
         Command::Emit(a) => cmd::emit::run(a),
+        Command::Load(a) => cmd::load::run_load(a),
+        Command::Replay(a) => cmd::load::run_replay(a),
         Command::Inspect(a) => cmd::inspect::run_inspect(a),
         Command::Verify(a) => cmd::inspect::run_verify(a),
         Command::Bench(a) => match a.which {

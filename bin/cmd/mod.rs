@@ -9,6 +9,7 @@ pub mod emit;
 pub mod emit_sync;
 pub mod emit_wal;
 pub mod inspect;
+pub mod load;
 pub mod migrate;
 
 use std::process::ExitCode;

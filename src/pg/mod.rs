@@ -20,9 +20,12 @@ pub mod batch;
 pub mod checkpoint;
 pub mod cluster;
 pub mod copy;
+pub mod cursor;
 pub mod dead_letter;
-pub mod metrics;
 pub mod error;
+pub mod loader;
+pub mod metrics;
+pub mod replay;
 pub mod schema;
 pub mod sync;
 

@@ -1,0 +1,252 @@
+//! The loader's position in one stream: a WAL reader opened just past the
+//! committed checkpoint, gathering batches up to the durable watermark, and
+//! remembering which segments become safe to retire once a batch commits.
+//!
+//! The cursor never decides what is committed: the loader tells it
+//! (`committed_through`) after the batch transaction returns, and throws the whole
+//! cursor away after any failure, re-opening it from the checkpoint in the
+//! database. Segments are handed back for deletion only when every LSN in them is
+//! at or below the committed checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::pg::batch::{Batch, BatchRow};
+use crate::pg::metrics::StreamMetrics;
+use crate::wal::format::Lsn;
+use crate::wal::reader::{self, Follow, ReadError, ReadItem, StreamReader};
+use crate::wal::settle::{settle_idle_stream, Settled};
+use crate::wal::WalError;
+
+/// Bounds on one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub max_time: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CursorError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Settle(#[from] WalError),
+}
+
+/// A gathered batch and the damage met on the way (already skipped; to report).
+pub struct Gathered {
+    pub batch: Batch,
+    pub skipped: Vec<String>,
+}
+
+pub struct Cursor {
+    dir: PathBuf,
+    stream: String,
+    reader: StreamReader,
+    committed: Lsn,
+    /// Consumed segments and their last LSN, waiting for the checkpoint to pass it.
+    consumed: Vec<(PathBuf, Lsn)>,
+    /// True when the last gather stopped because nothing more is written at all.
+    at_end: bool,
+    /// Highest LSN seen in the files (durable or not), for the lag figures.
+    written_seen: Lsn,
+    /// occurred_at of the oldest record gathered but not yet committed, for the
+    /// lag in seconds.
+    oldest_pending: Option<chrono::DateTime<chrono::Utc>>,
+    last_settle: Option<Instant>,
+}
+
+/// How often a caught-up cursor checks whether the stream's writer is gone and its
+/// page-cache tail needs settling.
+const SETTLE_EVERY: Duration = Duration::from_secs(2);
+
+impl Cursor {
+    /// A cursor over `dir` (the stream `stream`) positioned after `committed`.
+    pub fn open(dir: &Path, stream: &str, committed: Lsn) -> Result<Cursor, CursorError> {
+        Ok(Cursor {
+            dir: dir.to_path_buf(),
+            stream: stream.to_string(),
+            reader: StreamReader::open(dir, committed.saturating_add(1), Follow::Live),
+            committed,
+            consumed: Vec::new(),
+            at_end: false,
+            written_seen: committed,
+            oldest_pending: None,
+            last_settle: None,
+        })
+    }
+
+    /// The checkpoint as far as this cursor knows.
+    pub fn committed(&self) -> Lsn {
+        self.committed
+    }
+
+    /// True when the last gather found nothing more to load: nothing past the
+    /// durable watermark, or (no writer alive) nothing past the settled end.
+    pub fn at_end(&self) -> bool {
+        self.at_end
+    }
+
+    /// Reads the next batch: records after the last one returned, up to the durable
+    /// watermark, within `limits`. When the watermark holds it back and no writer
+    /// is alive to raise it, the stream is settled first (wal::settle).
+    pub fn next_batch(&mut self, limits: &BatchLimits) -> Result<Gathered, CursorError> {
+        let mut durable = reader::read_durable_lsn(&self.dir)?;
+        let mut out = Gathered {
+            batch: Batch {
+                rows: Vec::new(),
+                end_lsn: self.reader.next_lsn().saturating_sub(1),
+            },
+            skipped: Vec::new(),
+        };
+        let started = Instant::now();
+        let mut bytes = 0usize;
+        let mut settled = false;
+        loop {
+            if out.batch.rows.len() >= limits.max_rows
+                || bytes >= limits.max_bytes
+                || started.elapsed() >= limits.max_time
+            {
+                self.at_end = false;
+                break;
+            }
+            match self.reader.next_item(Some(durable))? {
+                Some(item) => self.take(item, &mut out, &mut bytes),
+                None => {
+                    // Held back by the watermark? If the writer is gone, settle the
+                    // stream and look again (at most every SETTLE_EVERY: it fsyncs
+                    // and scans the last segment).
+                    if !settled && self.settle_due() {
+                        settled = true;
+                        self.last_settle = Some(Instant::now());
+                        let wal_dir = self.dir.parent().unwrap_or(&self.dir);
+                        if let Settled::Idle { durable_lsn } =
+                            settle_idle_stream(wal_dir, &self.stream)?
+                        {
+                            if durable_lsn > durable {
+                                durable = durable_lsn;
+                                continue;
+                            }
+                        }
+                    }
+                    self.at_end = true;
+                    break;
+                }
+            }
+        }
+        out.batch.end_lsn = self.reader.next_lsn().saturating_sub(1);
+        self.written_seen = self.written_seen.max(out.batch.end_lsn);
+        if self.oldest_pending.is_none() {
+            self.oldest_pending = out.batch.rows.first().map(|r| r.event.occurred_at);
+        }
+        Ok(out)
+    }
+
+    fn take(&mut self, item: ReadItem, out: &mut Gathered, bytes: &mut usize) {
+        match item {
+            ReadItem::Event { lsn, event, .. } => {
+                // The COPY row is about the event's content plus ~200 bytes of
+                // lengths and fixed-size fields.
+                *bytes += event.event.content_len() + 200;
+                out.batch.rows.push(BatchRow {
+                    lsn,
+                    event: event.event,
+                    sample_rate: event.sample_rate,
+                });
+            }
+            ReadItem::SegmentConsumed {
+                segment,
+                first_lsn,
+                last_lsn,
+                ..
+            } => {
+                self.consumed
+                    .push((segment, last_lsn.unwrap_or(first_lsn.saturating_sub(1))));
+            }
+            damage => out.skipped.push(describe(&damage)),
+        }
+    }
+
+    fn settle_due(&self) -> bool {
+        self.last_settle.is_none_or(|t| t.elapsed() >= SETTLE_EVERY)
+    }
+
+    /// Records that everything up to `lsn` is committed.
+    pub fn committed_through(&mut self, lsn: Lsn) {
+        self.committed = self.committed.max(lsn);
+        if self.reader.next_lsn().saturating_sub(1) <= self.committed {
+            self.oldest_pending = None;
+        }
+    }
+
+    /// Segments whose every record is committed: safe to delete or archive.
+    pub fn take_finished(&mut self) -> Vec<PathBuf> {
+        let committed = self.committed;
+        let (done, keep): (Vec<_>, Vec<_>) = self
+            .consumed
+            .drain(..)
+            .partition(|(_, last)| *last <= committed);
+        self.consumed = keep;
+        done.into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// Updates the stream's lag gauges.
+    pub fn update_lag(&self, m: &StreamMetrics) {
+        let segments = reader::list_segments(&self.dir).unwrap_or_default();
+        m.segments_pending
+            .store(segments.len() as u64, Ordering::Relaxed);
+        let written = self.written_seen.max(self.committed);
+        m.lag_records
+            .store(written - self.committed, Ordering::Relaxed);
+        let bytes: u64 = segments
+            .iter()
+            .filter_map(|s| std::fs::metadata(&s.path).ok())
+            .map(|md| md.len())
+            .sum();
+        m.lag_bytes.store(bytes, Ordering::Relaxed);
+        let secs = self
+            .oldest_pending
+            .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        m.set_lag_seconds(secs);
+    }
+}
+
+fn describe(item: &ReadItem) -> String {
+    match item {
+        ReadItem::Skipped {
+            segment,
+            start,
+            end,
+            error,
+        } => format!(
+            "{}: bytes [{start}, {end}) skipped: {error}",
+            segment.display()
+        ),
+        ReadItem::TornTail {
+            segment,
+            offset,
+            error,
+        } => format!("{}: torn tail at byte {offset}: {error}", segment.display()),
+        ReadItem::BadHeader {
+            segment, problem, ..
+        } => format!("{}: bad segment header: {problem}", segment.display()),
+        ReadItem::Gap {
+            segment,
+            expected,
+            found,
+        } => format!("{}: LSNs {expected}..{found} missing", segment.display()),
+        ReadItem::Undecodable {
+            segment,
+            offset,
+            lsn,
+            error,
+        } => format!(
+            "{}: record LSN {lsn} at byte {offset} does not decode: {error}",
+            segment.display()
+        ),
+        other => format!("{other:?}"),
+    }
+}

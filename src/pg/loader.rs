@@ -1,0 +1,690 @@
+//! The loader: tails every WAL stream and loads it into PostgreSQL exactly once.
+//!
+//! Per stream, one task runs the loop
+//!
+//! ```text
+//! read a batch (up to the durable watermark) → COPY + checkpoint in one
+//! transaction → commit → delete/archive the segments it finished → repeat
+//! ```
+//!
+//! and the checkpoint in the database is the only truth about progress: after any
+//! failure (connection lost, server restarting, a COPY that timed out) the task
+//! drops its connection, backs off with jitter, reconnects, re-reads the
+//! checkpoint and re-opens its cursor just past it. A batch whose COMMIT was lost
+//! with the connection is then recognised as already loaded (the batch transaction
+//! locks and reads the checkpoint first, see `batch`). Rows PostgreSQL refuses go
+//! to the stream's dead-letter file and the stream goes on.
+//!
+//! What this module leaves to others: the bytes of a COPY (`copy`), one
+//! transaction (`batch`), reading segments (`wal::reader` via `cursor`), and the
+//! figures (`metrics`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::{ConnectOptions, Connection, PgConnection};
+use tokio::sync::{watch, Notify};
+
+use crate::pg::backoff::Backoff;
+use crate::pg::batch::{self, Batch, BatchError, BatchOutcome};
+use crate::pg::checkpoint;
+use crate::pg::cursor::{Cursor, CursorError};
+use crate::pg::dead_letter::DeadLetterFile;
+use crate::pg::metrics::{LoaderMetrics, StreamMetrics};
+
+/// The loader's settings. [`LoaderConfig::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub wal_dir: PathBuf,
+    pub database_url: String,
+    /// The table rows are copied into.
+    pub table: String,
+    /// Load what is present, then return.
+    pub once: bool,
+    /// Most rows in one batch.
+    pub batch_max_rows: usize,
+    /// Most COPY bytes in one batch.
+    pub batch_max_bytes: usize,
+    /// Longest spent gathering one batch before sending what there is.
+    pub batch_max_delay: Duration,
+    /// How often a stream looks for new records when no file event woke it, and how
+    /// often the WAL dir is scanned for new streams.
+    pub poll_interval: Duration,
+    /// Client-side limit on one batch transaction (COPY ignores statement_timeout).
+    pub batch_timeout: Duration,
+    /// Limit on establishing a connection.
+    pub connect_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Move finished segments here (same stream sub-directory) instead of deleting.
+    pub archive_dir: Option<PathBuf>,
+    /// Apply the migrations at start.
+    pub migrate: bool,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl LoaderConfig {
+    pub fn new(wal_dir: impl Into<PathBuf>, database_url: impl Into<String>) -> Self {
+        LoaderConfig {
+            wal_dir: wal_dir.into(),
+            database_url: database_url.into(),
+            table: "audit_events".to_string(),
+            once: false,
+            batch_max_rows: 20_000,
+            batch_max_bytes: 16 * 1024 * 1024,
+            batch_max_delay: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(200),
+            batch_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            archive_dir: None,
+            migrate: true,
+            metrics_addr: None,
+        }
+    }
+}
+
+/// Why the loader stopped with an error (it retries database trouble forever;
+/// these are the conditions retrying cannot fix).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read the WAL directory {path}: {source}")]
+    WalDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("stream {stream}: {source}")]
+    Stream { stream: String, source: CursorError },
+    #[error("stream {stream}: cannot write the dead-letter file {path}: {source}")]
+    DeadLetter {
+        stream: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("stream {stream}: cannot remove or archive finished segment {path}: {source}")]
+    Segment {
+        stream: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("stream {stream}: {reason}")]
+    Replay { stream: String, reason: String },
+    #[error("invalid database URL: {0}")]
+    Url(String),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What a run loaded.
+#[derive(Debug, Clone, Default)]
+pub struct LoadSummary {
+    pub rows_loaded: u64,
+    pub dead_lettered: u64,
+    pub streams: usize,
+}
+
+/// Asks a running loader to stop after the batch in flight.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+pub struct Loader {
+    config: LoaderConfig,
+    metrics: Arc<LoaderMetrics>,
+    shutdown: Arc<watch::Sender<bool>>,
+    /// Woken by file events under the WAL dir; tasks also poll.
+    wake: Arc<Notify>,
+}
+
+impl Loader {
+    pub fn new(config: LoaderConfig) -> Self {
+        Loader {
+            config,
+            metrics: Arc::new(LoaderMetrics::default()),
+            shutdown: Arc::new(watch::channel(false).0),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn metrics(&self) -> Arc<LoaderMetrics> {
+        self.metrics.clone()
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown.clone())
+    }
+
+    /// Runs until stopped (or, with `once`, until every stream present at start is
+    /// loaded up to its end).
+    pub async fn run(&self) -> Result<LoadSummary, LoadError> {
+        let options: sqlx::postgres::PgConnectOptions = self
+            .config
+            .database_url
+            .parse()
+            .map_err(|e: sqlx::Error| LoadError::Url(e.to_string()))?;
+        let options = options.log_statements(tracing::log::LevelFilter::Debug);
+        if let Some(addr) = self.config.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| LoadError::Metrics { addr, source })?;
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "metrics endpoint listening");
+            tokio::spawn(crate::pg::metrics::serve(listener, self.metrics.clone()));
+        }
+        let _watcher = self.watch_files();
+        let ctx = Arc::new(StreamCtx {
+            config: self.config.clone(),
+            options,
+            metrics: self.metrics.clone(),
+            wake: self.wake.clone(),
+            shutdown: self.shutdown.subscribe(),
+        });
+        if self.config.migrate {
+            migrate_with_retry(&ctx).await;
+        }
+
+        let mut tasks: tokio::task::JoinSet<(String, Result<(), LoadError>)> =
+            tokio::task::JoinSet::new();
+        let mut started: std::collections::BTreeSet<String> = Default::default();
+        let mut shutdown = self.shutdown.subscribe();
+        let mut first_error = None;
+        loop {
+            for stream in list_streams(&self.config.wal_dir)? {
+                if started.insert(stream.clone()) {
+                    let ctx = ctx.clone();
+                    tasks.spawn(async move {
+                        let r = run_stream(ctx, &stream).await;
+                        (stream, r)
+                    });
+                }
+            }
+            if self.config.once {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.poll_interval.max(Duration::from_millis(500))) => {}
+                _ = shutdown.changed() => break,
+                Some(done) = tasks.join_next() => record_stream_end(done, &mut first_error),
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            record_stream_end(done, &mut first_error);
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        Ok(LoadSummary {
+            rows_loaded: self.metrics.rows_loaded(),
+            dead_lettered: self.metrics.dead_lettered(),
+            streams: started.len(),
+        })
+    }
+
+    /// Wakes the stream tasks on any change under the WAL dir. Polling stays on as
+    /// the fallback: inotify is not delivered on some filesystems (NFS, some
+    /// container overlays), and a watch can overflow.
+    fn watch_files(&self) -> Option<notify::RecommendedWatcher> {
+        use notify::Watcher;
+        let wake = self.wake.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+                wake.notify_waiters();
+            })
+            .map_err(|e| tracing::warn!("file events unavailable, polling only: {e}"))
+            .ok()?;
+        watcher
+            .watch(&self.config.wal_dir, notify::RecursiveMode::Recursive)
+            .map_err(|e| {
+                tracing::warn!(
+                    "cannot watch {}, polling only: {e}",
+                    self.config.wal_dir.display()
+                )
+            })
+            .ok()?;
+        Some(watcher)
+    }
+}
+
+fn record_stream_end(
+    done: Result<(String, Result<(), LoadError>), tokio::task::JoinError>,
+    first_error: &mut Option<LoadError>,
+) {
+    match done {
+        Ok((_, Ok(()))) => {}
+        Ok((stream, Err(e))) => {
+            tracing::error!(stream, "stream stopped: {e}");
+            first_error.get_or_insert(e);
+        }
+        Err(e) => tracing::error!("stream task failed: {e}"),
+    }
+}
+
+/// The stream directories under `wal_dir`, by name.
+pub fn list_streams(wal_dir: &Path) -> Result<Vec<String>, LoadError> {
+    crate::wal::reader::list_streams(wal_dir).map_err(|e| LoadError::WalDir {
+        path: wal_dir.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+struct StreamCtx {
+    config: LoaderConfig,
+    options: sqlx::postgres::PgConnectOptions,
+    metrics: Arc<LoaderMetrics>,
+    wake: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl StreamCtx {
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Sleeps for `d` unless woken by a file event or a shutdown first.
+    async fn pause(&self, d: Duration) {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.wake.notified() => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+
+    /// Sleeps for `d` unless a shutdown comes first (file events don't shorten a backoff).
+    async fn back_off(&self, d: Duration) {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+
+    async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
+        match tokio::time::timeout(
+            self.config.connect_timeout,
+            PgConnection::connect_with(&self.options),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        }
+    }
+}
+
+async fn migrate_with_retry(ctx: &StreamCtx) {
+    let mut backoff = Backoff::new(ctx.config.backoff_initial, ctx.config.backoff_max);
+    while !ctx.stopping() {
+        let result = async {
+            let mut conn = ctx.connect().await?;
+            crate::pg::schema::MIGRATOR
+                .run(&mut conn)
+                .await
+                .map_err(sqlx::Error::from)?;
+            crate::pg::schema::ensure_partitions(&mut conn, crate::pg::schema::PARTITIONS_AHEAD)
+                .await
+                .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            conn.close().await
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                let d = backoff.next_delay();
+                if backoff.attempts() == 1 {
+                    tracing::warn!(
+                        "cannot migrate the database yet ({e}); retrying in {:.1}s",
+                        d.as_secs_f64()
+                    );
+                }
+                ctx.back_off(d).await;
+            }
+        }
+    }
+}
+
+/// The state of one stream's database link, for logging one line per change
+/// rather than one per retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    Starting,
+    Loading,
+    CaughtUp,
+    Lost,
+}
+
+struct Link<'a> {
+    stream: &'a str,
+    state: LinkState,
+    backoff: Backoff,
+    since: Instant,
+    rows_since: u64,
+}
+
+impl<'a> Link<'a> {
+    fn set(&mut self, state: LinkState, detail: &str, m: &StreamMetrics) {
+        if self.state == state {
+            return;
+        }
+        let secs = self.since.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            self.rows_since as f64 / secs
+        } else {
+            0.0
+        };
+        match state {
+            LinkState::Loading
+                if self.state == LinkState::Lost || self.state == LinkState::Starting =>
+            {
+                tracing::info!(stream = self.stream, "connected; loading")
+            }
+            LinkState::Loading => tracing::info!(
+                stream = self.stream,
+                lag_records = m.lag_records.load(Ordering::Relaxed),
+                "behind; loading"
+            ),
+            LinkState::CaughtUp => tracing::info!(
+                stream = self.stream,
+                rows = self.rows_since,
+                rows_per_sec = rate as u64,
+                checkpoint = m.checkpoint_lsn.load(Ordering::Relaxed),
+                "caught up"
+            ),
+            LinkState::Lost => tracing::warn!(stream = self.stream, "database link lost: {detail}"),
+            LinkState::Starting => {}
+        }
+        self.state = state;
+        self.since = Instant::now();
+        self.rows_since = 0;
+    }
+}
+
+async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> {
+    let dir = ctx.config.wal_dir.join(stream);
+    let m = ctx.metrics.stream(stream);
+    let mut dead = DeadLetterFile::new(&dir);
+    let mut link = Link {
+        stream,
+        state: LinkState::Starting,
+        backoff: Backoff::new(ctx.config.backoff_initial, ctx.config.backoff_max),
+        since: Instant::now(),
+        rows_since: 0,
+    };
+    let mut conn: Option<PgConnection> = None;
+    let mut cursor: Option<Cursor> = None;
+    let stream_err = |source| LoadError::Stream {
+        stream: stream.to_string(),
+        source,
+    };
+
+    while !ctx.stopping() {
+        // 1. A connection, or a backoff.
+        if conn.is_none() {
+            match ctx.connect().await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    lost(&ctx, &mut link, &m, &e.to_string()).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+
+        // 2. A cursor just past the committed checkpoint.
+        if cursor.is_none() {
+            match checkpoint::read(c, stream).await {
+                Ok(cp) => {
+                    let cp = cp.unwrap_or(0);
+                    m.checkpoint_lsn.store(cp, Ordering::Relaxed);
+                    cursor = Some(Cursor::open(&dir, stream, cp).map_err(stream_err)?);
+                }
+                Err(e) => {
+                    conn = None;
+                    lost(&ctx, &mut link, &m, &e.to_string()).await;
+                    continue;
+                }
+            }
+        }
+        let Some(cur) = cursor.as_mut() else { continue };
+
+        // 3. A batch, up to what the writer has made durable.
+        let limits = crate::pg::cursor::BatchLimits {
+            max_rows: ctx.config.batch_max_rows,
+            max_bytes: ctx.config.batch_max_bytes,
+            max_time: ctx.config.batch_max_delay,
+        };
+        let gathered = cur.next_batch(&limits).map_err(stream_err)?;
+        for skipped in &gathered.skipped {
+            m.corrupt_ranges.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(stream, "corrupt WAL range skipped: {skipped}");
+        }
+        cur.update_lag(&m);
+        let batch = gathered.batch;
+        if batch.end_lsn <= cur.committed() {
+            if ctx.config.once && cur.at_end() {
+                link.set(LinkState::CaughtUp, "", &m);
+                return Ok(());
+            }
+            link.set(LinkState::CaughtUp, "", &m);
+            ctx.pause(ctx.config.poll_interval).await;
+            continue;
+        }
+        if link.state != LinkState::Loading {
+            link.set(LinkState::Loading, "", &m);
+        }
+
+        // 4. COPY + checkpoint in one transaction; refused rows to the dead-letter file.
+        let result = tokio::time::timeout(
+            ctx.config.batch_timeout,
+            commit_with_dead_letters(c, &ctx.config.table, stream, batch, &mut dead, &m),
+        )
+        .await;
+        match result {
+            Ok(Ok((outcome, end_lsn))) => {
+                link.backoff.reset();
+                if let BatchOutcome::Committed { rows } = outcome {
+                    m.rows_loaded.fetch_add(rows, Ordering::Relaxed);
+                    m.batches.fetch_add(1, Ordering::Relaxed);
+                    link.rows_since += rows;
+                }
+                m.checkpoint_lsn.store(end_lsn, Ordering::Relaxed);
+                cur.committed_through(end_lsn);
+                for seg in cur.take_finished() {
+                    retire_segment(&ctx.config, stream, &seg).map_err(|source| {
+                        LoadError::Segment {
+                            stream: stream.to_string(),
+                            path: seg.clone(),
+                            source,
+                        }
+                    })?;
+                }
+                cur.update_lag(&m);
+            }
+            Ok(Err(StreamFailure::DeadLetter(path, source))) => {
+                return Err(LoadError::DeadLetter {
+                    stream: stream.to_string(),
+                    path,
+                    source,
+                })
+            }
+            Ok(Err(StreamFailure::Database(e))) => {
+                // Unusable or uncertain: close it, never reuse it, and start again
+                // from the checkpoint.
+                conn = None;
+                cursor = None;
+                lost(&ctx, &mut link, &m, &e).await;
+            }
+            Err(_) => {
+                conn = None;
+                cursor = None;
+                let e = format!("batch timed out after {:?}", ctx.config.batch_timeout);
+                lost(&ctx, &mut link, &m, &e).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn lost(ctx: &StreamCtx, link: &mut Link<'_>, m: &StreamMetrics, detail: &str) {
+    ctx.metrics.errors.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.retries.fetch_add(1, Ordering::Relaxed);
+    let d = link.backoff.next_delay();
+    if link.state != LinkState::Lost {
+        link.set(LinkState::Lost, detail, m);
+        tracing::info!(
+            stream = link.stream,
+            "retrying with backoff, first in {:.1}s",
+            d.as_secs_f64()
+        );
+    }
+    ctx.back_off(d).await;
+}
+
+enum StreamFailure {
+    Database(String),
+    DeadLetter(PathBuf, std::io::Error),
+}
+
+/// Commits `batch`, moving each row PostgreSQL refuses to the dead-letter file
+/// (fsynced before the commit that skips it) and trying again without it. Returns
+/// the outcome and the checkpoint committed.
+async fn commit_with_dead_letters(
+    conn: &mut PgConnection,
+    table: &str,
+    stream: &str,
+    mut batch: Batch,
+    dead: &mut DeadLetterFile,
+    m: &StreamMetrics,
+) -> Result<(BatchOutcome, u64), StreamFailure> {
+    loop {
+        match batch::commit(conn, table, stream, &batch).await {
+            Ok(outcome) => return Ok((outcome, batch.end_lsn)),
+            Err(BatchError::PoisonRow {
+                index,
+                sqlstate,
+                message,
+            }) if index < batch.rows.len() => {
+                let row = batch.rows.remove(index);
+                tracing::warn!(
+                    stream,
+                    lsn = row.lsn,
+                    sqlstate,
+                    "row refused, dead-lettered: {message}"
+                );
+                dead.append(
+                    stream,
+                    row.lsn,
+                    Some(&sqlstate),
+                    &message,
+                    row.sample_rate,
+                    &row.event,
+                )
+                .map_err(|e| StreamFailure::DeadLetter(dead.path().to_path_buf(), e))?;
+                m.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(BatchError::PoisonRow { .. } | BatchError::PoisonUnknownRow { .. }) => {
+                // The server did not say which row: find it by loading one at a time.
+                return commit_row_by_row(conn, table, stream, batch, dead, m).await;
+            }
+            Err(e) => return Err(StreamFailure::Database(e.to_string())),
+        }
+    }
+}
+
+async fn commit_row_by_row(
+    conn: &mut PgConnection,
+    table: &str,
+    stream: &str,
+    batch: Batch,
+    dead: &mut DeadLetterFile,
+    m: &StreamMetrics,
+) -> Result<(BatchOutcome, u64), StreamFailure> {
+    let mut rows = 0;
+    for row in &batch.rows {
+        let one = Batch {
+            rows: vec![row.clone()],
+            end_lsn: row.lsn,
+        };
+        match batch::commit(conn, table, stream, &one).await {
+            Ok(BatchOutcome::Committed { rows: n }) => rows += n,
+            Ok(BatchOutcome::AlreadyLoaded { .. }) => {}
+            Err(
+                BatchError::PoisonRow {
+                    sqlstate, message, ..
+                }
+                | BatchError::PoisonUnknownRow { sqlstate, message },
+            ) => {
+                dead.append(
+                    stream,
+                    row.lsn,
+                    Some(&sqlstate),
+                    &message,
+                    row.sample_rate,
+                    &row.event,
+                )
+                .map_err(|e| StreamFailure::DeadLetter(dead.path().to_path_buf(), e))?;
+                m.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                let skip = Batch {
+                    rows: Vec::new(),
+                    end_lsn: row.lsn,
+                };
+                batch::commit(conn, table, stream, &skip)
+                    .await
+                    .map_err(|e| StreamFailure::Database(e.to_string()))?;
+            }
+            Err(e) => return Err(StreamFailure::Database(e.to_string())),
+        }
+    }
+    let end = Batch {
+        rows: Vec::new(),
+        end_lsn: batch.end_lsn,
+    };
+    batch::commit(conn, table, stream, &end)
+        .await
+        .map_err(|e| StreamFailure::Database(e.to_string()))?;
+    Ok((BatchOutcome::Committed { rows }, batch.end_lsn))
+}
+
+/// Deletes a segment whose every record is committed, or moves it to the archive.
+/// The directory is fsynced so the removal itself is durable.
+fn retire_segment(config: &LoaderConfig, stream: &str, path: &Path) -> std::io::Result<()> {
+    match &config.archive_dir {
+        Some(archive) => {
+            let dest_dir = archive.join(stream);
+            std::fs::create_dir_all(&dest_dir)?;
+            let Some(name) = path.file_name() else {
+                return Ok(());
+            };
+            let dest = dest_dir.join(name);
+            if std::fs::rename(path, &dest).is_err() {
+                // Another filesystem: copy, make the copy durable, then remove.
+                std::fs::copy(path, &dest)?;
+                std::fs::File::open(&dest)?.sync_all()?;
+                std::fs::remove_file(path)?;
+            }
+            sync_dir(&dest_dir)?;
+        }
+        None => std::fs::remove_file(path)?,
+    }
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    tracing::debug!(stream, segment = %path.display(), "segment retired");
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}

@@ -1,0 +1,181 @@
+//! `replay`: re-sending a range of the WAL idempotently, for a database restored
+//! from a backup older than the loader's last commits.
+//!
+//! Unlike the loader, replay cannot trust the checkpoint (it is the restored,
+//! older one, or the rows it covers are the ones that went missing), so it never
+//! skips by LSN: each batch is COPYed into a temporary table and inserted with
+//! `ON CONFLICT (event_id, occurred_at) DO NOTHING`, so rows already present are
+//! skipped, not duplicated. The stream's checkpoint is moved forward to the end of
+//! what was replayed (never backward), in the same transaction, so a loader that
+//! starts afterwards does not send those rows again.
+
+use std::path::Path;
+
+use sqlx::{Connection, PgConnection};
+
+use crate::pg::batch::BatchRow;
+use crate::pg::checkpoint;
+use crate::pg::copy::{CopyBuffer, RowOrigin, COPY_COLUMNS};
+use crate::pg::loader::{list_streams, LoadError, LoaderConfig};
+use crate::wal::reader::{self, Follow, ReadItem, StreamReader};
+use crate::wal::settle::settle_idle_stream;
+
+/// Rows per replay transaction.
+const REPLAY_BATCH_ROWS: usize = 10_000;
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplaySummary {
+    /// Rows read from the WAL and sent.
+    pub rows_sent: u64,
+    /// Of those, rows the table already held (skipped).
+    pub rows_present: u64,
+    /// Of those, rows inserted now.
+    pub rows_inserted: u64,
+    /// Damaged ranges met (skipped, as the loader does).
+    pub damaged: u64,
+}
+
+/// Re-sends every record with LSN ≥ `from_lsn` of `stream` (or of every stream).
+pub async fn replay(
+    config: &LoaderConfig,
+    from_lsn: u64,
+    stream: Option<&str>,
+) -> Result<ReplaySummary, LoadError> {
+    let streams = match stream {
+        Some(s) => vec![s.to_string()],
+        None => list_streams(&config.wal_dir)?,
+    };
+    let mut conn = PgConnection::connect(&config.database_url)
+        .await
+        .map_err(|e| LoadError::Url(format!("cannot connect: {e}")))?;
+    if config.migrate {
+        crate::pg::schema::MIGRATOR
+            .run(&mut conn)
+            .await
+            .map_err(|e| LoadError::Url(format!("cannot migrate: {e}")))?;
+    }
+    let mut total = ReplaySummary::default();
+    for s in streams {
+        let dir = config.wal_dir.join(&s);
+        let summary = replay_stream(&mut conn, config, &dir, &s, from_lsn).await?;
+        tracing::info!(
+            stream = s,
+            sent = summary.rows_sent,
+            present = summary.rows_present,
+            inserted = summary.rows_inserted,
+            "stream replayed"
+        );
+        total.rows_sent += summary.rows_sent;
+        total.rows_present += summary.rows_present;
+        total.rows_inserted += summary.rows_inserted;
+        total.damaged += summary.damaged;
+    }
+    Ok(total)
+}
+
+async fn replay_stream(
+    conn: &mut PgConnection,
+    config: &LoaderConfig,
+    dir: &Path,
+    stream: &str,
+    from_lsn: u64,
+) -> Result<ReplaySummary, LoadError> {
+    let stream_err = |reason: String| LoadError::Replay {
+        stream: stream.to_string(),
+        reason,
+    };
+    // A live stream directory: only what is durable (settled if the writer is
+    // gone). An archive (no watermark file): everything in it was loaded once, so
+    // it was durable.
+    let up_to = if dir.join(crate::wal::format::DURABLE_LSN_FILE).exists() {
+        if let Some(wal_dir) = dir.parent() {
+            settle_idle_stream(wal_dir, stream).map_err(|e| stream_err(e.to_string()))?;
+        }
+        Some(reader::read_durable_lsn(dir).map_err(|e| stream_err(e.to_string()))?)
+    } else {
+        None
+    };
+    let mut reader = StreamReader::open(dir, from_lsn, Follow::AtRest);
+    let mut summary = ReplaySummary::default();
+    loop {
+        let mut rows = Vec::new();
+        while rows.len() < REPLAY_BATCH_ROWS {
+            match reader
+                .next_item(up_to)
+                .map_err(|e| stream_err(e.to_string()))?
+            {
+                Some(ReadItem::Event { lsn, event, .. }) => rows.push(BatchRow {
+                    lsn,
+                    event: event.event,
+                    sample_rate: event.sample_rate,
+                }),
+                Some(ReadItem::SegmentConsumed { .. }) => {}
+                Some(damage) => {
+                    summary.damaged += 1;
+                    tracing::warn!(stream, "damaged WAL range skipped: {damage:?}");
+                }
+                None => break,
+            }
+        }
+        if rows.is_empty() {
+            return Ok(summary);
+        }
+        let end_lsn = reader.next_lsn().saturating_sub(1);
+        let inserted = insert_missing(conn, &config.table, stream, &rows, end_lsn)
+            .await
+            .map_err(|e| stream_err(format!("replay batch failed: {e}")))?;
+        summary.rows_sent += rows.len() as u64;
+        summary.rows_inserted += inserted;
+        summary.rows_present += rows.len() as u64 - inserted;
+    }
+}
+
+/// One replay transaction: COPY into a temporary table, insert what is missing,
+/// move the checkpoint forward.
+async fn insert_missing(
+    conn: &mut PgConnection,
+    table: &str,
+    stream: &str,
+    rows: &[BatchRow],
+    end_lsn: u64,
+) -> Result<u64, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(&format!(
+        "CREATE TEMP TABLE auditwal_replay (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let mut body = CopyBuffer::new();
+    for r in rows {
+        body.push(
+            &r.event,
+            RowOrigin {
+                stream_id: stream,
+                lsn: r.lsn,
+                sample_rate: r.sample_rate,
+            },
+        );
+    }
+    {
+        let mut copy = tx
+            .copy_in_raw(&crate::pg::copy::copy_statement("auditwal_replay"))
+            .await?;
+        copy.send(body.finish()).await?;
+        copy.finish().await?;
+    }
+    let cols = COPY_COLUMNS.join(", ");
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO {table} ({cols}) SELECT {cols} FROM auditwal_replay \
+         ON CONFLICT (event_id, occurred_at) DO NOTHING"
+    ))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let current = checkpoint::lock(&mut tx, stream).await?;
+    if end_lsn > current {
+        checkpoint::advance(&mut tx, stream, end_lsn).await?;
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}

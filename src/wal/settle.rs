@@ -1,0 +1,73 @@
+//! Settling a stream whose writer is gone: making the records it left in the page
+//! cache durable, so that a reader may load them.
+//!
+//! A reader loads only up to the durable watermark (`durable.lsn`): a record that
+//! is in the page cache but not on disk can vanish in a power loss, and a writer
+//! restarting after it would hand its LSN to a new event that a loader would then
+//! skip as "already loaded". A writer killed with SIGKILL leaves its last interval
+//! of records exactly there, above a stale watermark, and nobody would ever raise
+//! it. Settling does what the writer's next flush would have done: under the
+//! stream's writer lock (so no writer is appending meanwhile), fdatasync every
+//! segment, find the last complete record, and publish its LSN as the watermark.
+//! When a writer holds the lock it is alive and keeps the watermark itself;
+//! settling then does nothing.
+
+use std::fs::File;
+use std::path::Path;
+
+use memmap2::Mmap;
+
+use super::durable::Sidecar;
+use super::error::WalError;
+use super::format::{scan_segment, Lsn, ScanItem};
+use super::stream_dir::StreamDir;
+
+/// What [`settle_idle_stream`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// A writer holds the stream: its own flusher keeps the watermark.
+    WriterActive,
+    /// No writer: every complete record up to `durable_lsn` is now on disk and the
+    /// watermark says so.
+    Idle { durable_lsn: Lsn },
+}
+
+/// Settles `wal_dir/stream` if no writer holds it (see the module docs).
+pub fn settle_idle_stream(wal_dir: &Path, stream: &str) -> Result<Settled, WalError> {
+    let dir = StreamDir::open(wal_dir, stream)?;
+    let _lock = match dir.lock() {
+        Ok(lock) => lock,
+        Err(WalError::StreamLocked { .. }) => return Ok(Settled::WriterActive),
+        Err(e) => return Err(e),
+    };
+    let segments = dir.segments()?;
+    for seg in &segments {
+        File::open(&seg.path)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| WalError::io("fdatasync", &seg.path, e))?;
+    }
+    let (sidecar, old) = Sidecar::open(&dir.sidecar_path())?;
+    let Some(last) = segments.last() else {
+        return Ok(Settled::Idle {
+            durable_lsn: old.unwrap_or(0),
+        });
+    };
+    // Earlier segments are sealed; only the last one's end must be found.
+    let file = File::open(&last.path).map_err(|e| WalError::io("open", &last.path, e))?;
+    // SAFETY: we hold the stream's writer lock, so no writer appends to or zeroes
+    // this file while it is mapped; readers never write. The file is not shrunk by
+    // anyone (writers cut torn tails by zeroing), so the map stays valid.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| WalError::io("mmap", &last.path, e))?;
+    let mut last_lsn = last.first_lsn.saturating_sub(1);
+    for item in scan_segment(&map) {
+        if let ScanItem::Record { record, .. } = item {
+            last_lsn = last_lsn.max(record.lsn);
+        }
+    }
+    let durable_lsn = last_lsn.max(old.unwrap_or(0));
+    if Some(durable_lsn) != old {
+        sidecar.write(durable_lsn)?;
+        sidecar.sync()?;
+    }
+    Ok(Settled::Idle { durable_lsn })
+}

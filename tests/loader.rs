@@ -1,0 +1,474 @@
+//! The loader against the real server, through the real CLI: every test asserts
+//! the exact set of event_ids in `audit_events`, never counts log lines.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use auditwal::wal::format::{scan_segment, ScanItem};
+use common::{auditwal_bin, TestDb};
+use uuid::Uuid;
+
+/// Emits `n` events into `wal_dir/stream` through `auditwal emit` and returns the
+/// event_ids it acknowledged.
+fn emit(wal_dir: &Path, stream: &str, n: usize, mode: &str) -> Vec<Uuid> {
+    let mut child = Command::new(auditwal_bin())
+        .args(["emit", "--wal-dir"])
+        .arg(wal_dir)
+        .args(["--stream", stream, "--mode", mode])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn auditwal emit");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let lines: String = (0..n)
+        .map(|i| {
+            format!(
+                "{{\"action\":\"test.event\",\"actor_id\":\"u{i}\",\"target_type\":\"doc\",\"target_id\":\"{i}\",\"ip\":\"10.1.{}.{}\",\"metadata\":{{\"i\":{i},\"pad\":\"{}\"}}}}\n",
+                i / 250 % 250,
+                i % 250,
+                "x".repeat(120)
+            )
+        })
+        .collect();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(lines.as_bytes());
+    });
+    let out = child.wait_with_output().expect("emit output");
+    let _ = writer.join();
+    assert!(out.status.success(), "emit failed: {:?}", out.status);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| Uuid::parse_str(l.trim()).expect("emit prints event ids"))
+        .collect()
+}
+
+fn load_once(wal_dir: &Path, url: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(auditwal_bin())
+        .args(["load", "--once", "--metrics-addr", "off", "--wal-dir"])
+        .arg(wal_dir)
+        .args(["--database-url", url])
+        .args(extra)
+        .output()
+        .expect("run auditwal load --once")
+}
+
+async fn ids_in_db(db: &TestDb) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT event_id FROM audit_events ORDER BY stream_id, lsn")
+        .fetch_all(db.pool())
+        .await
+        .expect("select event ids")
+}
+
+fn as_set(ids: &[Uuid]) -> BTreeSet<Uuid> {
+    ids.iter().copied().collect()
+}
+
+/// Asserts the table holds exactly `expected`, each once.
+async fn assert_exactly(db: &TestDb, expected: &[Uuid]) {
+    let got = ids_in_db(db).await;
+    let set = as_set(&got);
+    assert_eq!(set.len(), got.len(), "duplicates in audit_events");
+    let want = as_set(expected);
+    let missing: Vec<_> = want.difference(&set).take(5).collect();
+    let extra: Vec<_> = set.difference(&want).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} rows, {} expected; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
+        set.len(),
+        want.len()
+    );
+}
+
+#[tokio::test]
+async fn load_once_loads_every_acknowledged_event_once() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "s1", 3000, "async");
+    assert_eq!(ids.len(), 3000);
+    let out = load_once(wal.path(), db.url(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_exactly(&db, &ids).await;
+    // Again: nothing new, nothing twice.
+    let out = load_once(wal.path(), db.url(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_exactly(&db, &ids).await;
+    let cp: i64 = sqlx::query_scalar("SELECT lsn FROM audit_checkpoints WHERE stream_id = 's1'")
+        .fetch_one(db.pool())
+        .await
+        .expect("checkpoint");
+    assert!(cp >= 3000, "checkpoint {cp}");
+}
+
+#[tokio::test]
+async fn several_streams_load_side_by_side() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let mut all = Vec::new();
+    for s in ["alpha", "beta", "gamma"] {
+        all.extend(emit(wal.path(), s, 700, "durable"));
+    }
+    let out = load_once(wal.path(), db.url(), &["--batch-rows", "100"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_exactly(&db, &all).await;
+    let streams: Vec<String> =
+        sqlx::query_scalar("SELECT stream_id FROM audit_checkpoints ORDER BY 1")
+            .fetch_all(db.pool())
+            .await
+            .expect("checkpoints");
+    assert_eq!(streams, ["alpha", "beta", "gamma"]);
+}
+
+/// Offsets and LSNs of the records of a segment file.
+fn records_of(path: &Path) -> Vec<(usize, u64, usize)> {
+    let bytes = std::fs::read(path).expect("read segment");
+    scan_segment(&bytes)
+        .filter_map(|item| match item {
+            ScanItem::Record { offset, record } => Some((offset, record.lsn, record.payload.len())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn only_segment(stream_dir: &Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(stream_dir)
+        .expect("stream dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    segs.remove(0)
+}
+
+#[tokio::test]
+async fn a_corrupt_record_mid_segment_is_skipped_and_the_rest_loads() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "s", 200, "durable");
+    let seg = only_segment(&wal.path().join("s"));
+    let records = records_of(&seg);
+    assert_eq!(records.len(), 200);
+    // Flip a byte in the payload of the 100th record (LSN 100).
+    let (offset, lsn, _) = records[99];
+    assert_eq!(lsn, 100);
+    let mut bytes = std::fs::read(&seg).expect("read");
+    bytes[offset + 20 + 5] ^= 0x40;
+    std::fs::write(&seg, &bytes).expect("write corrupted segment");
+
+    let out = load_once(wal.path(), db.url(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("skipped"),
+        "the skipped range is reported: {stderr}"
+    );
+    let mut expected = ids.clone();
+    expected.remove(99);
+    assert_exactly(&db, &expected).await;
+}
+
+#[tokio::test]
+async fn a_row_postgres_refuses_is_dead_lettered_and_the_stream_goes_on() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    // The same event (same event_id and occurred_at) in two streams: the second
+    // copy violates the table's unique key, a poison row for its stream.
+    let line = format!(
+        "{{\"event_id\":\"{}\",\"occurred_at\":\"2026-11-01T00:00:00Z\",\"action\":\"dup\"}}\n",
+        Uuid::now_v7()
+    );
+    let first = emit_lines(wal.path(), "a", &line);
+    let out = load_once(wal.path(), db.url(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = emit(wal.path(), "b", 50, "durable");
+    let dup = emit_lines(wal.path(), "b", &line);
+    let after = emit(wal.path(), "b", 50, "durable");
+    let out = load_once(wal.path(), db.url(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut expected = first.clone();
+    expected.extend(&before);
+    expected.extend(&after);
+    assert_exactly(&db, &expected).await;
+    let dead = std::fs::read_to_string(wal.path().join("b").join("dead-letter.jsonl"))
+        .expect("dead-letter file");
+    let lines: Vec<&str> = dead.lines().collect();
+    assert_eq!(lines.len(), 1, "{dead}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).expect("json");
+    assert_eq!(v["sqlstate"], "23505");
+    assert_eq!(v["lsn"], 51);
+    assert_eq!(v["event"]["event_id"], dup[0].to_string());
+}
+
+fn emit_lines(wal_dir: &Path, stream: &str, lines: &str) -> Vec<Uuid> {
+    let mut child = Command::new(auditwal_bin())
+        .args(["emit", "--mode", "durable", "--stream", stream, "--wal-dir"])
+        .arg(wal_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn emit");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("emit");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| Uuid::parse_str(l.trim()).expect("id"))
+        .collect()
+}
+
+#[tokio::test]
+async fn sealed_segments_are_deleted_only_after_commit_or_archived() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let archive = tempfile::tempdir().expect("tempdir");
+    // Small segments: the emit below spans several.
+    let ids = emit_small_segments(wal.path(), "s", 2000);
+    let before: Vec<_> = segment_names(&wal.path().join("s"));
+    assert!(
+        before.len() > 2,
+        "expected several segments, got {before:?}"
+    );
+    let out = load_once(
+        wal.path(),
+        db.url(),
+        &["--archive-dir", archive.path().to_str().expect("utf8")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_exactly(&db, &ids).await;
+    let left = segment_names(&wal.path().join("s"));
+    let archived = segment_names(&archive.path().join("s"));
+    // Every sealed segment moved; the last (unsealed, the writer's) stays.
+    assert_eq!(left, vec![before.last().cloned().expect("last")]);
+    assert_eq!(archived.len(), before.len() - 1);
+    // Replaying the archive into the same database inserts nothing new.
+    let out = Command::new(auditwal_bin())
+        .args(["replay", "--from-lsn", "1", "--wal-dir"])
+        .arg(archive.path())
+        .args(["--database-url", db.url()])
+        .output()
+        .expect("replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_exactly(&db, &ids).await;
+}
+
+fn emit_small_segments(wal_dir: &Path, stream: &str, n: usize) -> Vec<Uuid> {
+    use auditwal::wal::{WalConfig, WalWriter};
+    let writer = WalWriter::open(WalConfig::new(wal_dir, stream).with_segment_size(64 * 1024))
+        .expect("open writer");
+    let ids: Vec<Uuid> = (0..n)
+        .map(|i| {
+            let e = auditwal::AuditEvent::new("small.seg").actor("user", format!("{i}"));
+            writer.append(&e).expect("append");
+            e.event_id
+        })
+        .collect();
+    writer.close().expect("close");
+    ids
+}
+
+fn segment_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.ends_with(".seg"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn replay_after_a_restore_puts_back_only_the_missing_rows() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let archive = tempfile::tempdir().expect("tempdir");
+    let ids = emit_small_segments(wal.path(), "s", 1500);
+    let out = load_once(
+        wal.path(),
+        db.url(),
+        &["--archive-dir", archive.path().to_str().expect("utf8")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "Restore an older backup": a database holding only the first 700 rows (the
+    // table is append-only, so the older state is built rather than cut back).
+    let db2 = TestDb::new().await;
+    let half = copy_first_rows(&db, &db2, 700).await;
+    assert_eq!(half, 700);
+    let out = Command::new(auditwal_bin())
+        .args(["replay", "--from-lsn", "1", "--wal-dir"])
+        .arg(archive.path())
+        .args(["--database-url", db2.url()])
+        .output()
+        .expect("replay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The archive holds the sealed segments; the live dir the rest.
+    let out = Command::new(auditwal_bin())
+        .args(["replay", "--from-lsn", "1", "--wal-dir"])
+        .arg(wal.path())
+        .args(["--database-url", db2.url()])
+        .output()
+        .expect("replay live dir");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_exactly(&db2, &ids).await;
+}
+
+/// Copies the first `n` rows (by LSN) of one test database into another.
+async fn copy_first_rows(from: &TestDb, to: &TestDb, n: i64) -> i64 {
+    {
+        let rows: Vec<(Uuid, chrono::DateTime<chrono::Utc>, String, i64)> = sqlx::query_as(
+            "SELECT event_id, occurred_at, action, lsn FROM audit_events ORDER BY lsn LIMIT $1",
+        )
+        .bind(n)
+        .fetch_all(from.pool())
+        .await
+        .expect("rows");
+        for (id, at, action, lsn) in &rows {
+            sqlx::query(
+                "INSERT INTO audit_events (event_id, occurred_at, action, stream_id, lsn) \
+                 VALUES ($1, $2, $3, 's', $4)",
+            )
+            .bind(id)
+            .bind(at)
+            .bind(action)
+            .bind(lsn)
+            .execute(to.pool())
+            .await
+            .expect("insert");
+        }
+        rows.len() as i64
+    }
+}
+
+#[tokio::test]
+async fn loader_restarted_after_sigkill_mid_load_loads_nothing_twice() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "s", 60_000, "async");
+    for round in 0..3 {
+        let mut child = Command::new(auditwal_bin())
+            .args([
+                "load",
+                "--metrics-addr",
+                "off",
+                "--batch-rows",
+                "2000",
+                "--wal-dir",
+            ])
+            .arg(wal.path())
+            .args(["--database-url", db.url()])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn loader");
+        // Let it get into the middle of the backlog, then SIGKILL.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = db.count().await;
+            if n > 5_000 * (round + 1) || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.kill().expect("SIGKILL the loader");
+        let _ = child.wait();
+    }
+    let out = load_once(wal.path(), db.url(), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_exactly(&db, &ids).await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_loader_cleanly_with_exit_0() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "s", 20_000, "async");
+    let child = Command::new(auditwal_bin())
+        .args([
+            "load",
+            "--metrics-addr",
+            "off",
+            "--batch-rows",
+            "1000",
+            "--wal-dir",
+        ])
+        .arg(wal.path())
+        .args(["--database-url", db.url()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn loader");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    // Whatever it committed is whole batches plus a matching checkpoint.
+    let n = db.count().await;
+    let cp: Option<i64> =
+        sqlx::query_scalar("SELECT lsn FROM audit_checkpoints WHERE stream_id = 's'")
+            .fetch_optional(db.pool())
+            .await
+            .expect("checkpoint");
+    assert_eq!(n, cp.unwrap_or(0), "rows and checkpoint agree");
+    let out = load_once(wal.path(), db.url(), &[]);
+    assert!(out.status.success());
+    assert_exactly(&db, &ids).await;
+}
