@@ -45,8 +45,6 @@ pub enum PayloadError {
     InvalidOutcome { value: u8 },
     #[error("field `{field}` does not hold a JSON value")]
     InvalidJson { field: &'static str },
-    #[error("event payload could not be encoded: {reason}")]
-    Encode { reason: String },
 }
 
 /// The earliest `occurred_at` PostgreSQL's `timestamptz` accepts (4713 BC, i.e.
@@ -65,8 +63,10 @@ fn config() -> bincode::config::Configuration<
     bincode::config::standard().with_limit::<MAX_PAYLOAD_LEN>()
 }
 
-/// The payload's fields, borrowed from the event for encoding. Field order is the
-/// format: do not reorder.
+/// The payload's fields as bincode derives them; [`encode_event`] writes the same
+/// bytes by hand (it is on the append hot path), and a property test holds the
+/// two to the same output.
+#[cfg(test)]
 #[derive(bincode::Encode)]
 struct WireRef<'a> {
     event_id: [u8; 16],
@@ -89,7 +89,7 @@ struct WireRef<'a> {
     sample_rate: f64,
 }
 
-/// The same fields, owned, for decoding. Must match [`WireRef`] field for field.
+/// The payload's fields, owned, for decoding, in format order: do not reorder.
 #[derive(bincode::Decode)]
 struct Wire {
     event_id: [u8; 16],
@@ -112,14 +112,59 @@ struct Wire {
     sample_rate: f64,
 }
 
-/// Appends bincode output to a caller's Vec without the `std::io::Write` detour.
+/// Appends bincode output to a Vec (tests compare it with the hand encoder).
+#[cfg(test)]
 struct VecWriter<'a>(&'a mut Vec<u8>);
 
+#[cfg(test)]
 impl bincode::enc::write::Writer for VecWriter<'_> {
     #[inline]
     fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
         self.0.extend_from_slice(bytes);
         Ok(())
+    }
+}
+
+/// bincode 2's varint (standard config): values below 251 in one byte, then a
+/// marker byte 251/252/253 followed by a u16/u32/u64, little-endian.
+#[inline]
+fn put_varint(dst: &mut Vec<u8>, v: u64) {
+    if v < 251 {
+        dst.push(v as u8);
+    } else if v <= u64::from(u16::MAX) {
+        dst.push(251);
+        dst.extend_from_slice(&(v as u16).to_le_bytes());
+    } else if v <= u64::from(u32::MAX) {
+        dst.push(252);
+        dst.extend_from_slice(&(v as u32).to_le_bytes());
+    } else {
+        dst.push(253);
+        dst.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// bincode 2's zigzag mapping of signed integers before the varint.
+#[inline]
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+/// A string: varint byte length, then the UTF-8 bytes.
+#[inline]
+fn put_str(dst: &mut Vec<u8>, s: &str) {
+    put_varint(dst, s.len() as u64);
+    dst.extend_from_slice(s.as_bytes());
+}
+
+/// An option: tag byte 0 (None) or 1 followed by the value.
+#[inline]
+fn put_opt_str(dst: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => dst.push(0),
+        Some(s) => {
+            dst.push(1);
+            put_str(dst, s);
+        }
     }
 }
 
@@ -153,36 +198,42 @@ pub fn encode_event(
     if micros < MIN_OCCURRED_AT_MICROS {
         return Err(PayloadError::TimestampOutOfRange { micros });
     }
-    let wire = WireRef {
-        event_id: *event.event_id.as_bytes(),
-        occurred_at: micros,
-        action: &event.action,
-        actor_id: event.actor_id.as_deref(),
-        actor_type: event.actor_type.as_deref(),
-        target_type: event.target_type.as_deref(),
-        target_id: event.target_id.as_deref(),
-        target_name: event.target_name.as_deref(),
-        tenant_id: event.tenant_id.as_deref(),
-        outcome: event.outcome.map(outcome_byte),
-        reason: event.reason.as_deref(),
-        ip: event.ip,
-        user_agent: event.user_agent.as_deref(),
-        request_id: event.request_id.as_deref(),
-        before: event.before.as_ref().map(JsonText::as_str),
-        after: event.after.as_ref().map(JsonText::as_str),
-        metadata: event.metadata.as_ref().map(JsonText::as_str),
-        sample_rate,
-    };
     let start = dst.len();
     // One reservation up front: the content plus a generous allowance for the
     // fixed fields, option tags and varint lengths (at most ~140 bytes).
     dst.reserve(event.content_len() + 160);
-    if let Err(e) = bincode::encode_into_writer(&wire, VecWriter(dst), config()) {
-        dst.truncate(start);
-        return Err(PayloadError::Encode {
-            reason: e.to_string(),
-        });
+    dst.extend_from_slice(event.event_id.as_bytes());
+    put_varint(dst, zigzag(micros));
+    put_str(dst, &event.action);
+    put_opt_str(dst, event.actor_id.as_deref());
+    put_opt_str(dst, event.actor_type.as_deref());
+    put_opt_str(dst, event.target_type.as_deref());
+    put_opt_str(dst, event.target_id.as_deref());
+    put_opt_str(dst, event.target_name.as_deref());
+    put_opt_str(dst, event.tenant_id.as_deref());
+    match event.outcome {
+        None => dst.push(0),
+        Some(o) => dst.extend_from_slice(&[1, outcome_byte(o)]),
     }
+    put_opt_str(dst, event.reason.as_deref());
+    match event.ip {
+        None => dst.push(0),
+        // Option tag, then bincode's IpAddr: variant index as a varint, octets.
+        Some(IpAddr::V4(v4)) => {
+            dst.extend_from_slice(&[1, 0]);
+            dst.extend_from_slice(&v4.octets());
+        }
+        Some(IpAddr::V6(v6)) => {
+            dst.extend_from_slice(&[1, 1]);
+            dst.extend_from_slice(&v6.octets());
+        }
+    }
+    put_opt_str(dst, event.user_agent.as_deref());
+    put_opt_str(dst, event.request_id.as_deref());
+    put_opt_str(dst, event.before.as_ref().map(JsonText::as_str));
+    put_opt_str(dst, event.after.as_ref().map(JsonText::as_str));
+    put_opt_str(dst, event.metadata.as_ref().map(JsonText::as_str));
+    dst.extend_from_slice(&sample_rate.to_le_bytes());
     let len = dst.len() - start;
     if len > MAX_PAYLOAD_LEN {
         dst.truncate(start);
@@ -388,6 +439,61 @@ mod tests {
         assert_eq!(t.to_rfc3339(), "-4712-01-01T00:00:00+00:00");
     }
 
+    /// The payload as bincode's derive encodes it.
+    fn bincode_derived(e: &AuditEvent, sample_rate: f64) -> Vec<u8> {
+        let wire = WireRef {
+            event_id: *e.event_id.as_bytes(),
+            occurred_at: e.occurred_at.timestamp_micros(),
+            action: &e.action,
+            actor_id: e.actor_id.as_deref(),
+            actor_type: e.actor_type.as_deref(),
+            target_type: e.target_type.as_deref(),
+            target_id: e.target_id.as_deref(),
+            target_name: e.target_name.as_deref(),
+            tenant_id: e.tenant_id.as_deref(),
+            outcome: e.outcome.map(outcome_byte),
+            reason: e.reason.as_deref(),
+            ip: e.ip,
+            user_agent: e.user_agent.as_deref(),
+            request_id: e.request_id.as_deref(),
+            before: e.before.as_ref().map(JsonText::as_str),
+            after: e.after.as_ref().map(JsonText::as_str),
+            metadata: e.metadata.as_ref().map(JsonText::as_str),
+            sample_rate,
+        };
+        let mut v = Vec::new();
+        bincode::encode_into_writer(&wire, VecWriter(&mut v), config()).expect("encode");
+        v
+    }
+
+    #[test]
+    fn hand_encoder_matches_bincode_for_long_strings_and_extreme_times() {
+        for len in [0, 250, 251, 65_535, 65_536, 70_000] {
+            for micros in [
+                MIN_OCCURRED_AT_MICROS,
+                -1,
+                0,
+                1,
+                125,
+                126,
+                1 << 40,
+                i64::from(i32::MAX),
+                8_000_000_000_000_000_000,
+            ] {
+                let e = AuditEvent {
+                    occurred_at: Utc.timestamp_micros(micros).single().expect("time"),
+                    reason: Some("r".repeat(len)),
+                    ..full_event()
+                };
+                assert_eq!(
+                    encode(&e, 0.5),
+                    bincode_derived(&e, 0.5),
+                    "len {len} micros {micros}"
+                );
+            }
+        }
+    }
+
     /// Rewrites the payload of `e` with one field changed in the wire struct.
     fn encode_wire(e: &AuditEvent, tweak: impl FnOnce(&mut WireRef<'_>)) -> Vec<u8> {
         let mut wire = WireRef {
@@ -535,10 +641,36 @@ mod tests {
         }
     }
 
+    /// Rough cost of `encode_event` on a ~300-byte event into a reused buffer.
+    /// `cargo test --release --lib encode_event_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing; run in release"]
+    fn encode_event_speed() {
+        let e = full_event().reason("r".repeat(120));
+        let mut buf = Vec::with_capacity(1024);
+        encode_event(&e, 1.0, &mut buf).expect("encode");
+        println!("payload {} bytes", buf.len());
+        let n = 1_000_000u32;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            buf.clear();
+            encode_event(std::hint::black_box(&e), 1.0, &mut buf).expect("encode");
+            std::hint::black_box(&buf);
+        }
+        let enc = t.elapsed() / n;
+        let t = std::time::Instant::now();
+        for _ in 0..n / 10 {
+            std::hint::black_box(decode_event(std::hint::black_box(&buf)).expect("decode"));
+        }
+        let dec = t.elapsed() / (n / 10);
+        println!("encode_event {enc:?}/event, decode_event {dec:?}/event");
+    }
+
     proptest! {
         #[test]
         fn arbitrary_events_round_trip(e in arb_event(), rate in prop_oneof![Just(1.0f64), 1e-9f64..=1.0]) {
             let bytes = encode(&e, rate);
+            prop_assert_eq!(&bytes, &bincode_derived(&e, rate), "hand encoder == bincode derive");
             let back = decode_event(&bytes).expect("decode");
             prop_assert_eq!(back.sample_rate, rate);
             prop_assert_eq!(back.event, e);
