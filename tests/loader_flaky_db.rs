@@ -1,0 +1,181 @@
+//! The loader through a flaky database link, against a real server that is
+//! stopped with an immediate shutdown and started again mid-load, and with a
+//! writer appending while it loads. Each test asserts the exact set of event_ids.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{auditwal_bin, private_cluster, TestDb};
+use uuid::Uuid;
+
+fn event_line(i: usize) -> String {
+    format!(
+        "{{\"action\":\"flaky.event\",\"actor_id\":\"u{i}\",\"target_id\":\"{i}\",\"metadata\":{{\"pad\":\"{}\"}}}}\n",
+        "y".repeat(150)
+    )
+}
+
+fn emit_all(wal_dir: &Path, stream: &str, n: usize) -> Vec<Uuid> {
+    let mut child = Command::new(auditwal_bin())
+        .args(["emit", "--mode", "async", "--stream", stream, "--wal-dir"])
+        .arg(wal_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn emit");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let feeder = std::thread::spawn(move || {
+        for i in 0..n {
+            if stdin.write_all(event_line(i).as_bytes()).is_err() {
+                break;
+            }
+        }
+    });
+    let out = child.wait_with_output().expect("emit");
+    let _ = feeder.join();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| Uuid::parse_str(l.trim()).expect("id"))
+        .collect()
+}
+
+fn spawn_loader(wal_dir: &Path, url: &str) -> Child {
+    Command::new(auditwal_bin())
+        .args(["load", "--metrics-addr", "off", "--batch-rows", "2000", "--wal-dir"])
+        .arg(wal_dir)
+        .args(["--database-url", url])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn loader")
+}
+
+fn stop(child: Child) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM the loader");
+    let out = child.wait_with_output().expect("wait for loader");
+    assert!(out.status.success(), "loader exit status {:?}", out.status);
+}
+
+async fn count_when_reachable(db: &TestDb) -> Option<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM audit_events")
+        .fetch_one(db.pool())
+        .await
+        .ok()
+}
+
+async fn wait_for_count(db: &TestDb, n: i64, within: Duration) -> i64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let c = count_when_reachable(db).await.unwrap_or(-1);
+        if c >= n || Instant::now() > deadline {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn assert_exactly(db: &TestDb, expected: &[Uuid]) {
+    let got: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM audit_events")
+        .fetch_all(db.pool())
+        .await
+        .expect("select ids");
+    let set: BTreeSet<Uuid> = got.iter().copied().collect();
+    assert_eq!(set.len(), got.len(), "duplicate rows");
+    let want: BTreeSet<Uuid> = expected.iter().copied().collect();
+    assert_eq!(set.len(), want.len(), "row count");
+    assert!(set == want, "the loaded ids differ from the acknowledged ones");
+}
+
+#[tokio::test]
+async fn database_restarts_mid_load_lose_and_duplicate_nothing() {
+    let cluster = private_cluster();
+    let db = TestDb::on_cluster(&cluster).await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit_all(wal.path(), "s", 80_000);
+    let loader = spawn_loader(wal.path(), db.url());
+    for round in 1..=3i64 {
+        // Wait until the loader is well into the backlog, then pull the plug.
+        let reached = wait_for_count(&db, round * 8_000, Duration::from_secs(60)).await;
+        assert!(reached >= round * 8_000, "loader stalled at {reached}");
+        cluster.stop_immediate().expect("immediate shutdown");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        cluster.start_again().expect("start the server again");
+    }
+    let n = wait_for_count(&db, ids.len() as i64, Duration::from_secs(120)).await;
+    assert_eq!(n, ids.len() as i64, "loader caught up after the restarts");
+    stop(loader);
+    assert_exactly(&db, &ids).await;
+}
+
+#[tokio::test]
+async fn the_loader_waits_out_a_database_that_is_down_at_start() {
+    let cluster = private_cluster();
+    let db = TestDb::on_cluster(&cluster).await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit_all(wal.path(), "s", 5_000);
+    cluster.stop_immediate().expect("stop");
+    let loader = spawn_loader(wal.path(), db.url());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.start_again().expect("start");
+    let n = wait_for_count(&db, ids.len() as i64, Duration::from_secs(60)).await;
+    assert_eq!(n, ids.len() as i64);
+    stop(loader);
+    assert_exactly(&db, &ids).await;
+}
+
+#[tokio::test]
+async fn writer_and_loader_run_at_the_same_time() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let loader = spawn_loader(wal.path(), db.url());
+    // A writer that appends for a while, in bursts, while the loader tails it.
+    let mut emit = Command::new(auditwal_bin())
+        .args(["emit", "--mode", "async", "--stream", "live", "--wal-dir"])
+        .arg(wal.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn emit");
+    let mut stdin = emit.stdin.take().expect("stdin");
+    let stdout = emit.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .map(|l| Uuid::parse_str(l.trim()).expect("id"))
+            .collect::<Vec<_>>()
+    });
+    for burst in 0..20 {
+        for i in 0..1_000 {
+            stdin
+                .write_all(event_line(burst * 1000 + i).as_bytes())
+                .expect("feed emit");
+        }
+        stdin.flush().expect("flush");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Mid-stream the loader has already loaded part of it.
+    let partial = count_when_reachable(&db).await.unwrap_or(0);
+    drop(stdin);
+    let status = emit.wait().expect("emit exit");
+    assert!(status.success());
+    let ids = reader.join().expect("reader thread");
+    assert_eq!(ids.len(), 20_000);
+    assert!(partial > 0, "the loader loaded while the writer was appending");
+    let n = wait_for_count(&db, ids.len() as i64, Duration::from_secs(60)).await;
+    assert_eq!(n, ids.len() as i64);
+    stop(loader);
+    assert_exactly(&db, &ids).await;
+}
