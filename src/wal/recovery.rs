@@ -1,1 +1,254 @@
-//! wal::recovery (being written)
+//! Recovery when a writer opens an existing stream: find where the log really
+//! ends and make the files safe to append to.
+//!
+//! What it does, in order: removes leftover `*.seg.tmp` files (segments whose
+//! creation never finished; they hold no acknowledged record because a segment is
+//! renamed before its first append); fdatasyncs every segment that may hold
+//! records beyond the durable watermark (a SIGKILLed writer leaves them in the
+//! page cache only, and the new writer declares them durable); scans the last
+//! segment with [`format::scan_segment`] and keeps every valid record, including
+//! those after mid-segment corruption (reported with `tracing::warn!`); zeroes
+//! the torn tail and any other garbage after the last valid record. It zeroes and
+//! never truncates: a reader may have the file mapped, and shrinking a mapped
+//! file kills the reader with SIGBUS on its next access.
+//!
+//! The result says where the LSN sequence continues: in the last segment at the
+//! end of its last valid record, or in a new segment when the last one is sealed
+//! (or there is none). A damaged segment header is not repaired: the file is left
+//! as it is and open fails with [`WalError::Corrupt`] for an operator to look at.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::error::WalError;
+use super::format::{self, Lsn, RecordKind, ScanItem, SegmentHeader};
+use super::segment::{ActiveSegment, Segment};
+use super::stream_dir::StreamDir;
+
+/// What recovery found and did; kept by the writer (`WalWriter::recovery`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segment files in the stream when the writer opened.
+    pub segments_found: usize,
+    /// `*.seg.tmp` files removed.
+    pub removed_tmp_files: usize,
+    /// The last segment, when appends continue in it.
+    pub resumed_segment: Option<PathBuf>,
+    /// Valid event records in the last segment.
+    pub records_in_last_segment: u64,
+    /// The last LSN found in the stream (0 when it has no record).
+    pub last_lsn: Lsn,
+    /// The last segment ended with its EndOfSegment record.
+    pub last_segment_sealed: bool,
+    /// Where a torn record began in the last segment (a crash mid-append).
+    pub torn_tail_offset: Option<u64>,
+    /// Bytes set to zero after the last valid record (torn tail and garbage).
+    pub bytes_zeroed: u64,
+    /// Byte ranges `[start, end)` of mid-segment corruption skipped over.
+    pub skipped_ranges: Vec<(u64, u64)>,
+}
+
+/// Where appends continue.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    /// The last segment, to append to; `None` when a new segment must be started.
+    pub active: Option<ActiveSegment>,
+    /// The LSN of the next record (event or EndOfSegment).
+    pub next_lsn: Lsn,
+    pub report: RecoveryReport,
+}
+
+/// Recovers the stream in `dir`. `durable_hint` is the `durable.lsn` sidecar's
+/// value, if readable: LSNs up to it may have been loaded by a reader, so they
+/// are never reused even if their segments are gone.
+pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Recovered, WalError> {
+    let _span = tracing::info_span!("wal_recovery", stream = dir.name()).entered();
+    let mut report = RecoveryReport {
+        removed_tmp_files: dir.remove_tmp_files()?,
+        ..RecoveryReport::default()
+    };
+    if report.removed_tmp_files > 0 {
+        tracing::info!(
+            count = report.removed_tmp_files,
+            "removed unfinished segment files"
+        );
+    }
+    let segments = dir.segments()?;
+    report.segments_found = segments.len();
+
+    // Segments before the last: make records beyond the watermark durable.
+    for pair in segments.windows(2) {
+        let last_lsn_in_segment = pair[1].first_lsn.saturating_sub(1);
+        if durable_hint.map_or(true, |d| last_lsn_in_segment > d) {
+            let path = &pair[0].path;
+            let file = File::open(path).map_err(|e| WalError::io("open segment", path, e))?;
+            rustix::fs::fdatasync(&file)
+                .map_err(|e| WalError::io("fdatasync segment", path, e.into()))?;
+        }
+    }
+
+    let floor = durable_hint.map_or(1, |d| d.saturating_add(1));
+    let Some(last) = segments.last() else {
+        report.last_lsn = durable_hint.unwrap_or(0);
+        return Ok(Recovered {
+            active: None,
+            next_lsn: floor,
+            report,
+        });
+    };
+
+    let segment = Segment::open(&last.path, last.first_lsn)?;
+    let scan = scan_last_segment(&segment, dir.name())?;
+    report.records_in_last_segment = scan.events;
+    report.skipped_ranges = scan.skipped;
+    report.torn_tail_offset = scan.torn_tail.map(|o| o as u64);
+
+    let (mut active, mut next_lsn) = if let Some(eos) = scan.sealed_at {
+        report.last_segment_sealed = true;
+        report.last_lsn = eos;
+        (None, eos + 1)
+    } else {
+        // SAFETY: no appender exists for this segment yet (it is created below,
+        // after this call), and the stream lock keeps other writers out.
+        report.bytes_zeroed = unsafe { segment.zero_from(scan.resume_offset) };
+        if scan.resume_offset + format::EOS_FRAME_LEN > segment.len() {
+            return Err(WalError::Corrupt {
+                path: last.path.clone(),
+                offset: scan.resume_offset as u64,
+                reason: "no room left for the end-of-segment record".into(),
+            });
+        }
+        segment
+            .sync_data()
+            .map_err(|e| WalError::io("fdatasync segment", &last.path, e))?;
+        let next = scan.last_lsn.map_or(last.first_lsn, |l| l + 1);
+        report.last_lsn = next - 1;
+        report.resumed_segment = Some(last.path.clone());
+        (
+            Some(ActiveSegment::new(Arc::new(segment), scan.resume_offset)),
+            next,
+        )
+    };
+    if let Some(offset) = report.torn_tail_offset {
+        tracing::warn!(
+            segment = %last.path.display(),
+            offset,
+            bytes_zeroed = report.bytes_zeroed,
+            "cut a torn record at the end of the last segment (a crash during an append); \
+             every complete record before it is kept"
+        );
+    }
+
+    // The watermark says records up to `durable_hint` were fsynced, but they are
+    // not all here (segments deleted or damaged). Never reuse those LSNs: a
+    // reader may have loaded them, and would skip new events that reuse them.
+    if next_lsn < floor {
+        tracing::warn!(
+            next_lsn,
+            durable_lsn = floor - 1,
+            "the durable watermark is ahead of the records on disk; continuing after it"
+        );
+        if let Some(a) = active.as_mut() {
+            a.seal(next_lsn)?;
+            a.segment()
+                .sync_data()
+                .map_err(|e| WalError::io("fdatasync segment", &last.path, e))?;
+            next_lsn += 1;
+        }
+        active = None;
+        report.resumed_segment = None;
+        next_lsn = next_lsn.max(floor);
+    }
+    dir.sync()?;
+    Ok(Recovered {
+        active,
+        next_lsn,
+        report,
+    })
+}
+
+/// The facts recovery needs from the last segment.
+struct LastSegmentScan {
+    /// Valid event records.
+    events: u64,
+    last_lsn: Option<Lsn>,
+    /// End of the last valid record (or the header): where appends resume.
+    resume_offset: usize,
+    sealed_at: Option<Lsn>,
+    torn_tail: Option<usize>,
+    skipped: Vec<(u64, u64)>,
+}
+
+fn scan_last_segment(segment: &Segment, stream: &str) -> Result<LastSegmentScan, WalError> {
+    let path = segment.path();
+    // SAFETY: recovery runs before the segment has an appender (see `recover`).
+    let bytes = unsafe { segment.bytes() };
+    let corrupt = |offset: usize, reason: String| WalError::Corrupt {
+        path: path.to_path_buf(),
+        offset: offset as u64,
+        reason,
+    };
+    let header = SegmentHeader::decode(bytes).map_err(|e| corrupt(0, e.to_string()))?;
+    if header.stream_id != stream {
+        return Err(corrupt(
+            24,
+            format!("header names stream `{}`, not `{stream}`", header.stream_id),
+        ));
+    }
+    if header.first_lsn != segment.first_lsn() {
+        return Err(corrupt(
+            16,
+            format!(
+                "header's first LSN {} does not match the file name's {}",
+                header.first_lsn,
+                segment.first_lsn()
+            ),
+        ));
+    }
+    let mut out = LastSegmentScan {
+        events: 0,
+        last_lsn: None,
+        resume_offset: format::SEGMENT_HEADER_LEN,
+        sealed_at: None,
+        torn_tail: None,
+        skipped: Vec::new(),
+    };
+    for item in format::scan_segment(bytes) {
+        match item {
+            ScanItem::BadHeader { error } => return Err(corrupt(0, error.to_string())),
+            ScanItem::Record { offset, record } => {
+                out.last_lsn = Some(record.lsn);
+                out.resume_offset = offset + format::frame_len(record.payload.len());
+                match record.kind {
+                    RecordKind::Event => out.events += 1,
+                    RecordKind::EndOfSegment => out.sealed_at = Some(record.lsn),
+                }
+            }
+            ScanItem::LsnGap {
+                offset,
+                expected,
+                found,
+            } => tracing::warn!(
+                segment = %path.display(),
+                offset,
+                expected,
+                found,
+                "records are missing from the last segment (LSN gap)"
+            ),
+            ScanItem::Skipped { start, end, error } => {
+                tracing::warn!(
+                    segment = %path.display(),
+                    start,
+                    end,
+                    %error,
+                    "skipped a damaged range in the last segment; the records after it are kept"
+                );
+                out.skipped.push((start as u64, end as u64));
+            }
+            ScanItem::TornTail { offset, .. } => out.torn_tail = Some(offset),
+            ScanItem::EndOfData { .. } | ScanItem::Sealed { .. } => {}
+        }
+    }
+    Ok(out)
+}

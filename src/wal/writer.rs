@@ -1,1 +1,617 @@
-//! wal::writer (being written)
+//! The writer of one stream: appends from many threads and tasks, rotation,
+//! the disk budget policy, durable waits, and shutdown.
+//!
+//! The append path is: encode the event into a per-thread reused buffer (no
+//! lock held), then take the append mutex only to assign the LSN and copy the
+//! frame into the mapped segment (`segment::ActiveSegment::append`). No system
+//! call happens there; when `append` returns, the record is in the page cache and
+//! survives a SIGKILL of the process. Making it survive power loss is the
+//! flusher's job (`flusher.rs`): fdatasync every `fsync_interval`, or at once
+//! when a durable waiter is present, then publish the durable LSN
+//! (`durable.rs`).
+//!
+//! Invariants kept under the append mutex: LSNs are assigned in file order with
+//! no gap (the EndOfSegment record takes one too); `written_lsn` is stored only
+//! after the record's bytes are complete, so the flusher, which reads it under
+//! the same mutex, never declares a half-copied record durable; a segment is
+//! renamed to its final name before its first record is appended. This module
+//! leaves the byte layout to `format`/`payload`, the file handling to `segment`
+//! and `stream_dir`, and repairing a crashed stream to `recovery`.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::event::AuditEvent;
+
+use super::budget::{DiskBudget, NoRoom};
+use super::config::{FullDiskPolicy, WalConfig};
+use super::durable::{Durability, Sidecar};
+use super::error::WalError;
+use super::format::{self, Lsn, RecordKind};
+use super::payload;
+use super::preparer::SpareSlot;
+use super::recovery::{self, RecoveryReport};
+use super::segment::{ActiveSegment, Segment};
+use super::stream_dir::{StreamDir, StreamLock};
+
+/// How long an answer "no room for a segment" is reused before the directory is
+/// listed again; keeps a flood of appends against a full budget cheap.
+const NO_ROOM_RECHECK: Duration = Duration::from_millis(10);
+/// How often a blocked append (policy Block) looks for freed space.
+const BLOCK_POLL: Duration = Duration::from_millis(10);
+/// A per-thread encode buffer larger than this is released after use, so one
+/// huge event does not pin memory in every thread that ever appended.
+const KEEP_BUFFER_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// The reused payload buffer: encoding allocates nothing once it has grown.
+    static PAYLOAD_BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
+}
+
+/// Counters a user would page on; read with [`WalWriter::stats`].
+#[derive(Debug, Default)]
+struct Counters {
+    dropped_events: AtomicU64,
+    rotations: AtomicU64,
+    fsyncs: AtomicU64,
+}
+
+/// A snapshot of the writer's watermarks and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalStats {
+    /// Last LSN whose record is in the page cache.
+    pub written_lsn: Lsn,
+    /// Last LSN covered by a completed fsync.
+    pub durable_lsn: Lsn,
+    /// Events refused under [`FullDiskPolicy::DropNewest`].
+    pub dropped_events: u64,
+    /// Segments started since open.
+    pub rotations: u64,
+    /// fdatasync rounds completed by the flusher.
+    pub fsyncs: u64,
+}
+
+/// Mutable state behind the append mutex.
+#[derive(Debug)]
+pub(crate) struct AppendState {
+    /// The segment appends go to; `None` until the first segment exists (new
+    /// stream, last segment sealed, or no room for a new one yet).
+    active: Option<ActiveSegment>,
+    /// LSN of the next record.
+    next_lsn: Lsn,
+    /// Segments sealed since the flusher's last round: it fdatasyncs them before
+    /// publishing any LSN, then drops them (unmapping outside this mutex).
+    sealed: Vec<Arc<Segment>>,
+    /// A segment was renamed into place since the last directory fsync.
+    dir_dirty: bool,
+    failure: Option<WalError>,
+    closed: bool,
+    /// The last "no room" answer and when it was given.
+    no_room: Option<(Instant, NoRoom)>,
+}
+
+/// What the flusher syncs in one round, taken under the append mutex.
+pub(crate) struct SyncRound {
+    pub written: Lsn,
+    pub active: Option<Arc<Segment>>,
+    pub sealed: Vec<Arc<Segment>>,
+    pub dir_dirty: bool,
+}
+
+/// Everything the writer's threads share.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: WalConfig,
+    pub(crate) dir: Arc<StreamDir>,
+    state: Mutex<AppendState>,
+    written: AtomicU64,
+    pub(crate) durability: Durability,
+    sidecar: Sidecar,
+    spares: Arc<SpareSlot>,
+    counters: Counters,
+    /// Largest frame a new segment can take (with its EndOfSegment after it).
+    max_frame_len: usize,
+}
+
+#[derive(Debug, Default)]
+struct Lifecycle {
+    flusher: Option<JoinHandle<()>>,
+    preparer: Option<JoinHandle<()>>,
+    lock: Option<StreamLock>,
+    /// Set by the first `close`; later calls return the same outcome.
+    closed: Option<Result<(), WalError>>,
+}
+
+/// The writer of one WAL stream. Share it between threads and tasks behind an
+/// `Arc`; every method takes `&self`.
+///
+/// Guarantees, in user terms:
+/// - when [`append`](Self::append) returns `Ok(lsn)`, the record is in the
+///   segment file (page cache): it survives the process being killed, and a
+///   power loss loses at most the last `fsync_interval` of records;
+/// - when [`append_durable`](Self::append_durable) (or
+///   [`wait_durable`](Self::wait_durable) for that LSN) returns `Ok`, an
+///   fdatasync covering the record has completed: it survives power loss;
+/// - LSNs returned are strictly increasing in append order;
+/// - after a failed fsync every call returns [`WalError::SyncFailed`].
+#[derive(Debug)]
+pub struct WalWriter {
+    inner: Arc<Inner>,
+    lifecycle: Mutex<Lifecycle>,
+    recovery: RecoveryReport,
+}
+
+impl WalWriter {
+    /// Opens (creating if needed) the stream `config.dir/config.stream`, takes its
+    /// lock, recovers it, and starts the flusher (and the thread that prepares the
+    /// next segment ahead).
+    pub fn open(config: WalConfig) -> Result<WalWriter, WalError> {
+        config.validate()?;
+        let dir = Arc::new(StreamDir::open(&config.dir, &config.stream)?);
+        let lock = dir.lock()?;
+        let (sidecar, durable_hint) = Sidecar::open(&dir.sidecar_path())?;
+        let recovered = recovery::recover(&dir, durable_hint)?;
+        let budget = DiskBudget {
+            limit: config.disk_budget,
+            segment_size: config.segment_size,
+        };
+        budget.report_at_open(&dir)?;
+
+        // Recovery fdatasynced everything it kept, so all of it is durable.
+        let last_lsn = recovered.next_lsn - 1;
+        sidecar.write(last_lsn)?;
+        sidecar.sync()?;
+        let segment_size =
+            usize::try_from(config.segment_size).map_err(|_| WalError::InvalidConfig {
+                setting: "segment_size",
+                reason: "does not fit in memory".into(),
+            })?;
+        let max_frame_len = segment_size - format::SEGMENT_HEADER_LEN - format::EOS_FRAME_LEN;
+        let inner = Arc::new(Inner {
+            durability: Durability::new(dir.name(), last_lsn),
+            spares: Arc::new(SpareSlot::new(dir.clone(), budget)),
+            dir,
+            state: Mutex::new(AppendState {
+                active: recovered.active,
+                next_lsn: recovered.next_lsn,
+                sealed: Vec::new(),
+                dir_dirty: false,
+                failure: None,
+                closed: false,
+                no_room: None,
+            }),
+            written: AtomicU64::new(last_lsn),
+            sidecar,
+            counters: Counters::default(),
+            max_frame_len,
+            config,
+        });
+        tracing::info!(
+            stream = inner.dir.name(),
+            next_lsn = recovered.next_lsn,
+            segments = recovered.report.segments_found,
+            "WAL writer open"
+        );
+
+        // Start the first segment now when there is none to append to, so a
+        // full disk shows at open; no room is not fatal here (the policy applies
+        // to the first append, which tries again).
+        {
+            let mut st = inner.lock_state();
+            if st.active.is_none() {
+                match inner.rotate(&mut st)? {
+                    Ok(()) => {}
+                    Err(no_room) => tracing::warn!(
+                        ?no_room,
+                        "no room for the stream's first segment; appends wait for space per policy"
+                    ),
+                }
+            }
+        }
+
+        let mut lifecycle = Lifecycle {
+            lock: Some(lock),
+            ..Lifecycle::default()
+        };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(format!("{name}-{}", inner.dir.name()))
+                .spawn(f)
+                .map_err(|e| WalError::io("start thread for", inner.dir.path(), e))
+        };
+        let flusher_inner = inner.clone();
+        lifecycle.flusher = Some(spawn(
+            "wal-flush",
+            Box::new(move || super::flusher::run(&flusher_inner)),
+        )?);
+        if inner.config.prepare_next_segment {
+            let slot = inner.spares.clone();
+            lifecycle.preparer = Some(spawn("wal-prepare", Box::new(move || slot.run()))?);
+            inner.spares.request();
+        }
+        Ok(WalWriter {
+            inner,
+            lifecycle: Mutex::new(lifecycle),
+            recovery: recovered.report,
+        })
+    }
+
+    /// Appends `event` (not sampled: sample rate 1.0). See [`append_with_rate`](Self::append_with_rate).
+    pub fn append(&self, event: &AuditEvent) -> Result<Lsn, WalError> {
+        self.append_with_rate(event, 1.0)
+    }
+
+    /// Appends `event`, recording that it was kept at `sample_rate` (in (0, 1]).
+    /// Returns its LSN once the record is in the page cache. Does not validate
+    /// the event (callers run [`AuditEvent::validate`] first).
+    ///
+    /// Blocks only when a new segment is needed and the budget is full under
+    /// [`FullDiskPolicy::Block`] (up to its timeout).
+    pub fn append_with_rate(&self, event: &AuditEvent, sample_rate: f64) -> Result<Lsn, WalError> {
+        PAYLOAD_BUF.with_borrow_mut(|buf| {
+            buf.clear();
+            let result = payload::encode_event(event, sample_rate, buf)
+                .map_err(|e| WalError::Encode {
+                    reason: e.to_string(),
+                })
+                .and_then(|()| self.inner.append_payload(buf));
+            if buf.capacity() > KEEP_BUFFER_BYTES {
+                *buf = Vec::with_capacity(1024);
+            }
+            result
+        })
+    }
+
+    /// Appends `event` and returns once an fdatasync covering it completed.
+    /// Concurrent durable appends share fsyncs (group commit). Blocks the thread:
+    /// from async code use [`append_durable_async`](Self::append_durable_async).
+    pub fn append_durable(&self, event: &AuditEvent) -> Result<Lsn, WalError> {
+        let lsn = self.append(event)?;
+        self.wait_durable(lsn)?;
+        Ok(lsn)
+    }
+
+    /// [`append_durable`](Self::append_durable) for async code: the copy happens
+    /// at once, the wait for the fsync does not block the runtime thread.
+    pub async fn append_durable_async(&self, event: &AuditEvent) -> Result<Lsn, WalError> {
+        let lsn = self.append(event)?;
+        self.wait_durable_async(lsn).await?;
+        Ok(lsn)
+    }
+
+    /// Blocks until `lsn` (returned by an append) is durable.
+    pub fn wait_durable(&self, lsn: Lsn) -> Result<(), WalError> {
+        self.check_waitable(lsn)?;
+        self.inner.durability.wait(lsn)
+    }
+
+    /// Waits, without blocking the thread, until `lsn` is durable. Cancel-safe.
+    pub async fn wait_durable_async(&self, lsn: Lsn) -> Result<(), WalError> {
+        self.check_waitable(lsn)?;
+        self.inner.durability.wait_async(lsn).await
+    }
+
+    /// A wait for an LSN never written would never end (and would keep the
+    /// flusher syncing): refuse it.
+    fn check_waitable(&self, lsn: Lsn) -> Result<(), WalError> {
+        let written = self.written_lsn();
+        if lsn > written {
+            return Err(WalError::LsnNotWritten { lsn, written });
+        }
+        Ok(())
+    }
+
+    /// Last LSN whose record is in the page cache (including EndOfSegment records).
+    pub fn written_lsn(&self) -> Lsn {
+        self.inner.written.load(Ordering::Acquire)
+    }
+
+    /// Last LSN covered by a completed fsync (also in the `durable.lsn` sidecar).
+    pub fn durable_lsn(&self) -> Lsn {
+        self.inner.durability.durable_lsn()
+    }
+
+    /// Watermarks and counters.
+    pub fn stats(&self) -> WalStats {
+        let c = &self.inner.counters;
+        WalStats {
+            written_lsn: self.written_lsn(),
+            durable_lsn: self.durable_lsn(),
+            dropped_events: c.dropped_events.load(Ordering::Relaxed),
+            rotations: c.rotations.load(Ordering::Relaxed),
+            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What recovery found when this writer opened.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The stream's directory.
+    pub fn stream_dir(&self) -> &std::path::Path {
+        self.inner.dir.path()
+    }
+
+    /// Stops accepting appends, fsyncs everything written, writes and fsyncs the
+    /// durable watermark, stops the background threads and releases the stream
+    /// lock. Idempotent: later calls return the first call's outcome. Also run by
+    /// `Drop` (which can only log a failure).
+    pub fn close(&self) -> Result<(), WalError> {
+        let mut lc = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(outcome) = &lc.closed {
+            return outcome.clone();
+        }
+        self.inner.lock_state().closed = true;
+        self.inner.spares.shutdown();
+        if let Some(h) = lc.preparer.take() {
+            if h.join().is_err() {
+                tracing::error!("the segment preparer thread panicked");
+            }
+        }
+        self.inner.durability.request_shutdown();
+        if let Some(h) = lc.flusher.take() {
+            if h.join().is_err() {
+                tracing::error!("the WAL flusher thread panicked");
+            }
+        }
+        // The flusher's last round synced everything; this is a no-op unless
+        // that thread died, in which case it is the final sync.
+        let outcome = match self.inner.durability.failure() {
+            Some(failure) => Err(failure),
+            None => self
+                .inner
+                .sync_round()
+                .and_then(|()| self.inner.sidecar.sync()),
+        };
+        if let Err(e) = &outcome {
+            self.inner.poison(e.clone());
+        }
+        self.inner.durability.mark_closed();
+        {
+            // Unmap now rather than when the last Arc goes.
+            let mut st = self.inner.lock_state();
+            st.active = None;
+            st.sealed.clear();
+        }
+        lc.lock = None;
+        lc.closed = Some(outcome.clone());
+        tracing::info!(
+            stream = self.inner.dir.name(),
+            durable_lsn = self.durable_lsn(),
+            "WAL writer closed"
+        );
+        outcome
+    }
+}
+
+impl Drop for WalWriter {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "closing the WAL writer failed");
+        }
+    }
+}
+
+impl Inner {
+    /// Locks the append state. A panic while holding it could only have
+    /// happened before `write_off`/`next_lsn` moved (they change after the copy
+    /// succeeds), so the state is consistent and poisoning is ignored; a
+    /// half-copied frame there is overwritten by the next append.
+    pub(crate) fn lock_state(&self) -> MutexGuard<'_, AppendState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stream(&self) -> &str {
+        self.dir.name()
+    }
+
+    /// The append path proper: LSN assignment and copy under the mutex, and the
+    /// full-disk policy when a new segment is needed but has no room.
+    fn append_payload(&self, payload: &[u8]) -> Result<Lsn, WalError> {
+        let frame_len = format::frame_len(payload.len());
+        if frame_len > self.max_frame_len {
+            return Err(WalError::EventTooLarge {
+                len: frame_len,
+                max: self.max_frame_len,
+            });
+        }
+        let mut blocked_since: Option<Instant> = None;
+        loop {
+            let no_room = {
+                let mut st = self.lock_state();
+                if let Some(e) = st.refusal(self.stream()) {
+                    return Err(e);
+                }
+                let st = &mut *st;
+                if let Some(active) = st.active.as_mut().filter(|a| a.has_room_for(frame_len)) {
+                    let lsn = st.next_lsn;
+                    active.append(lsn, RecordKind::Event, payload)?;
+                    st.next_lsn = lsn + 1;
+                    self.written.store(lsn, Ordering::Release);
+                    return Ok(lsn);
+                }
+                match self.rotate(st)? {
+                    Ok(()) => continue,
+                    Err(no_room) => no_room,
+                }
+            };
+            // The mutex is released here: a blocked append must not stop
+            // close(), and other appenders apply the policy on their own.
+            match self.config.full_disk_policy {
+                FullDiskPolicy::Fail => {
+                    return Err(no_room.into_error(self.stream(), Duration::ZERO))
+                }
+                FullDiskPolicy::DropNewest => {
+                    let total = self.counters.dropped_events.fetch_add(1, Ordering::Relaxed) + 1;
+                    if total.is_power_of_two() {
+                        tracing::warn!(
+                            stream = self.stream(),
+                            dropped_total = total,
+                            ?no_room,
+                            "dropping new events: the stream is out of disk budget"
+                        );
+                    }
+                    return Err(WalError::EventDropped {
+                        stream: self.stream().to_string(),
+                        dropped_total: total,
+                    });
+                }
+                FullDiskPolicy::Block { timeout } => {
+                    let since = *blocked_since.get_or_insert_with(Instant::now);
+                    let waited = since.elapsed();
+                    if waited >= timeout {
+                        return Err(no_room.into_error(self.stream(), waited));
+                    }
+                    std::thread::sleep(BLOCK_POLL.min(timeout - waited));
+                }
+            }
+        }
+    }
+
+    /// Seals the current segment (if not sealed yet) and starts the next one.
+    /// `Ok(Err(no_room))` when the budget or the disk has no room for it: the
+    /// caller applies the policy; the sealed segment stays as it is, which is a
+    /// valid end of the log if the process stops now.
+    fn rotate(&self, st: &mut AppendState) -> Result<Result<(), NoRoom>, WalError> {
+        if let Some(active) = st.active.as_mut() {
+            if !active.is_sealed() {
+                let eos = st.next_lsn;
+                active.seal(eos)?;
+                st.next_lsn = eos + 1;
+                self.written.store(eos, Ordering::Release);
+            }
+        }
+        if let Some((at, no_room)) = &st.no_room {
+            if at.elapsed() < NO_ROOM_RECHECK {
+                return Ok(Err(no_room.clone()));
+            }
+        }
+        let _span = tracing::debug_span!("rotate", stream = self.stream(), first_lsn = st.next_lsn)
+            .entered();
+        let spare = match self.spares.take_or_create()? {
+            Ok(spare) => spare,
+            Err(no_room) => {
+                st.no_room = Some((Instant::now(), no_room.clone()));
+                return Ok(Err(no_room));
+            }
+        };
+        st.no_room = None;
+        let first_lsn = st.next_lsn;
+        let segment = spare.install(&self.dir.segment_path(first_lsn), self.stream(), first_lsn)?;
+        let fresh = ActiveSegment::new(Arc::new(segment), format::SEGMENT_HEADER_LEN);
+        if let Some(old) = st.active.replace(fresh) {
+            st.sealed.push(old.segment().clone());
+        }
+        st.dir_dirty = true;
+        self.counters.rotations.fetch_add(1, Ordering::Relaxed);
+        if self.config.prepare_next_segment {
+            self.spares.request();
+        }
+        Ok(Ok(()))
+    }
+
+    /// What the next sync round must cover, taken atomically with the written
+    /// LSN: every record up to `written` is complete in `sealed` or `active`.
+    fn take_sync_round(&self) -> SyncRound {
+        let mut st = self.lock_state();
+        SyncRound {
+            written: self.written.load(Ordering::Acquire),
+            active: st.active.as_ref().map(|a| a.segment().clone()),
+            sealed: std::mem::take(&mut st.sealed),
+            dir_dirty: std::mem::take(&mut st.dir_dirty),
+        }
+    }
+
+    /// One flusher round: fdatasync the segments sealed since the last round and
+    /// the active one, fsync the directory if a segment was renamed in, then
+    /// publish the written LSN taken before the syncs as durable. A failure is
+    /// returned as [`WalError::SyncFailed`]; the caller poisons the writer.
+    pub(crate) fn sync_round(&self) -> Result<(), WalError> {
+        let round = self.take_sync_round();
+        let durable = self.durability.durable_lsn();
+        if round.written <= durable && round.sealed.is_empty() && !round.dir_dirty {
+            return Ok(());
+        }
+        let _span =
+            tracing::trace_span!("fsync", stream = self.stream(), lsn = round.written).entered();
+        let failed = |path: &std::path::Path, e: std::io::Error| WalError::SyncFailed {
+            path: path.to_path_buf(),
+            durable_lsn: durable,
+            source: Arc::new(e),
+        };
+        for segment in &round.sealed {
+            segment.sync_data().map_err(|e| failed(segment.path(), e))?;
+        }
+        if let Some(active) = &round.active {
+            active.sync_data().map_err(|e| failed(active.path(), e))?;
+        }
+        if round.dir_dirty {
+            self.dir.sync().map_err(|e| match e {
+                WalError::Io { source, .. } => WalError::SyncFailed {
+                    path: self.dir.path().to_path_buf(),
+                    durable_lsn: durable,
+                    source,
+                },
+                other => other,
+            })?;
+        }
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.durability.publish(round.written);
+        if let Err(e) = self.sidecar.write(round.written) {
+            // Readers then lag behind; the data itself is durable.
+            tracing::warn!(error = %e, "cannot update the durable watermark file");
+        }
+        // Sealed segments are unmapped here, outside the append mutex.
+        drop(round);
+        Ok(())
+    }
+
+    /// Puts the writer in its failed state: every later append and wait returns
+    /// `failure`. Not undone: the kernel may have dropped the unsynced pages.
+    pub(crate) fn poison(&self, failure: WalError) {
+        tracing::error!(stream = self.stream(), error = %failure, "WAL writer failed; appends are refused from now on");
+        {
+            let mut st = self.lock_state();
+            if st.failure.is_none() {
+                st.failure = Some(failure.clone());
+            }
+        }
+        self.durability.fail(failure);
+    }
+
+    /// Prefaults the pages the next appends will write, so that they take no
+    /// page fault (see `Segment::prefault`).
+    pub(crate) fn prefault_ahead(&self, window: usize) {
+        let target = {
+            let st = self.lock_state();
+            st.active
+                .as_ref()
+                .map(|a| (a.segment().clone(), a.write_off()))
+        };
+        if let Some((segment, offset)) = target {
+            segment.prefault(offset, window);
+        }
+    }
+}
+
+impl AppendState {
+    /// The error an append gets when the writer cannot take it at all.
+    fn refusal(&self, stream: &str) -> Option<WalError> {
+        if let Some(f) = &self.failure {
+            return Some(f.clone());
+        }
+        if self.closed {
+            return Some(WalError::Closed {
+                stream: stream.to_string(),
+            });
+        }
+        None
+    }
+}

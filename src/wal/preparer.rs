@@ -1,0 +1,139 @@
+//! The spare segment: the next segment file, created ahead by a background
+//! thread so that rotation does not wait for a 64 MiB fallocate.
+//!
+//! The spare cannot carry its header yet (its first LSN is known only when the
+//! current segment fills), so the thread prepares everything else: create
+//! `spare.seg.tmp` 0600, fallocate, fdatasync, map. Rotation takes it from the
+//! [`SpareSlot`], writes the header and renames it (`Spare::install`). When no
+//! spare is ready (budget exhausted, disk full, or segments filling faster than
+//! they are prepared) rotation creates one inline through the same slot, so the
+//! budget check and the creation never race with the thread.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use super::budget::{DiskBudget, NoRoom};
+use super::error::WalError;
+use super::segment::{Spare, SpareError};
+use super::stream_dir::StreamDir;
+
+#[derive(Debug, Default)]
+struct SlotState {
+    spare: Option<Spare>,
+    /// The thread is creating a spare right now.
+    busy: bool,
+    /// Rotation asked for the next spare.
+    wanted: bool,
+    shutdown: bool,
+}
+
+/// Where the prepared spare waits for rotation.
+#[derive(Debug)]
+pub(crate) struct SpareSlot {
+    state: Mutex<SlotState>,
+    cv: Condvar,
+    dir: Arc<StreamDir>,
+    budget: DiskBudget,
+}
+
+impl SpareSlot {
+    pub(crate) fn new(dir: Arc<StreamDir>, budget: DiskBudget) -> SpareSlot {
+        SpareSlot {
+            state: Mutex::new(SlotState::default()),
+            cv: Condvar::new(),
+            dir,
+            budget,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks the background thread for the next spare.
+    pub(crate) fn request(&self) {
+        let mut st = self.lock();
+        if st.spare.is_none() && !st.shutdown {
+            st.wanted = true;
+            self.cv.notify_all();
+        }
+    }
+
+    /// For rotation: the prepared spare, or one created here and now (after the
+    /// budget check). Waits for a preparation already under way rather than
+    /// racing it for the same disk space.
+    pub(crate) fn take_or_create(&self) -> Result<Result<Spare, NoRoom>, WalError> {
+        let mut st = self.lock();
+        while st.busy {
+            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        if let Some(spare) = st.spare.take() {
+            return Ok(Ok(spare));
+        }
+        // Held across the creation: the thread cannot start a second one.
+        let created = self.create_checked();
+        drop(st);
+        created
+    }
+
+    /// Budget check, then create the spare file.
+    fn create_checked(&self) -> Result<Result<Spare, NoRoom>, WalError> {
+        if let Err(no_room) = self.budget.check_new_segment(&self.dir)? {
+            return Ok(Err(no_room));
+        }
+        let path = self.dir.spare_path();
+        let _span = tracing::debug_span!("create_spare_segment", path = %path.display()).entered();
+        match Spare::create(&path, self.budget.segment_size) {
+            Ok(spare) => Ok(Ok(spare)),
+            Err(SpareError::NoSpace(e)) => Ok(Err(NoRoom::Disk {
+                path,
+                needed: self.budget.segment_size,
+                source: Arc::new(e),
+            })),
+            Err(SpareError::Other(e)) => Err(e),
+        }
+    }
+
+    /// Stops the thread and removes an unused spare (its Drop deletes the file).
+    pub(crate) fn shutdown(&self) {
+        let spare = {
+            let mut st = self.lock();
+            st.shutdown = true;
+            self.cv.notify_all();
+            while st.busy {
+                st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
+            st.spare.take()
+        };
+        drop(spare);
+    }
+
+    /// The background thread's loop.
+    pub(crate) fn run(self: Arc<Self>) {
+        loop {
+            {
+                let mut st = self.lock();
+                while !(st.shutdown || st.wanted && st.spare.is_none()) {
+                    st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+                if st.shutdown {
+                    return;
+                }
+                st.wanted = false;
+                st.busy = true;
+            }
+            let created = self.create_checked();
+            let mut st = self.lock();
+            st.busy = false;
+            match created {
+                Ok(Ok(spare)) if !st.shutdown => st.spare = Some(spare),
+                Ok(Ok(_unused)) => {}
+                // Rotation will meet the same condition and apply the policy.
+                Ok(Err(no_room)) => {
+                    tracing::debug!(?no_room, "no room to prepare the next segment ahead")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot prepare the next segment ahead"),
+            }
+            self.cv.notify_all();
+        }
+    }
+}

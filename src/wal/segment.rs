@@ -1,0 +1,391 @@
+//! A segment file as the writer holds it: preallocated, mapped `MAP_SHARED`, and
+//! written by plain memory copies.
+//!
+//! Why a shared map: a record copied into it is in the page cache the moment the
+//! copy ends, so it survives a SIGKILL of the process with no system call on the
+//! append path; the flusher's fdatasync on the same file writes those pages out
+//! (on Linux, pages dirtied through a shared map are written back by fsync and
+//! fdatasync like pages dirtied by write()).
+//!
+//! Why preallocated: every byte of the file is reserved by `fallocate` before the
+//! file is mapped, so a store into the map can never need a block the disk does
+//! not have (which would be SIGBUS); a full disk shows up as an error when the
+//! spare segment is created. And because the size never changes after creation,
+//! fdatasync (data, no metadata) is enough to make appended records durable.
+//!
+//! Lifecycle: [`Spare`] (`spare.seg.tmp`, fallocated, zeroed, fdatasynced, no
+//! header) → [`Spare::install`] writes the header, fdatasyncs and renames it to
+//! `<first lsn>.seg` → [`ActiveSegment`] appends frames at its write offset →
+//! [`ActiveSegment::seal`] writes the EndOfSegment record. This module never
+//! shrinks a file: a reader may have it mapped, and a shrink would SIGBUS it.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use super::error::WalError;
+use super::format::{self, Lsn, RecordKind, SegmentHeader};
+use super::stream_dir::FILE_MODE;
+
+/// A mapped segment file. Shared (behind an `Arc`) by the appender, which writes
+/// through the map, and the flusher, which fdatasyncs the file.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    path: PathBuf,
+    file: File,
+    map: MmapRaw,
+    len: usize,
+    first_lsn: Lsn,
+}
+
+impl Segment {
+    /// Opens an existing segment (recovery) and maps all of it read-write.
+    pub(crate) fn open(path: &Path, first_lsn: Lsn) -> Result<Segment, WalError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| WalError::io("open segment", path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| WalError::io("stat segment", path, e))?
+            .len();
+        let len = usize::try_from(len).map_err(|_| WalError::Corrupt {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason: format!("file is {len} bytes, too large to map"),
+        })?;
+        let map = map_file(&file, len, path)?;
+        Ok(Segment {
+            path: path.to_path_buf(),
+            file,
+            map,
+            len,
+            first_lsn,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn first_lsn(&self) -> Lsn {
+        self.first_lsn
+    }
+
+    /// fdatasync: enough because the file size was fixed by fallocate before the
+    /// first record, so no metadata a reader needs changes after that.
+    pub(crate) fn sync_data(&self) -> std::io::Result<()> {
+        rustix::fs::fdatasync(&self.file).map_err(Into::into)
+    }
+
+    /// Asks the kernel to fault in, writable, the pages of `[offset, offset+len)`
+    /// so that appends landing there take no page fault. Data is not touched
+    /// (MADV_POPULATE_WRITE), so this may overlap an append in progress.
+    pub(crate) fn prefault(&self, offset: usize, len: usize) {
+        let end = offset.saturating_add(len).min(self.len);
+        if offset >= end {
+            return;
+        }
+        if let Err(e) = self
+            .map
+            .advise_range(memmap2::Advice::PopulateWrite, offset, end - offset)
+        {
+            // Older kernels lack MADV_POPULATE_WRITE; appends then fault as usual.
+            tracing::debug!(error = %e, "prefaulting segment pages failed");
+        }
+    }
+
+    /// The whole mapped file, for recovery's scan.
+    ///
+    /// # Safety
+    /// No one may write through this segment's map while the slice lives: the
+    /// caller is recovery, which runs before the segment has an appender.
+    pub(crate) unsafe fn bytes(&self) -> &[u8] {
+        // SAFETY: the map is `len` bytes long and valid while `self` lives; the
+        // caller guarantees no writer in this process; other processes only read
+        // (readers) and the stream lock keeps other writers out.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.len) }
+    }
+
+    /// Sets `[from, len)` to zero, touching only pages that are not zero already
+    /// (the preallocated tail is zero and stays unwritten). Used by recovery to
+    /// cut a torn tail without shrinking the file. Returns the bytes zeroed
+    /// (counting whole nonzero chunks).
+    ///
+    /// # Safety
+    /// As for [`Segment::bytes`]: no appender exists yet.
+    pub(crate) unsafe fn zero_from(&self, from: usize) -> u64 {
+        const CHUNK: usize = 4096;
+        let mut zeroed = 0u64;
+        let mut start = from.min(self.len);
+        while start < self.len {
+            let end = ((start / CHUNK) + 1) * CHUNK;
+            let end = end.min(self.len);
+            // SAFETY: [start, end) lies inside the map; recovery is the only
+            // writer (see the function's contract).
+            let chunk = unsafe {
+                std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(start), end - start)
+            };
+            if chunk.iter().any(|&b| b != 0) {
+                chunk.fill(0);
+                zeroed += chunk.len() as u64;
+            }
+            start = end;
+        }
+        zeroed
+    }
+}
+
+/// Maps `len` bytes of `file` shared and writable.
+fn map_file(file: &File, len: usize, path: &Path) -> Result<MmapRaw, WalError> {
+    MmapOptions::new()
+        .len(len)
+        .map_raw(file)
+        .map_err(|e| WalError::io("map segment", path, e))
+}
+
+/// A preallocated, zero-filled, mapped segment file that has no header yet
+/// (`spare.seg.tmp`). Dropping it uninstalled removes the file.
+#[derive(Debug)]
+pub(crate) struct Spare {
+    tmp_path: PathBuf,
+    /// The file and its map; `None` while being created and once installed.
+    inner: Option<(File, MmapRaw)>,
+    len: usize,
+    /// Renamed to its final name: nothing to clean up on drop.
+    installed: bool,
+}
+
+/// Why a spare could not be created.
+#[derive(Debug)]
+pub(crate) enum SpareError {
+    /// The file system has no room for the preallocation (ENOSPC/EDQUOT).
+    NoSpace(std::io::Error),
+    Other(WalError),
+}
+
+impl Spare {
+    /// Creates `tmp_path` (0600), reserves `len` bytes with fallocate and
+    /// fdatasyncs it, so that installing it later syncs only its header page.
+    pub(crate) fn create(tmp_path: &Path, len: u64) -> Result<Spare, SpareError> {
+        let other = |op, e| SpareError::Other(WalError::io(op, tmp_path, e));
+        let ulen = usize::try_from(len).map_err(|_| {
+            SpareError::Other(WalError::InvalidConfig {
+                setting: "segment_size",
+                reason: format!("{len} bytes does not fit in memory"),
+            })
+        })?;
+        // A leftover from a failed attempt would make create_new fail.
+        match fs::remove_file(tmp_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(other("remove the old spare segment", e)),
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(tmp_path)
+            .map_err(|e| other("create spare segment", e))?;
+        // From here on a failure must not leave the tmp file behind.
+        let mut spare = Spare {
+            tmp_path: tmp_path.to_path_buf(),
+            inner: None,
+            len: ulen,
+            installed: false,
+        };
+        if let Err(e) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len) {
+            drop(spare);
+            return Err(match e {
+                rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT => {
+                    SpareError::NoSpace(e.into())
+                }
+                e => other("preallocate spare segment", e.into()),
+            });
+        }
+        if let Err(e) = rustix::fs::fdatasync(&file) {
+            drop(spare);
+            return Err(other("fdatasync spare segment", e.into()));
+        }
+        let map = match map_file(&file, ulen, tmp_path) {
+            Ok(m) => m,
+            Err(e) => {
+                drop(spare);
+                return Err(SpareError::Other(e));
+            }
+        };
+        spare.inner = Some((file, map));
+        Ok(spare)
+    }
+
+    /// Turns the spare into segment `first_lsn` of `stream`: writes the header
+    /// through the map, fdatasyncs (header + the preallocation's metadata), then
+    /// renames it to `final_path`. After this returns, a record appended to the
+    /// segment survives SIGKILL under its final name. The directory fsync that
+    /// makes the rename survive power loss is the flusher's, before it publishes
+    /// a durable LSN inside this segment.
+    pub(crate) fn install(
+        mut self,
+        final_path: &Path,
+        stream: &str,
+        first_lsn: Lsn,
+    ) -> Result<Segment, WalError> {
+        let header = SegmentHeader {
+            stream_id: stream.to_string(),
+            first_lsn,
+        }
+        .encode()
+        .map_err(|e| WalError::InvalidStreamName {
+            name: stream.to_string(),
+            reason: e.to_string(),
+        })?;
+        let Some((file, map)) = self.inner.take() else {
+            return Err(WalError::io(
+                "install spare segment",
+                &self.tmp_path,
+                std::io::Error::other("spare already installed"),
+            ));
+        };
+        if self.len < format::SEGMENT_HEADER_LEN {
+            return Err(WalError::InvalidConfig {
+                setting: "segment_size",
+                reason: format!("{} bytes cannot hold the segment header", self.len),
+            });
+        }
+        // SAFETY: the map is `len` >= SEGMENT_HEADER_LEN bytes; the spare is
+        // owned by this call (no appender, not yet visible under a .seg name).
+        unsafe {
+            std::ptr::copy_nonoverlapping(header.as_ptr(), map.as_mut_ptr(), header.len());
+        }
+        rustix::fs::fdatasync(&file)
+            .map_err(|e| WalError::io("fdatasync new segment", &self.tmp_path, e.into()))?;
+        // NOREPLACE: an existing segment of that name is never overwritten.
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &self.tmp_path,
+            rustix::fs::CWD,
+            final_path,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| WalError::io("rename new segment into place", final_path, e.into()))?;
+        self.installed = true;
+        Ok(Segment {
+            path: final_path.to_path_buf(),
+            file,
+            map,
+            len: self.len,
+            first_lsn,
+        })
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        if !self.installed {
+            // Never installed (or failed mid-creation): the tmp file is garbage.
+            match fs::remove_file(&self.tmp_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %self.tmp_path.display(), error = %e, "cannot remove spare segment")
+                }
+            }
+        }
+    }
+}
+
+/// The segment being appended to, with its write offset. Owned by the writer's
+/// append state, behind its mutex: holding `&mut ActiveSegment` is what makes a
+/// thread the only one writing into the map.
+#[derive(Debug)]
+pub(crate) struct ActiveSegment {
+    segment: std::sync::Arc<Segment>,
+    write_off: usize,
+    sealed: bool,
+}
+
+impl ActiveSegment {
+    /// `write_off` is where the next frame goes (8-aligned, after the header).
+    pub(crate) fn new(segment: std::sync::Arc<Segment>, write_off: usize) -> ActiveSegment {
+        ActiveSegment {
+            segment,
+            write_off,
+            sealed: false,
+        }
+    }
+
+    pub(crate) fn segment(&self) -> &std::sync::Arc<Segment> {
+        &self.segment
+    }
+
+    pub(crate) fn write_off(&self) -> usize {
+        self.write_off
+    }
+
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// Whether a frame of `frame_len` bytes fits while keeping room for the
+    /// EndOfSegment record that must follow the last event.
+    pub(crate) fn has_room_for(&self, frame_len: usize) -> bool {
+        !self.sealed
+            && self
+                .write_off
+                .checked_add(frame_len)
+                .and_then(|end| end.checked_add(format::EOS_FRAME_LEN))
+                .is_some_and(|end| end <= self.segment.len)
+    }
+
+    /// Copies one frame into the map at the write offset. The caller checked
+    /// [`has_room_for`](Self::has_room_for).
+    pub(crate) fn append(
+        &mut self,
+        lsn: Lsn,
+        kind: RecordKind,
+        payload: &[u8],
+    ) -> Result<(), WalError> {
+        let frame_len = format::frame_len(payload.len());
+        let end = self.write_off + frame_len;
+        if end > self.segment.len {
+            // has_room_for was not consulted; refuse rather than write past the map.
+            return Err(WalError::EventTooLarge {
+                len: frame_len,
+                max: self.segment.len.saturating_sub(self.write_off),
+            });
+        }
+        // SAFETY: [write_off, end) lies inside the map (checked above). `&mut
+        // self` is held under the writer's append mutex, so no other thread of
+        // this process writes or reads this range through this map; the flusher
+        // only fdatasyncs and madvises (no data access). Other processes map the
+        // file read-only and detect a frame they see half-copied by its CRC.
+        // The file cannot shrink under us: only this writer (holding the stream
+        // lock) ever changes segment sizes, and it never shrinks them.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.segment.map.as_mut_ptr().add(self.write_off),
+                frame_len,
+            )
+        };
+        format::encode_frame(dst, lsn, kind, payload).map_err(|e| WalError::Encode {
+            reason: e.to_string(),
+        })?;
+        self.write_off = end;
+        Ok(())
+    }
+
+    /// Writes the EndOfSegment record with `lsn`; no append follows.
+    pub(crate) fn seal(&mut self, lsn: Lsn) -> Result<(), WalError> {
+        self.append(lsn, RecordKind::EndOfSegment, &[])?;
+        self.sealed = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,218 @@
+//! One stream's directory, `WAL_DIR/<stream>/`: its creation with owner-only
+//! permissions, the one-writer lock, the listing of segment files in LSN order,
+//! the disk usage that the budget counts, and the directory fsync that makes
+//! creations, renames and deletions durable.
+//!
+//! Invariant kept: directories are created 0700 and files 0600 (audit events are
+//! personal data), and every name this module produces or accepts follows the
+//! layout of docs/segment-format.md. It knows nothing about what is inside a
+//! segment; that is `format` (bytes) and `segment` (the mapped file).
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::error::WalError;
+use super::format::{self, Lsn};
+
+/// Mode of the WAL and stream directories.
+pub(crate) const DIR_MODE: u32 = 0o700;
+/// Mode of every file in a stream directory.
+pub(crate) const FILE_MODE: u32 = 0o600;
+
+/// The writer's lock file: flock'd by the one writer of the stream.
+pub(crate) const LOCK_FILE: &str = "LOCK";
+/// Suffix of a segment being created; readers ignore it, recovery removes it.
+pub(crate) const SEGMENT_TMP_SUFFIX: &str = ".seg.tmp";
+/// Name of the spare segment the writer prepares ahead of rotation.
+const SPARE_FILE: &str = "spare.seg.tmp";
+
+/// A segment file found in the stream directory.
+#[derive(Debug, Clone)]
+pub(crate) struct SegmentEntry {
+    pub first_lsn: Lsn,
+    pub path: PathBuf,
+}
+
+/// The stream directory, open for fsync.
+#[derive(Debug)]
+pub(crate) struct StreamDir {
+    name: String,
+    path: PathBuf,
+    /// The directory itself, kept open to fsync it.
+    handle: File,
+}
+
+/// The held `LOCK` file: one writer per stream. The flock is released when this
+/// is dropped (the descriptor closes), including when the process dies.
+#[derive(Debug)]
+pub(crate) struct StreamLock {
+    _file: File,
+}
+
+impl StreamDir {
+    /// Validates `stream`, creates `wal_dir/stream/` (0700) if needed and opens it.
+    pub(crate) fn open(wal_dir: &Path, stream: &str) -> Result<StreamDir, WalError> {
+        format::validate_stream_id(stream).map_err(|e| WalError::InvalidStreamName {
+            name: stream.to_string(),
+            reason: e.to_string(),
+        })?;
+        let path = wal_dir.join(stream);
+        DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&path)
+            .map_err(|e| WalError::io("create the stream directory", &path, e))?;
+        // An existing directory keeps its mode; say so when others can read it.
+        if let Ok(meta) = fs::metadata(&path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    dir = %path.display(),
+                    mode = format_args!("{mode:o}"),
+                    "stream directory is accessible to other users; audit events are personal data, consider chmod 700"
+                );
+            }
+        }
+        let handle =
+            File::open(&path).map_err(|e| WalError::io("open the stream directory", &path, e))?;
+        Ok(StreamDir {
+            name: stream.to_string(),
+            path,
+            handle,
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn lock_path(&self) -> PathBuf {
+        self.path.join(LOCK_FILE)
+    }
+
+    pub(crate) fn sidecar_path(&self) -> PathBuf {
+        self.path.join(format::DURABLE_LSN_FILE)
+    }
+
+    pub(crate) fn spare_path(&self) -> PathBuf {
+        self.path.join(SPARE_FILE)
+    }
+
+    pub(crate) fn segment_path(&self, first_lsn: Lsn) -> PathBuf {
+        self.path.join(format::segment_file_name(first_lsn))
+    }
+
+    /// Takes the stream's writer lock without waiting (flock, LOCK_EX|LOCK_NB).
+    ///
+    /// flock locks belong to the open file description, so a second open in the
+    /// same process is refused exactly like another process.
+    pub(crate) fn lock(&self) -> Result<StreamLock, WalError> {
+        let path = self.lock_path();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(&path)
+            .map_err(|e| WalError::io("open the stream lock file", &path, e))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(StreamLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(WalError::StreamLocked {
+                stream: self.name.clone(),
+                path,
+            }),
+            Err(e) => Err(WalError::io("lock", &path, e.into())),
+        }
+    }
+
+    /// The segment files (`<first lsn>.seg`), sorted by first LSN.
+    pub(crate) fn segments(&self) -> Result<Vec<SegmentEntry>, WalError> {
+        let mut out = Vec::new();
+        for entry in self.read_dir()? {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let Some(first_lsn) = format::parse_segment_file_name(&name) else {
+                continue;
+            };
+            out.push(SegmentEntry {
+                first_lsn,
+                path: entry.path(),
+            });
+        }
+        out.sort_by_key(|s| s.first_lsn);
+        Ok(out)
+    }
+
+    /// Bytes counted against the disk budget: every `*.seg` and `*.seg.tmp` file.
+    /// A segment a reader deletes between the listing and the stat is skipped.
+    pub(crate) fn usage_bytes(&self) -> Result<u64, WalError> {
+        let mut total = 0u64;
+        for entry in self.read_dir()? {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(format::SEGMENT_SUFFIX) || name.ends_with(SEGMENT_TMP_SUFFIX) {
+                match entry.metadata() {
+                    Ok(m) => total += m.len(),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(WalError::io("stat", &entry.path(), e)),
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Removes leftover `*.seg.tmp` files (a segment whose creation did not
+    /// finish, or a spare); returns how many. They never hold acknowledged
+    /// records: a segment is renamed before its first append.
+    pub(crate) fn remove_tmp_files(&self) -> Result<usize, WalError> {
+        let mut removed = 0;
+        for entry in self.read_dir()? {
+            let name = entry.file_name();
+            if name
+                .to_str()
+                .is_some_and(|n| n.ends_with(SEGMENT_TMP_SUFFIX))
+            {
+                let path = entry.path();
+                match fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(WalError::io("remove", &path, e)),
+                }
+            }
+        }
+        if removed > 0 {
+            self.sync()?;
+        }
+        Ok(removed)
+    }
+
+    /// fsyncs the directory: makes file creations, renames and deletions durable.
+    pub(crate) fn sync(&self) -> Result<(), WalError> {
+        self.handle
+            .sync_all()
+            .map_err(|e| WalError::io("fsync the directory", &self.path, e))
+    }
+
+    /// Free bytes for an unprivileged user on the stream's file system.
+    pub(crate) fn free_bytes(&self) -> Result<u64, WalError> {
+        let st = rustix::fs::fstatvfs(&self.handle)
+            .map_err(|e| WalError::io("statvfs", &self.path, e.into()))?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// The directory's entries. A failing entry fails the listing: skipping one
+    /// could make recovery pick the wrong last segment.
+    fn read_dir(&self) -> Result<Vec<fs::DirEntry>, WalError> {
+        let rd = fs::read_dir(&self.path).map_err(|e| WalError::io("list", &self.path, e))?;
+        rd.map(|e| e.map_err(|e| WalError::io("list", &self.path, e)))
+            .collect()
+    }
+}
