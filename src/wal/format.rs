@@ -137,6 +137,8 @@ pub enum FormatError {
     LsnBeforeSegment { first_lsn: Lsn, found: Lsn },
     #[error("destination buffer of {available} bytes is too small for a {needed}-byte frame")]
     BufferTooSmall { needed: usize, available: usize },
+    #[error("zeroed frame header (end-of-data marker) before more data, first nonzero byte at segment offset {first_nonzero}")]
+    DataAfterEnd { first_nonzero: usize },
     #[error("durable watermark is {len} bytes, expected {DURABLE_LSN_LEN}")]
     DurableLsnLength { len: usize },
     #[error(
@@ -582,6 +584,41 @@ pub fn scan_segment(bytes: &[u8]) -> SegmentScan<'_> {
             vetted: false,
         },
         phase: Phase::Header,
+    }
+}
+
+/// What lies past the end-of-data marker of a segment that will not be written
+/// any more; see [`check_after_end`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterEnd {
+    /// Only zero bytes: the marker really is the end of the data.
+    Zeros,
+    /// A believable frame starts at `resume`: the zeroed header hid records (a
+    /// lost page write, say). Treat `[offset, resume)` as skipped and resume there
+    /// with `vetted` set.
+    Resync { resume: usize, first_nonzero: usize },
+    /// Nonzero bytes but no believable frame: garbage after the end of the data.
+    Garbage { first_nonzero: usize },
+}
+
+/// Looks past an end-of-data marker at `position.offset` (the position a scan
+/// stopped at with [`ScanItem::EndOfData`]). Only meaningful for a segment that is
+/// final (sealed ones never need it; a live one is still being filled with data
+/// right there). Reads the rest of the segment once; the resync rules are
+/// [`scan_segment`]'s.
+pub fn check_after_end(bytes: &[u8], position: ScanPosition) -> AfterEnd {
+    let start = position.offset.min(bytes.len());
+    let Some(rel) = bytes[start..].iter().position(|&b| b != 0) else {
+        return AfterEnd::Zeros;
+    };
+    let first_nonzero = start + rel;
+    let scan = SegmentScan::resume(bytes, position);
+    match scan.resync(start) {
+        Some(resume) => AfterEnd::Resync {
+            resume,
+            first_nonzero,
+        },
+        None => AfterEnd::Garbage { first_nonzero },
     }
 }
 
@@ -1366,6 +1403,57 @@ mod tests {
             }
         ));
         assert!(matches!(later[2], ScanItem::EndOfData { .. }));
+    }
+
+    #[test]
+    fn looking_past_the_end_finds_records_hidden_by_a_zeroed_header() {
+        let (mut img, offs) = segment(1, &[b"aaaa", b"bbbb", b"cccc"], false, 64);
+        img[offs[1]..offs[1] + 24].fill(0);
+        let mut scan = scan_segment(&img);
+        assert!(matches!(scan.next(), Some(ScanItem::Record { .. })));
+        assert_eq!(scan.next(), Some(ScanItem::EndOfData { offset: offs[1] }));
+        assert_eq!(
+            check_after_end(&img, scan.position()),
+            AfterEnd::Resync {
+                resume: offs[2],
+                first_nonzero: offs[2]
+            }
+        );
+        let (clean, offs) = segment(1, &[b"aaaa"], false, 64);
+        let pos = ScanPosition {
+            offset: offs[0] + 24,
+            last_lsn: Some(1),
+            ..ScanPosition::at_first_frame(Some(1))
+        };
+        assert_eq!(check_after_end(&clean, pos), AfterEnd::Zeros);
+        let mut junk = clean.clone();
+        junk[offs[0] + 40] = 7;
+        assert_eq!(
+            check_after_end(&junk, pos),
+            AfterEnd::Garbage {
+                first_nonzero: offs[0] + 40
+            }
+        );
+    }
+
+    #[test]
+    fn a_resumed_scan_does_not_report_a_gap_twice() {
+        let (mut img, offs) = segment(5, &[b"aaaa", b"bbbb"], false, 24);
+        let jump = raw_frame(4, 9, 1, [0; 3], b"bbbb");
+        img[offs[1]..offs[1] + 24].copy_from_slice(&jump);
+        let mut scan = scan_segment(&img);
+        scan.next();
+        assert!(matches!(scan.next(), Some(ScanItem::LsnGap { .. })));
+        let pos = scan.position();
+        assert!(pos.vetted);
+        let mut resumed = SegmentScan::resume(&img, pos);
+        assert!(matches!(
+            resumed.next(),
+            Some(ScanItem::Record {
+                record: Record { lsn: 9, .. },
+                ..
+            })
+        ));
     }
 
     proptest! {

@@ -31,9 +31,9 @@ use std::path::{Path, PathBuf};
 use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::wal::format::{
-    decode_durable_lsn, decode_frame, parse_segment_file_name, validate_stream_id, FormatError,
-    FrameOutcome, Lsn, RecordKind, ScanItem, ScanPosition, SegmentHeader, SegmentScan,
-    DURABLE_LSN_FILE, DURABLE_LSN_LEN, SEGMENT_HEADER_LEN,
+    check_after_end, decode_durable_lsn, decode_frame, parse_segment_file_name, validate_stream_id,
+    AfterEnd, FormatError, FrameOutcome, Lsn, RecordKind, ScanItem, ScanPosition, SegmentHeader,
+    SegmentScan, DURABLE_LSN_FILE, DURABLE_LSN_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::wal::payload::{decode_event, PayloadError, WalEvent};
 
@@ -740,8 +740,38 @@ impl StreamReader {
                 });
                 Step::Continue
             }
-            ScanItem::EndOfData { .. } => {
-                seg.finished = true;
+            ScanItem::EndOfData { offset } => {
+                // The segment is final here (checked above). A zeroed header with
+                // data after it is damage (e.g. a page lost on power failure), not
+                // the end.
+                match check_after_end(bytes, after) {
+                    AfterEnd::Zeros => seg.finished = true,
+                    AfterEnd::Resync {
+                        resume,
+                        first_nonzero,
+                    } => {
+                        self.pending.push_back(ReadItem::Skipped {
+                            segment: path.clone(),
+                            start: offset as u64,
+                            end: resume as u64,
+                            error: FormatError::DataAfterEnd { first_nonzero },
+                        });
+                        seg.pos = ScanPosition {
+                            offset: resume,
+                            vetted: true,
+                            ..after
+                        };
+                        return Ok(Step::Continue);
+                    }
+                    AfterEnd::Garbage { first_nonzero } => {
+                        seg.finished = true;
+                        self.pending.push_back(ReadItem::TornTail {
+                            segment: path.clone(),
+                            offset: offset as u64,
+                            error: FormatError::DataAfterEnd { first_nonzero },
+                        });
+                    }
+                }
                 Step::Continue
             }
             ScanItem::Sealed { .. } => {
@@ -1039,6 +1069,30 @@ mod tests {
         assert!(items.iter().any(|i| matches!(i,
             ReadItem::Skipped { segment, start: s, end: e, error: FormatError::ChecksumMismatch { .. } }
                 if *segment == path && *s == start as u64 && *e == end as u64)));
+    }
+
+    #[test]
+    fn a_zeroed_frame_in_a_final_segment_is_damage_not_the_end() {
+        let (_tmp, dir) = stream_dir();
+        let mut a = SegmentImage::new("s1", 1, 4096);
+        for _ in 0..3 {
+            a.push_event("x");
+        }
+        let (start, end) = (a.offsets[1], a.offsets[2]);
+        a.bytes[start..end].fill(0);
+        let path = write_file(&dir, 1, &a.bytes);
+        let mut r = StreamReader::open(&dir, 1, Follow::Live);
+        // Live and last: the zeroed header looks like the end of the data.
+        assert_eq!(event_lsns(&drain(&mut r, None)), vec![1]);
+        let mut r = StreamReader::open(&dir, 1, Follow::AtRest);
+        let items = drain(&mut r, None);
+        assert_eq!(event_lsns(&items), vec![1, 3]);
+        assert!(
+            items.iter().any(|i| matches!(i,
+            ReadItem::Skipped { segment, start: s, end: e, error: FormatError::DataAfterEnd { .. } }
+                if *segment == path && *s == start as u64 && *e == end as u64)),
+            "{items:?}"
+        );
     }
 
     #[test]
