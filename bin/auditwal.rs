@@ -78,7 +78,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => match a.which {
             BenchKind::Wal => cmd::bench_wal::run(a.json, a.dir),
             BenchKind::Sync => cmd::bench_sync::run(a.json, a.dir),
-            BenchKind::Load | BenchKind::E2e => Err(cmd::Failure::runtime(anyhow::anyhow!(
+            BenchKind::Load => cmd::bench_load::run(a.json, a.dir),
+            BenchKind::E2e => Err(cmd::Failure::runtime(anyhow::anyhow!(
                 "this benchmark is not built yet"
             ))),
         },

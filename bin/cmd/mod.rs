@@ -2,6 +2,7 @@
 //! bench output format of the contract.
 
 pub mod bench;
+pub mod bench_load;
 pub mod bench_sync;
 pub mod bench_wal;
 pub mod demo;

@@ -259,6 +259,14 @@ impl Cluster {
         )
     }
 
+    /// A program of the same PostgreSQL installation as the server (e.g. `psql`).
+    pub fn program(&self, name: &str) -> PathBuf {
+        match self.bins.initdb.parent() {
+            Some(dir) => dir.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+
     /// The temp dir holding the data dir, the socket and the server log.
     pub fn dir(&self) -> &Path {
         &self.root

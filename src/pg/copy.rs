@@ -134,7 +134,15 @@ impl CopyBuffer {
         self.rows += 1;
     }
 
-    /// The complete COPY body, trailer included.
+    /// Takes the bytes encoded so far (the header with the first call), leaving the
+    /// buffer empty for more rows: for streaming a large body in chunks. The
+    /// chunks, followed by [`CopyBuffer::finish`]'s bytes, form one COPY body.
+    pub fn drain(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
+    /// The complete COPY body (or its last chunk after [`CopyBuffer::drain`]),
+    /// trailer included.
     pub fn finish(mut self) -> Vec<u8> {
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
         self.buf
