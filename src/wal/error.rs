@@ -57,7 +57,7 @@ pub enum WalError {
     /// The file system refused space for the next segment (fallocate failed).
     #[error(
         "no space for the next segment of stream `{stream}` ({needed} bytes at {}) after \
-         waiting {waited:?}; free disk space or lower segment_size: {source}",
+         waiting {waited:?}; free disk space or lower segment_size",
         path.display()
     )]
     DiskFull {
@@ -81,7 +81,7 @@ pub enum WalError {
     #[error(
         "fsync of {} failed, so records after LSN {durable_lsn} may not be on disk; the writer \
          stopped accepting appends. Fix the device, then reopen the stream (recovery keeps \
-         what is on disk): {source}",
+         what is on disk)",
         path.display()
     )]
     SyncFailed {
@@ -100,7 +100,7 @@ pub enum WalError {
     Closed { stream: String },
 
     /// A file operation failed.
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -124,6 +124,19 @@ pub enum WalError {
     /// The event could not be encoded (a bug or an unvalidated event).
     #[error("cannot encode the event: {reason}")]
     Encode { reason: String },
+}
+
+/// `err` and its causes, joined by ": ", for log lines (`Display` of a
+/// [`WalError`] leaves its cause to `source()`, as error chains expect).
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 impl WalError {

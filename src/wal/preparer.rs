@@ -3,7 +3,7 @@
 //!
 //! The spare cannot carry its header yet (its first LSN is known only when the
 //! current segment fills), so the thread prepares everything else: create
-//! `spare.seg.tmp` 0600, fallocate, fdatasync, map. Rotation takes it from the
+//! `spare-<n>.seg.tmp` 0600, fallocate, fdatasync, map. Rotation takes it from the
 //! [`SpareSlot`], writes the header and renames it (`Spare::install`). When no
 //! spare is ready (budget exhausted, disk full, or segments filling faster than
 //! they are prepared) rotation creates one inline through the same slot, so the
@@ -18,6 +18,8 @@ use super::stream_dir::StreamDir;
 
 #[derive(Debug, Default)]
 struct SlotState {
+    /// Number of the next spare file (`spare-<n>.seg.tmp`).
+    next_spare: u64,
     spare: Option<Spare>,
     /// The thread is creating a spare right now.
     busy: bool,
@@ -33,6 +35,14 @@ pub(crate) struct SpareSlot {
     cv: Condvar,
     dir: Arc<StreamDir>,
     budget: DiskBudget,
+}
+
+impl SlotState {
+    fn take_spare_number(&mut self) -> u64 {
+        let n = self.next_spare;
+        self.next_spare += 1;
+        n
+    }
 }
 
 impl SpareSlot {
@@ -70,17 +80,18 @@ impl SpareSlot {
             return Ok(Ok(spare));
         }
         // Held across the creation: the thread cannot start a second one.
-        let created = self.create_checked();
+        let n = st.take_spare_number();
+        let created = self.create_checked(n);
         drop(st);
         created
     }
 
-    /// Budget check, then create the spare file.
-    fn create_checked(&self) -> Result<Result<Spare, NoRoom>, WalError> {
+    /// Budget check, then create spare file number `n`.
+    fn create_checked(&self, n: u64) -> Result<Result<Spare, NoRoom>, WalError> {
         if let Err(no_room) = self.budget.check_new_segment(&self.dir)? {
             return Ok(Err(no_room));
         }
-        let path = self.dir.spare_path();
+        let path = self.dir.spare_path(n);
         let _span = tracing::debug_span!("create_spare_segment", path = %path.display()).entered();
         match Spare::create(&path, self.budget.segment_size) {
             Ok(spare) => Ok(Ok(spare)),
@@ -110,7 +121,7 @@ impl SpareSlot {
     /// The background thread's loop.
     pub(crate) fn run(self: Arc<Self>) {
         loop {
-            {
+            let n = {
                 let mut st = self.lock();
                 while !(st.shutdown || st.wanted && st.spare.is_none()) {
                     st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
@@ -120,18 +131,25 @@ impl SpareSlot {
                 }
                 st.wanted = false;
                 st.busy = true;
-            }
-            let created = self.create_checked();
+                st.take_spare_number()
+            };
+            let created = self.create_checked(n);
             let mut st = self.lock();
             st.busy = false;
             match created {
-                Ok(Ok(spare)) if !st.shutdown => st.spare = Some(spare),
+                Ok(Ok(spare)) if !st.shutdown => {
+                    st.spare = Some(spare);
+                    // A request made while this one was being prepared is served.
+                    st.wanted = false;
+                }
                 Ok(Ok(_unused)) => {}
                 // Rotation will meet the same condition and apply the policy.
                 Ok(Err(no_room)) => {
                     tracing::debug!(?no_room, "no room to prepare the next segment ahead")
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot prepare the next segment ahead"),
+                Err(e) => {
+                    tracing::warn!(error = %super::error::chain(&e), "cannot prepare the next segment ahead")
+                }
             }
             self.cv.notify_all();
         }

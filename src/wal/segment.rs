@@ -13,7 +13,7 @@
 //! spare segment is created. And because the size never changes after creation,
 //! fdatasync (data, no metadata) is enough to make appended records durable.
 //!
-//! Lifecycle: [`Spare`] (`spare.seg.tmp`, fallocated, zeroed, fdatasynced, no
+//! Lifecycle: [`Spare`] (`spare-<n>.seg.tmp`, fallocated, zeroed, fdatasynced, no
 //! header) → [`Spare::install`] writes the header, fdatasyncs and renames it to
 //! `<first lsn>.seg` → [`ActiveSegment`] appends frames at its write offset →
 //! [`ActiveSegment::seal`] writes the EndOfSegment record. This module never
@@ -152,7 +152,7 @@ fn map_file(file: &File, len: usize, path: &Path) -> Result<MmapRaw, WalError> {
 }
 
 /// A preallocated, zero-filled, mapped segment file that has no header yet
-/// (`spare.seg.tmp`). Dropping it uninstalled removes the file.
+/// (`spare-<n>.seg.tmp`). Dropping it uninstalled removes the file.
 #[derive(Debug)]
 pub(crate) struct Spare {
     tmp_path: PathBuf,
@@ -182,12 +182,6 @@ impl Spare {
                 reason: format!("{len} bytes does not fit in memory"),
             })
         })?;
-        // A leftover from a failed attempt would make create_new fail.
-        match fs::remove_file(tmp_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(other("remove the old spare segment", e)),
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)

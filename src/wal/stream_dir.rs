@@ -25,8 +25,6 @@ pub(crate) const FILE_MODE: u32 = 0o600;
 pub(crate) const LOCK_FILE: &str = "LOCK";
 /// Suffix of a segment being created; readers ignore it, recovery removes it.
 pub(crate) const SEGMENT_TMP_SUFFIX: &str = ".seg.tmp";
-/// Name of the spare segment the writer prepares ahead of rotation.
-const SPARE_FILE: &str = "spare.seg.tmp";
 
 /// A segment file found in the stream directory.
 #[derive(Debug, Clone)]
@@ -100,8 +98,10 @@ impl StreamDir {
         self.path.join(format::DURABLE_LSN_FILE)
     }
 
-    pub(crate) fn spare_path(&self) -> PathBuf {
-        self.path.join(SPARE_FILE)
+    /// Path of the `n`th spare segment of this writer. Each spare has its own
+    /// name, so preparing one can never touch another about to be renamed.
+    pub(crate) fn spare_path(&self, n: u64) -> PathBuf {
+        self.path.join(format!("spare-{n}{SEGMENT_TMP_SUFFIX}"))
     }
 
     pub(crate) fn segment_path(&self, first_lsn: Lsn) -> PathBuf {

@@ -394,7 +394,7 @@ impl WalWriter {
 impl Drop for WalWriter {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
-            tracing::error!(error = %e, "closing the WAL writer failed");
+            tracing::error!(error = %super::error::chain(&e), "closing the WAL writer failed");
         }
     }
 }
@@ -563,11 +563,13 @@ impl Inner {
             })?;
         }
         self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-        self.durability.publish(round.written);
+        // Sidecar first, then the waiters: once a caller learns its record is
+        // durable, readers in other processes may load it too.
         if let Err(e) = self.sidecar.write(round.written) {
             // Readers then lag behind; the data itself is durable.
-            tracing::warn!(error = %e, "cannot update the durable watermark file");
+            tracing::warn!(error = %super::error::chain(&e), "cannot update the durable watermark file");
         }
+        self.durability.publish(round.written);
         // Sealed segments are unmapped here, outside the append mutex.
         drop(round);
         Ok(())
@@ -576,7 +578,7 @@ impl Inner {
     /// Puts the writer in its failed state: every later append and wait returns
     /// `failure`. Not undone: the kernel may have dropped the unsynced pages.
     pub(crate) fn poison(&self, failure: WalError) {
-        tracing::error!(stream = self.stream(), error = %failure, "WAL writer failed; appends are refused from now on");
+        tracing::error!(stream = self.stream(), error = %super::error::chain(&failure), "WAL writer failed; appends are refused from now on");
         {
             let mut st = self.lock_state();
             if st.failure.is_none() {
