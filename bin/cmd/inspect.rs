@@ -1,11 +1,32 @@
-//! `auditwal inspect` and `auditwal verify`.
-use std::path::PathBuf;
+//! `auditwal inspect` and `auditwal verify`: reading WAL segments by hand.
+//!
+//! Both take a segment file, a stream directory, or a WAL directory (every stream
+//! in it) and read it at rest through `wal::reader` (nothing is assumed to be
+//! writing; a torn tail in a segment that a writer is still filling may be an
+//! append in progress). `inspect` prints the records (one JSON object a line with
+//! `--json`) and reports damage on stderr; `verify` prints only a damage report.
+//! Exit codes follow the contract: 0 clean, 1 damage found, 2 a path that does
+//! not exist or holds no segment, 3 an I/O failure.
 
-use super::CmdResult;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use auditwal::wal::format::Lsn;
+use auditwal::wal::payload::WalEvent;
+use auditwal::wal::reader::{
+    list_segments, list_streams, Follow, ReadError, ReadItem, StreamReader,
+};
+use auditwal::AuditEvent;
+use chrono::SecondsFormat;
+use serde::Serialize;
+
+use super::{CmdResult, Failure, EXIT_FOUND_PROBLEM};
 
 #[derive(clap::Args)]
 pub struct InspectArgs {
-    /// A segment file or a stream directory.
+    /// A segment file, a stream directory, or a WAL directory.
     pub path: PathBuf,
     /// Start at this LSN.
     #[arg(long)]
@@ -17,18 +38,343 @@ pub struct InspectArgs {
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
-    /// A segment file or a stream directory.
+    /// A segment file, a stream directory, or a WAL directory.
     pub path: PathBuf,
 }
 
-pub fn run_inspect(_args: InspectArgs) -> CmdResult {
-    Err(super::Failure::runtime(anyhow::anyhow!(
-        "inspect is not built yet"
-    )))
+/// One stream (or lone segment file) to read.
+struct Target {
+    /// The stream's name when PATH is a WAL directory holding several.
+    stream: Option<String>,
+    reader: StreamReader,
 }
 
-pub fn run_verify(_args: VerifyArgs) -> CmdResult {
-    Err(super::Failure::runtime(anyhow::anyhow!(
-        "verify is not built yet"
-    )))
+/// Works out what PATH is. A path that does not exist or holds no segment is a
+/// usage error (exit 2); failing to read a directory is a runtime one.
+fn targets(path: &Path, from_lsn: Lsn) -> Result<Vec<Target>, Failure> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Failure::usage(anyhow::anyhow!(
+            "{}: {e}; give a segment file, a stream directory or a WAL directory",
+            path.display()
+        ))
+    })?;
+    if meta.is_file() {
+        let reader = StreamReader::open_segment_file(path, from_lsn).map_err(read_failure)?;
+        return Ok(vec![Target {
+            stream: None,
+            reader,
+        }]);
+    }
+    let segments = list_segments(path).map_err(read_failure)?;
+    if !segments.is_empty() {
+        return Ok(vec![Target {
+            stream: None,
+            reader: StreamReader::open(path, from_lsn, Follow::AtRest),
+        }]);
+    }
+    let mut out = Vec::new();
+    for stream in list_streams(path).map_err(read_failure)? {
+        let dir = path.join(&stream);
+        if !list_segments(&dir).map_err(read_failure)?.is_empty() {
+            out.push(Target {
+                stream: Some(stream),
+                reader: StreamReader::open(&dir, from_lsn, Follow::AtRest),
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "{}: no segment files (<20-digit LSN>.seg) here or in its stream directories",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+fn read_failure(e: ReadError) -> Failure {
+    match e {
+        ReadError::NotASegment { .. } => Failure::usage(e),
+        other => Failure::runtime(other),
+    }
+}
+
+/// One line of the damage report: what, where, and what it means.
+fn describe_damage(item: &ReadItem) -> Option<String> {
+    Some(match item {
+        ReadItem::Skipped {
+            segment,
+            start,
+            end,
+            error,
+        } => format!(
+            "{}: bytes [{start}, {end}): corrupt, skipped ({error}); records after it were read",
+            segment.display()
+        ),
+        ReadItem::TornTail {
+            segment,
+            offset,
+            error,
+        } => format!(
+            "{}: bytes [{offset}, end): torn tail ({error}); if a writer is still appending to this segment, this may be a record being written",
+            segment.display()
+        ),
+        ReadItem::BadHeader {
+            segment,
+            problem,
+            skipped,
+        } => format!(
+            "{}: bytes [0, 64): bad segment header ({problem}){}",
+            segment.display(),
+            if *skipped {
+                "; segment not read"
+            } else {
+                "; its records were still read"
+            }
+        ),
+        ReadItem::Gap {
+            segment,
+            expected,
+            found,
+        } => format!(
+            "{}: LSNs {expected}..{} missing (next record found is LSN {found})",
+            segment.display(),
+            found - 1
+        ),
+        ReadItem::Undecodable {
+            segment,
+            offset,
+            lsn,
+            error,
+        } => format!(
+            "{}: byte {offset}: record LSN {lsn} has a valid checksum but its payload does not decode ({error})",
+            segment.display()
+        ),
+        ReadItem::Event { .. } | ReadItem::SegmentConsumed { .. } => return None,
+    })
+}
+
+/// An event record as `inspect --json` prints it: `lsn`, `kind`, every event
+/// field by its schema name, `sample_rate`.
+#[derive(Serialize)]
+struct JsonRecord<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_id: Option<&'a str>,
+    lsn: Lsn,
+    kind: &'static str,
+    #[serde(flatten)]
+    event: &'a AuditEvent,
+    sample_rate: f64,
+}
+
+#[derive(Serialize)]
+struct JsonEndOfSegment<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_id: Option<&'a str>,
+    lsn: Lsn,
+    kind: &'static str,
+}
+
+fn text_line(stream: Option<&str>, lsn: Lsn, offset: u64, e: &WalEvent) -> String {
+    let ev = &e.event;
+    let mut line = String::with_capacity(160);
+    if let Some(s) = stream {
+        line.push_str(s);
+        line.push(' ');
+    }
+    line.push_str(&format!(
+        "lsn={lsn} event @{offset} {} {} event_id={}",
+        ev.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        ev.action,
+        ev.event_id
+    ));
+    let pair = |a: &Option<String>, b: &Option<String>| match (a, b) {
+        (None, None) => None,
+        (a, b) => Some(format!(
+            "{}:{}",
+            a.as_deref().unwrap_or("-"),
+            b.as_deref().unwrap_or("-")
+        )),
+    };
+    if let Some(actor) = pair(&ev.actor_type, &ev.actor_id) {
+        line.push_str(&format!(" actor={actor}"));
+    }
+    if let Some(target) = pair(&ev.target_type, &ev.target_id) {
+        line.push_str(&format!(" target={target}"));
+    }
+    for (name, value) in [
+        ("target_name", ev.target_name.as_deref()),
+        ("tenant", ev.tenant_id.as_deref()),
+        ("outcome", ev.outcome.map(|o| o.as_str())),
+        ("reason", ev.reason.as_deref()),
+        ("request_id", ev.request_id.as_deref()),
+    ] {
+        if let Some(v) = value {
+            line.push_str(&format!(" {name}={v:?}"));
+        }
+    }
+    if let Some(ip) = ev.ip {
+        line.push_str(&format!(" ip={ip}"));
+    }
+    if e.sample_rate != 1.0 {
+        line.push_str(&format!(" sample_rate={}", e.sample_rate));
+    }
+    line
+}
+
+/// What reading all targets found.
+#[derive(Default)]
+struct Tally {
+    records: u64,
+    segments: u64,
+    damage: u64,
+}
+
+/// Reads every target to its end, handing each item to `on_item`, and counts.
+fn read_all(
+    targets: &mut [Target],
+    mut on_item: impl FnMut(Option<&str>, &ReadItem) -> io::Result<()>,
+) -> Result<Tally, Failure> {
+    let mut tally = Tally::default();
+    for t in targets.iter_mut() {
+        loop {
+            let item = t
+                .reader
+                .next_item(None)
+                .context("reading the WAL")
+                .map_err(Failure::runtime)?;
+            let Some(item) = item else { break };
+            match &item {
+                ReadItem::Event { .. } => tally.records += 1,
+                ReadItem::SegmentConsumed { sealed, .. } => {
+                    tally.segments += 1;
+                    if *sealed {
+                        tally.records += 1;
+                    }
+                }
+                _ => {}
+            }
+            if item.is_damage() {
+                tally.damage += 1;
+            }
+            match on_item(t.stream.as_deref(), &item) {
+                Ok(()) => {}
+                // `inspect ... | head` closed the pipe: stop quietly.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(tally),
+                Err(e) => {
+                    return Err(Failure::runtime(
+                        anyhow::Error::new(e).context("writing to stdout"),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(tally)
+}
+
+pub fn run_inspect(args: InspectArgs) -> CmdResult {
+    let from_lsn = args.from_lsn.unwrap_or(1);
+    let mut targets = targets(&args.path, from_lsn)?;
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let json = args.json;
+    let tally = read_all(&mut targets, |stream, item| {
+        match item {
+            ReadItem::Event { lsn, offset, event } => {
+                if json {
+                    let rec = JsonRecord {
+                        stream_id: stream,
+                        lsn: *lsn,
+                        kind: "event",
+                        event: &event.event,
+                        sample_rate: event.sample_rate,
+                    };
+                    serde_json::to_writer(&mut out, &rec).map_err(io::Error::from)?;
+                    out.write_all(b"\n")?;
+                } else {
+                    writeln!(out, "{}", text_line(stream, *lsn, *offset, event))?;
+                }
+            }
+            ReadItem::SegmentConsumed {
+                segment,
+                last_lsn: Some(lsn),
+                sealed: true,
+                ..
+            } if *lsn >= from_lsn => {
+                if json {
+                    let rec = JsonEndOfSegment {
+                        stream_id: stream,
+                        lsn: *lsn,
+                        kind: "end_of_segment",
+                    };
+                    serde_json::to_writer(&mut out, &rec).map_err(io::Error::from)?;
+                    out.write_all(b"\n")?;
+                } else {
+                    let prefix = stream.map(|s| format!("{s} ")).unwrap_or_default();
+                    writeln!(
+                        out,
+                        "{prefix}lsn={lsn} end_of_segment (sealed {})",
+                        segment.display()
+                    )?;
+                }
+            }
+            other => {
+                if let Some(text) = describe_damage(other) {
+                    // Keep stdout and stderr in order for a reader of both.
+                    out.flush()?;
+                    eprintln!("damage: {text}");
+                }
+            }
+        }
+        Ok(())
+    })?;
+    match out.flush() {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            return Err(Failure::runtime(
+                anyhow::Error::new(e).context("writing to stdout"),
+            ))
+        }
+        _ => {}
+    }
+    if tally.damage > 0 {
+        eprintln!(
+            "{}: {} damage report(s); run `auditwal verify` for a summary",
+            args.path.display(),
+            tally.damage
+        );
+        return Ok(ExitCode::from(EXIT_FOUND_PROBLEM));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_verify(args: VerifyArgs) -> CmdResult {
+    let mut targets = targets(&args.path, 1)?;
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let tally = read_all(&mut targets, |stream, item| {
+        if let Some(text) = describe_damage(item) {
+            match stream {
+                Some(s) => writeln!(out, "damage: stream {s}: {text}")?,
+                None => writeln!(out, "damage: {text}")?,
+            }
+        }
+        Ok(())
+    })?;
+    let verdict = if tally.damage == 0 {
+        "clean".to_string()
+    } else {
+        format!("{} problem(s) found", tally.damage)
+    };
+    let summary = format!(
+        "{}: {} record(s) in {} segment(s): {verdict}",
+        args.path.display(),
+        tally.records,
+        tally.segments
+    );
+    // A closed pipe must not turn a damage verdict into success: the exit code
+    // carries the verdict either way.
+    let _ = writeln!(out, "{summary}");
+    if tally.damage > 0 {
+        return Ok(ExitCode::from(EXIT_FOUND_PROBLEM));
+    }
+    Ok(ExitCode::SUCCESS)
 }

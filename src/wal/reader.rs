@@ -54,7 +54,7 @@ pub enum ReadError {
     MapSegment { path: PathBuf, source: io::Error },
     #[error("cannot read durable watermark {path}: {source}")]
     ReadDurable { path: PathBuf, source: io::Error },
-    #[error("{path} is neither a segment file (<20-digit LSN>.seg) nor a directory")]
+    #[error("{path} is not a segment file (no <20-digit LSN>.seg name and no valid segment header)")]
     NotASegment { path: PathBuf },
 }
 
@@ -399,16 +399,36 @@ impl StreamReader {
         }
     }
 
-    /// Reads one segment file, at rest, from `from_lsn` on. The file name must be
-    /// a segment's (`<20-digit first LSN>.seg`).
+    /// Reads one segment file, at rest, from `from_lsn` on. A file whose name is
+    /// not a segment's (`<20-digit first LSN>.seg`, e.g. a copy kept for analysis)
+    /// is accepted when its header decodes; otherwise it is
+    /// [`ReadError::NotASegment`]. A segment-named file with a damaged header is
+    /// read, and the damage reported, like any other.
     pub fn open_segment_file(path: &Path, from_lsn: Lsn) -> Result<StreamReader, ReadError> {
-        let first_lsn = path
+        let named = path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(parse_segment_file_name)
-            .ok_or_else(|| ReadError::NotASegment {
-                path: path.to_path_buf(),
-            })?;
+            .and_then(parse_segment_file_name);
+        let first_lsn = match named {
+            Some(lsn) => lsn,
+            None => {
+                let not_a_segment = || ReadError::NotASegment {
+                    path: path.to_path_buf(),
+                };
+                let mut header = [0u8; SEGMENT_HEADER_LEN];
+                let mut file = File::open(path).map_err(|source| ReadError::OpenSegment {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                if !file.metadata().is_ok_and(|m| m.is_file()) {
+                    return Err(not_a_segment());
+                }
+                io::Read::read_exact(&mut file, &mut header).map_err(|_| not_a_segment())?;
+                SegmentHeader::decode(&header)
+                    .map_err(|_| not_a_segment())?
+                    .first_lsn
+            }
+        };
         Ok(StreamReader {
             source: Source::File(SegmentFile {
                 first_lsn,
