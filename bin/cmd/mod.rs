@@ -54,7 +54,7 @@ pub type CmdResult = Result<ExitCode, Failure>;
 /// Logs go to stderr (stdout carries the contract's output); RUST_LOG filters them.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
