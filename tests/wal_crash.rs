@@ -92,9 +92,18 @@ fn read_back(stream_dir: &Path) -> (Vec<(Lsn, AuditEvent)>, Lsn) {
     (events, last_lsn)
 }
 
-/// One run: start the child, feed it, kill it after `kill_after`, verify.
+/// When to kill the child.
+#[derive(Debug, Clone, Copy)]
+struct KillPoint {
+    /// Once this many events were acknowledged (or after a 10 s guard) ...
+    after_acks: usize,
+    /// ... and then this much later.
+    delay: Duration,
+}
+
+/// One run: start the child, feed it, kill it at `kill`, verify.
 /// Returns how many events were acknowledged before the kill.
-fn crash_once(seed: u64, run: u64, durable: bool, kill_after: Duration) -> usize {
+fn crash_once(seed: u64, run: u64, durable: bool, kill: KillPoint) -> usize {
     let tmp = tempfile::tempdir().expect("tempdir");
     let wal_dir = tmp.path().join("wal");
     let (lines, sent) = make_input(run);
@@ -133,7 +142,11 @@ fn crash_once(seed: u64, run: u64, durable: bool, kill_after: Duration) -> usize
             }
         })
     };
-    std::thread::sleep(kill_after);
+    let guard = Instant::now() + Duration::from_secs(10);
+    while acks.lock().expect("acks").len() < kill.after_acks && Instant::now() < guard {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    std::thread::sleep(kill.delay);
     // Child::kill sends SIGKILL.
     let _ = child.kill();
     let status = child.wait().expect("wait child");
@@ -142,7 +155,7 @@ fn crash_once(seed: u64, run: u64, durable: bool, kill_after: Duration) -> usize
     let acks = acks.lock().expect("acks").clone();
     let stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
     let ctx = format!(
-        "seed {seed} run {run} durable {durable} kill after {kill_after:?}: {} acks, child {status}, stderr:\n{stderr}",
+        "seed {seed} run {run} durable {durable} kill at {kill:?}: {} acks, child {status}, stderr:\n{stderr}",
         acks.len()
     );
 
@@ -209,10 +222,18 @@ fn crash_many(durable: bool, runs: u64) {
     let mut mid_stream = 0;
     let mut acked = Vec::new();
     for run in 0..runs {
-        // From "before the first append" to "well into the stream": most kills
-        // land mid-append or mid-rotation somewhere in between.
-        let kill_after = Duration::from_micros(rng.gen_range(0..250_000));
-        let acks = crash_once(seed, run, durable, kill_after);
+        // Anywhere from "before the first append" to "near the end", plus up to
+        // 2 ms of jitter so the kill lands at an arbitrary instruction: mid-copy,
+        // mid-rotation, mid-fsync.
+        let kill = KillPoint {
+            after_acks: if run % 8 == 0 {
+                0
+            } else {
+                rng.gen_range(0..EVENTS_PER_RUN * 3 / 4)
+            },
+            delay: Duration::from_micros(rng.gen_range(0..2_000)),
+        };
+        let acks = crash_once(seed, run, durable, kill);
         if acks > 0 && acks < EVENTS_PER_RUN {
             mid_stream += 1;
         }

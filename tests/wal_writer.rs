@@ -390,6 +390,38 @@ fn a_sealed_last_segment_makes_the_writer_start_a_new_one() {
 }
 
 #[test]
+fn a_trailing_segment_whose_header_never_reached_the_disk_is_removed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = config(tmp.path()).with_segment_size(SMALL_SEGMENT);
+    let wal = WalWriter::open(cfg.clone()).expect("open");
+    let mut i = 0;
+    while wal.stats().rotations < 2 {
+        wal.append(&full_event(i)).expect("append");
+        i += 1;
+    }
+    drop(wal);
+    // What a power loss right after the rotation can leave: the new name is on
+    // disk, its header page is not.
+    let stream = tmp.path().join("s1");
+    let segs = segment_paths(&stream);
+    assert_eq!(segs.len(), 2);
+    let mut bytes = fs::read(&segs[1]).expect("read");
+    bytes[..format::SEGMENT_HEADER_LEN].fill(0);
+    fs::write(&segs[1], &bytes).expect("write");
+    // The watermark cannot be past the rotation in that situation.
+    fs::remove_file(stream.join("durable.lsn")).expect("rm sidecar");
+
+    let wal = WalWriter::open(cfg).expect("reopen");
+    assert_eq!(wal.recovery().removed_headerless_segments, 1);
+    assert!(wal.recovery().last_segment_sealed);
+    let eos = wal.recovery().last_lsn;
+    assert_eq!(wal.append(&full_event(0)).expect("append"), eos + 1);
+    drop(wal);
+    let records = read_stream(&stream);
+    assert_gapless(&records);
+}
+
+#[test]
 fn lsns_are_never_reused_after_every_segment_was_consumed() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cfg = config(tmp.path()).with_segment_size(SMALL_SEGMENT);

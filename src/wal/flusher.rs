@@ -17,10 +17,6 @@ use std::time::Instant;
 
 use super::writer::Inner;
 
-/// How far ahead of the write offset the flusher prefaults segment pages after
-/// each round, so appends do not take the page faults themselves.
-const PREFAULT_WINDOW: usize = 4 * 1024 * 1024;
-
 /// The thread body; returns after the final round once shutdown is requested,
 /// or after a failed round.
 pub(crate) fn run(inner: &Inner) {
@@ -36,6 +32,5 @@ pub(crate) fn run(inner: &Inner) {
         if shutdown {
             return;
         }
-        inner.prefault_ahead(PREFAULT_WINDOW);
     }
 }

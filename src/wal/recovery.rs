@@ -3,7 +3,9 @@
 //!
 //! What it does, in order: removes leftover `*.seg.tmp` files (segments whose
 //! creation never finished; they hold no acknowledged record because a segment is
-//! renamed before its first append); fdatasyncs every segment that may hold
+//! renamed before its first append); removes trailing segments whose header is
+//! all zero (after a power loss right after a rotation: see `Spare::install`);
+//! fdatasyncs every segment that may hold
 //! records beyond the durable watermark (a SIGKILLed writer leaves them in the
 //! page cache only, and the new writer declares them durable); scans the last
 //! segment with [`format::scan_segment`] and keeps every valid record, including
@@ -33,6 +35,8 @@ pub struct RecoveryReport {
     pub segments_found: usize,
     /// `*.seg.tmp` files removed.
     pub removed_tmp_files: usize,
+    /// Trailing segments removed because their header was all zero.
+    pub removed_headerless_segments: usize,
     /// The last segment, when appends continue in it.
     pub resumed_segment: Option<PathBuf>,
     /// Valid event records in the last segment.
@@ -74,8 +78,26 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
             "removed unfinished segment files"
         );
     }
-    let segments = dir.segments()?;
+    let mut segments = dir.segments()?;
     report.segments_found = segments.len();
+
+    // A power loss can keep a new segment's name but not its header (the writer
+    // renames it in without an fsync and the flusher syncs it before the first
+    // durable LSN inside it): such trailing segments hold nothing durable.
+    while let Some(last) = segments.last() {
+        if !header_is_zero(&last.path)? {
+            break;
+        }
+        tracing::warn!(
+            segment = %last.path.display(),
+            "removing a trailing segment whose header never reached the disk (power loss \
+             right after a rotation); it held no durable record"
+        );
+        std::fs::remove_file(&last.path)
+            .map_err(|e| WalError::io("remove headerless segment", &last.path, e))?;
+        report.removed_headerless_segments += 1;
+        segments.pop();
+    }
 
     // Segments before the last: make records beyond the watermark durable.
     for pair in segments.windows(2) {
@@ -166,6 +188,19 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
         next_lsn,
         report,
     })
+}
+
+/// Whether the first SEGMENT_HEADER_LEN bytes of the file are all zero.
+fn header_is_zero(path: &std::path::Path) -> Result<bool, WalError> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(path).map_err(|e| WalError::io("open segment", path, e))?;
+    let mut header = [0u8; format::SEGMENT_HEADER_LEN];
+    match file.read_exact_at(&mut header, 0) {
+        Ok(()) => Ok(header.iter().all(|&b| b == 0)),
+        // Too short to judge: scan_last_segment reports it as damaged.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(WalError::io("read segment header", path, e)),
+    }
 }
 
 /// The facts recovery needs from the last segment.

@@ -14,7 +14,7 @@
 //! fdatasync (data, no metadata) is enough to make appended records durable.
 //!
 //! Lifecycle: [`Spare`] (`spare-<n>.seg.tmp`, fallocated, zeroed, fdatasynced, no
-//! header) → [`Spare::install`] writes the header, fdatasyncs and renames it to
+//! header) → [`Spare::install`] writes the header and renames it to
 //! `<first lsn>.seg` → [`ActiveSegment`] appends frames at its write offset →
 //! [`ActiveSegment::seal`] writes the EndOfSegment record. This module never
 //! shrinks a file: a reader may have it mapped, and a shrink would SIGBUS it.
@@ -83,23 +83,6 @@ impl Segment {
     /// first record, so no metadata a reader needs changes after that.
     pub(crate) fn sync_data(&self) -> std::io::Result<()> {
         rustix::fs::fdatasync(&self.file).map_err(Into::into)
-    }
-
-    /// Asks the kernel to fault in, writable, the pages of `[offset, offset+len)`
-    /// so that appends landing there take no page fault. Data is not touched
-    /// (MADV_POPULATE_WRITE), so this may overlap an append in progress.
-    pub(crate) fn prefault(&self, offset: usize, len: usize) {
-        let end = offset.saturating_add(len).min(self.len);
-        if offset >= end {
-            return;
-        }
-        if let Err(e) = self
-            .map
-            .advise_range(memmap2::Advice::PopulateWrite, offset, end - offset)
-        {
-            // Older kernels lack MADV_POPULATE_WRITE; appends then fault as usual.
-            tracing::debug!(error = %e, "prefaulting segment pages failed");
-        }
     }
 
     /// The whole mapped file, for recovery's scan.
@@ -221,11 +204,17 @@ impl Spare {
     }
 
     /// Turns the spare into segment `first_lsn` of `stream`: writes the header
-    /// through the map, fdatasyncs (header + the preallocation's metadata), then
-    /// renames it to `final_path`. After this returns, a record appended to the
-    /// segment survives SIGKILL under its final name. The directory fsync that
-    /// makes the rename survive power loss is the flusher's, before it publishes
-    /// a durable LSN inside this segment.
+    /// through the map, then renames the file to `final_path` (never replacing
+    /// an existing file). After this returns, a record appended to the segment
+    /// survives SIGKILL under its final name.
+    ///
+    /// Nothing is fsynced here, because this runs under the append mutex and an
+    /// fdatasync during heavy writeback took 40–80 ms in measurements, stalling
+    /// every appender. Power-loss durability of the header and the name comes
+    /// from the flusher, which fdatasyncs this file and fsyncs the directory
+    /// before it publishes any durable LSN inside the segment; recovery removes a
+    /// trailing segment whose header never reached the disk (it can hold no
+    /// durable record). The preallocation itself was fdatasynced by `create`.
     pub(crate) fn install(
         mut self,
         final_path: &Path,
@@ -259,8 +248,6 @@ impl Spare {
         unsafe {
             std::ptr::copy_nonoverlapping(header.as_ptr(), map.as_mut_ptr(), header.len());
         }
-        rustix::fs::fdatasync(&file)
-            .map_err(|e| WalError::io("fdatasync new segment", &self.tmp_path, e.into()))?;
         // NOREPLACE: an existing segment of that name is never overwritten.
         rustix::fs::renameat_with(
             rustix::fs::CWD,
@@ -318,10 +305,6 @@ impl ActiveSegment {
 
     pub(crate) fn segment(&self) -> &std::sync::Arc<Segment> {
         &self.segment
-    }
-
-    pub(crate) fn write_off(&self) -> usize {
-        self.write_off
     }
 
     pub(crate) fn is_sealed(&self) -> bool {

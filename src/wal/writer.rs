@@ -40,6 +40,8 @@ use super::stream_dir::{StreamDir, StreamLock};
 /// How long an answer "no room for a segment" is reused before the directory is
 /// listed again; keeps a flood of appends against a full budget cheap.
 const NO_ROOM_RECHECK: Duration = Duration::from_millis(10);
+/// A rotation slower than this is logged: appends waited for it.
+const SLOW_ROTATION: Duration = Duration::from_millis(20);
 /// How often a blocked append (policy Block) looks for freed space.
 const BLOCK_POLL: Duration = Duration::from_millis(10);
 /// A per-thread encode buffer larger than this is released after use, so one
@@ -57,6 +59,7 @@ struct Counters {
     dropped_events: AtomicU64,
     rotations: AtomicU64,
     fsyncs: AtomicU64,
+    fsync_nanos: AtomicU64,
 }
 
 /// A snapshot of the writer's watermarks and counters.
@@ -72,6 +75,9 @@ pub struct WalStats {
     pub rotations: u64,
     /// fdatasync rounds completed by the flusher.
     pub fsyncs: u64,
+    /// Time spent in those rounds' fdatasyncs, in total (divide by `fsyncs`
+    /// for the device's sync latency, the floor of a durable append).
+    pub fsync_time: Duration,
 }
 
 /// Mutable state behind the append mutex.
@@ -323,6 +329,7 @@ impl WalWriter {
             dropped_events: c.dropped_events.load(Ordering::Relaxed),
             rotations: c.rotations.load(Ordering::Relaxed),
             fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            fsync_time: Duration::from_nanos(c.fsync_nanos.load(Ordering::Relaxed)),
         }
     }
 
@@ -495,6 +502,7 @@ impl Inner {
         }
         let _span = tracing::debug_span!("rotate", stream = self.stream(), first_lsn = st.next_lsn)
             .entered();
+        let started = Instant::now();
         let spare = match self.spares.take_or_create()? {
             Ok(spare) => spare,
             Err(no_room) => {
@@ -504,7 +512,18 @@ impl Inner {
         };
         st.no_room = None;
         let first_lsn = st.next_lsn;
+        let got_spare = started.elapsed();
         let segment = spare.install(&self.dir.segment_path(first_lsn), self.stream(), first_lsn)?;
+        let stall = started.elapsed();
+        if stall > SLOW_ROTATION {
+            // Appends wait for this under the append mutex.
+            tracing::warn!(
+                stream = self.stream(),
+                stall_ms = stall.as_secs_f64() * 1e3,
+                waiting_for_spare_ms = got_spare.as_secs_f64() * 1e3,
+                "slow segment rotation (a slow fdatasync, or the next segment was not prepared in time)"
+            );
+        }
         let fresh = ActiveSegment::new(Arc::new(segment), format::SEGMENT_HEADER_LEN);
         if let Some(old) = st.active.replace(fresh) {
             st.sealed.push(old.segment().clone());
@@ -541,6 +560,7 @@ impl Inner {
         }
         let _span =
             tracing::trace_span!("fsync", stream = self.stream(), lsn = round.written).entered();
+        let started = Instant::now();
         let failed = |path: &std::path::Path, e: std::io::Error| WalError::SyncFailed {
             path: path.to_path_buf(),
             durable_lsn: durable,
@@ -563,6 +583,8 @@ impl Inner {
             })?;
         }
         self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.counters.fsync_nanos.fetch_add(took, Ordering::Relaxed);
         // Sidecar first, then the waiters: once a caller learns its record is
         // durable, readers in other processes may load it too.
         if let Err(e) = self.sidecar.write(round.written) {
@@ -586,20 +608,6 @@ impl Inner {
             }
         }
         self.durability.fail(failure);
-    }
-
-    /// Prefaults the pages the next appends will write, so that they take no
-    /// page fault (see `Segment::prefault`).
-    pub(crate) fn prefault_ahead(&self, window: usize) {
-        let target = {
-            let st = self.lock_state();
-            st.active
-                .as_ref()
-                .map(|a| (a.segment().clone(), a.write_off()))
-        };
-        if let Some((segment, offset)) = target {
-            segment.prefault(offset, window);
-        }
     }
 }
 
