@@ -15,8 +15,9 @@
 //! naive p50 latency, lower is better).
 //!
 //! Knobs (environment): AUDITWAL_BENCH_SECS (per case, default 5),
-//! AUDITWAL_BENCH_ROUNDS (default 3), AUDITWAL_BENCH_COMMITTERS (the sync writer's
-//! committers; default: the library default), AUDITWAL_BENCH_LEVELS (e.g. `64`).
+//! AUDITWAL_BENCH_ROUNDS (default 3), AUDITWAL_BENCH_COMMITTERS and
+//! AUDITWAL_BENCH_STEP (the sync writer's `committers` and `extra_commit_step`;
+//! default: the library's defaults), AUDITWAL_BENCH_LEVELS (e.g. `64`).
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -72,6 +73,11 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
         SyncConfig::default().committers as u64,
     )?
     .max(1) as usize;
+    let step = env_u64(
+        "AUDITWAL_BENCH_STEP",
+        SyncConfig::default().extra_commit_step as u64,
+    )?
+    .max(1) as usize;
     let levels: Vec<usize> = match std::env::var("AUDITWAL_BENCH_LEVELS") {
         Ok(v) => v
             .split(',')
@@ -86,6 +92,7 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
         secs: Duration::from_secs(secs),
         rounds,
         committers,
+        step,
         levels,
     };
     let cluster = Cluster::start(ClusterOptions {
@@ -98,7 +105,7 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
     })?;
     eprintln!(
         "bench sync: private PostgreSQL (fsync on) on 127.0.0.1:{}, {secs} s per case after {:?} warm-up, \
-         {rounds} rounds, medians reported; sync writer with {committers} committers",
+         {rounds} rounds, medians reported; sync writer with up to {committers} committers, step {step}",
         cluster.port(),
         WARMUP
     );
@@ -116,6 +123,7 @@ struct Settings {
     secs: Duration,
     rounds: usize,
     committers: usize,
+    step: usize,
     levels: Vec<usize>,
 }
 
@@ -246,6 +254,7 @@ async fn run_case(
                 SyncConfig {
                     migrate: false,
                     committers: settings.committers,
+                    extra_commit_step: settings.step,
                     timeout: Duration::from_secs(30),
                     ..SyncConfig::default()
                 },

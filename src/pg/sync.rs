@@ -2,14 +2,26 @@
 //! returns, with group commit.
 //!
 //! [`SyncWriter::record`] validates the event, queues it and waits for its own
-//! answer. A few *committer* tasks share the queue; each holds one pooled
-//! connection. A committer that becomes free takes **everything** queued at that
-//! moment (up to `max_batch`) and writes it with one multi-row INSERT, which in
-//! autocommit is one transaction and one commit (one WAL flush) for the whole
-//! batch. There is no timer window: a lone caller finds an idle committer waiting
-//! and is written at once with a plain single-row INSERT, the same statement a
-//! naive writer would send. Coalescing happens only because calls arrive while
-//! commits are in flight; several committers keep several commits in flight.
+//! answer. *Committer* tasks share the queue; each holds one pooled connection. A
+//! committer that starts a commit takes **everything** queued at that moment (up
+//! to `max_batch`) and writes it with one multi-row INSERT, which in autocommit is
+//! one transaction and one commit (one WAL flush) for the whole batch. There is no
+//! timer window: a lone caller finds an idle committer waiting and is written at
+//! once with a plain single-row INSERT, the same statement a naive writer would
+//! send. Coalescing happens only because calls arrive while commits are in flight.
+//!
+//! How many commits run at once is the one tuning question, and it has two
+//! opposite answers. When the database is CPU-bound, every extra statement costs
+//! (parse, executor start, commit record), so few large batches win. When commits
+//! wait on the disk (or on the network), PostgreSQL's own group flush covers every
+//! commit record written while the previous flush ran, so more statements in
+//! flight put more events behind each flush. Admission control serves both:
+//! [`EAGER_COMMITS`] commits may always be in flight (so a caller never waits for
+//! company, and 64 callers keep at least two commits going); a committer that just
+//! finished takes whatever is queued; and each further concurrent commit starts
+//! only when the queue holds enough events to be worth a statement of its own
+//! (`extra_commit_step` more for each commit already beyond the eager ones), up to
+//! `committers`.
 //!
 //! Invariants:
 //! - the INSERT never runs in the caller's transaction (the writer has its own
@@ -28,16 +40,16 @@
 //! passes one ([`SyncWriter::record_sampled`]). The WAL, the loader and the COPY
 //! encoding are elsewhere.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
 use uuid::Uuid;
@@ -59,10 +71,13 @@ impl std::fmt::Display for RowId {
 /// Settings of a [`SyncWriter`]. Defaults in [`SyncConfig::default`].
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
-    /// Committer tasks, each with its own connection: how many commits can be in
-    /// flight at once. The pool made by [`SyncWriter::connect`] has one more
-    /// connection, for partition upkeep.
+    /// Committer tasks, each with its own connection: the most commits in flight
+    /// at once. The pool made by [`SyncWriter::connect`] has one more connection,
+    /// for partition upkeep.
     pub committers: usize,
+    /// Beyond [`EAGER_COMMITS`] commits in flight, another one starts only when the
+    /// queue holds at least `extra_commit_step` × (commits in flight − 1) events.
+    pub extra_commit_step: usize,
     /// The longest a call waits for its answer, connecting included.
     pub timeout: Duration,
     /// Apply the migrations at start (needs the table owner's rights; a login with
@@ -79,7 +94,8 @@ pub struct SyncConfig {
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            committers: 2,
+            committers: 8,
+            extra_commit_step: 1,
             timeout: Duration::from_secs(5),
             migrate: true,
             max_batch: 512,
@@ -144,7 +160,7 @@ pub struct SyncWriter {
 }
 
 struct Inner {
-    queue: mpsc::UnboundedSender<Request>,
+    queue: Arc<Queue>,
     pool: PgPool,
     config: SyncConfig,
     upkeep: JoinHandle<()>,
@@ -153,6 +169,91 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.upkeep.abort();
+        // The committers answer what is queued, then stop.
+        self.queue.close();
+    }
+}
+
+/// Commits that may always be in flight, whatever the queue holds: a lone caller
+/// never waits for company, and a second commit can run while the first one waits
+/// for its flush.
+pub const EAGER_COMMITS: usize = 2;
+
+/// The queue the committers share, with the admission rule of the module comment.
+struct Queue {
+    state: std::sync::Mutex<QueueState>,
+    /// Wakes an idle committer to re-check the admission rule.
+    wake: Notify,
+    max_batch: usize,
+    step: usize,
+}
+
+struct QueueState {
+    items: VecDeque<Request>,
+    in_flight: usize,
+    closed: bool,
+}
+
+enum Take {
+    Batch(Vec<Request>),
+    Wait,
+    Closed,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // Nothing panics while holding this lock; if something did, the queue is
+        // still a valid queue.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, r: Request) -> Result<(), PgError> {
+        {
+            let mut st = self.lock();
+            if st.closed {
+                return Err(PgError::Closed);
+            }
+            st.items.push_back(r);
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_waiters();
+    }
+
+    /// Takes a batch if this committer may start a commit now. `freed`: it has
+    /// just finished one, so starting another does not add to what is in flight.
+    fn take(&self, freed: bool) -> Take {
+        let mut st = self.lock();
+        let queued = st.items.len();
+        if queued == 0 {
+            return if st.closed { Take::Closed } else { Take::Wait };
+        }
+        let admitted = freed
+            || st.closed
+            || st.in_flight < EAGER_COMMITS
+            || queued >= self.step.saturating_mul(st.in_flight + 1 - EAGER_COMMITS);
+        if !admitted {
+            return Take::Wait;
+        }
+        let n = queued.min(self.max_batch);
+        let batch: Vec<Request> = st.items.drain(..n).collect();
+        st.in_flight += 1;
+        let more = !st.items.is_empty();
+        drop(st);
+        if more {
+            // Left over beyond max_batch: another committer may be admitted.
+            self.wake.notify_one();
+        }
+        Take::Batch(batch)
+    }
+
+    fn done(&self) {
+        let mut st = self.lock();
+        st.in_flight = st.in_flight.saturating_sub(1);
     }
 }
 
@@ -190,8 +291,16 @@ impl SyncWriter {
                 }
             }
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let rx = Arc::new(Mutex::new(rx));
+        let queue = Arc::new(Queue {
+            state: std::sync::Mutex::new(QueueState {
+                items: VecDeque::new(),
+                in_flight: 0,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            max_batch: config.max_batch,
+            step: config.extra_commit_step.max(1),
+        });
         for _ in 0..config.committers {
             let committer = Committer {
                 pool: pool.clone(),
@@ -199,7 +308,7 @@ impl SyncWriter {
                 last_used: Instant::now(),
                 timeout: config.timeout,
             };
-            tokio::spawn(committer.run(rx.clone(), config.max_batch));
+            tokio::spawn(committer.run(queue.clone()));
         }
         let upkeep = tokio::spawn(partition_upkeep(
             pool.clone(),
@@ -209,7 +318,7 @@ impl SyncWriter {
         ));
         Ok(SyncWriter {
             inner: Arc::new(Inner {
-                queue: tx,
+                queue,
                 pool,
                 config,
                 upkeep,
@@ -242,16 +351,13 @@ impl SyncWriter {
         event.occurred_at = event.occurred_at.trunc_subsecs(6);
         let claim = Arc::new(AtomicU8::new(QUEUED));
         let (reply, answer) = oneshot::channel();
-        self.inner
-            .queue
-            .send(Request {
-                event,
-                sample_rate,
-                deadline,
-                claim: claim.clone(),
-                reply,
-            })
-            .map_err(|_| PgError::Closed)?;
+        self.inner.queue.push(Request {
+            event,
+            sample_rate,
+            deadline,
+            claim: claim.clone(),
+            reply,
+        })?;
         match timeout_at(deadline + GRACE, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(PgError::Closed),
@@ -319,25 +425,26 @@ struct Committer {
 }
 
 impl Committer {
-    async fn run(mut self, queue: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>, max_batch: usize) {
+    async fn run(mut self, queue: Arc<Queue>) {
+        let mut freed = false;
         loop {
-            let mut batch = Vec::new();
-            {
-                // One committer at a time waits on the queue; when it wakes it takes
-                // everything already there. The others wait their turn here.
-                let mut rx = queue.lock().await;
-                match rx.recv().await {
-                    Some(r) => batch.push(r),
-                    None => return,
+            // Register for a wake-up before looking, so a push in between is not
+            // missed.
+            let notified = queue.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match queue.take(freed) {
+                Take::Batch(batch) => {
+                    self.commit(batch).await;
+                    queue.done();
+                    freed = true;
                 }
-                while batch.len() < max_batch {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
+                Take::Wait => {
+                    freed = false;
+                    notified.await;
                 }
+                Take::Closed => return,
             }
-            self.commit(batch).await;
         }
     }
 
@@ -643,4 +750,103 @@ async fn insert_many(
                 .map(|&id| RowId(id))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(step: usize) -> Queue {
+        Queue {
+            state: std::sync::Mutex::new(QueueState {
+                items: VecDeque::new(),
+                in_flight: 0,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            max_batch: 100,
+            step,
+        }
+    }
+
+    fn push(q: &Queue, n: usize) {
+        for _ in 0..n {
+            let (reply, _answer) = oneshot::channel();
+            let r = Request {
+                event: AuditEvent::new("t"),
+                sample_rate: 1.0,
+                deadline: Instant::now(),
+                claim: Arc::new(AtomicU8::new(QUEUED)),
+                reply,
+            };
+            assert!(q.push(r).is_ok());
+        }
+    }
+
+    fn taken(t: Take) -> Option<usize> {
+        match t {
+            Take::Batch(b) => Some(b.len()),
+            Take::Wait | Take::Closed => None,
+        }
+    }
+
+    #[test]
+    fn a_lone_request_is_taken_at_once_and_so_is_one_beside_a_single_commit() {
+        let q = queue(4);
+        push(&q, 1);
+        assert_eq!(taken(q.take(false)), Some(1));
+        push(&q, 1);
+        assert_eq!(taken(q.take(false)), Some(1));
+        assert_eq!(q.lock().in_flight, EAGER_COMMITS);
+    }
+
+    #[test]
+    fn beyond_the_eager_commits_another_commit_needs_enough_queued_events() {
+        let q = queue(4);
+        push(&q, 2);
+        assert_eq!(taken(q.take(false)), Some(2));
+        push(&q, 1);
+        assert_eq!(taken(q.take(false)), Some(1));
+        // Two in flight: a third needs 4 queued, a fourth 8.
+        push(&q, 3);
+        assert!(taken(q.take(false)).is_none());
+        push(&q, 1);
+        assert_eq!(taken(q.take(false)), Some(4));
+        push(&q, 7);
+        assert!(taken(q.take(false)).is_none());
+        push(&q, 1);
+        assert_eq!(taken(q.take(false)), Some(8));
+    }
+
+    #[test]
+    fn a_committer_that_just_finished_takes_whatever_is_queued() {
+        let q = queue(4);
+        push(&q, 1);
+        assert_eq!(taken(q.take(false)), Some(1));
+        push(&q, 1);
+        assert_eq!(taken(q.take(false)), Some(1));
+        push(&q, 1);
+        assert!(taken(q.take(false)).is_none());
+        q.done();
+        assert_eq!(taken(q.take(true)), Some(1));
+    }
+
+    #[test]
+    fn a_closed_queue_hands_out_what_is_left_then_says_closed() {
+        let q = queue(4);
+        q.lock().in_flight = 5;
+        push(&q, 1);
+        q.close();
+        assert_eq!(taken(q.take(false)), Some(1));
+        assert!(matches!(q.take(false), Take::Closed));
+        let (reply, _answer) = oneshot::channel();
+        let refused = q.push(Request {
+            event: AuditEvent::new("t"),
+            sample_rate: 1.0,
+            deadline: Instant::now(),
+            claim: Arc::new(AtomicU8::new(QUEUED)),
+            reply,
+        });
+        assert!(refused.is_err());
+    }
 }
