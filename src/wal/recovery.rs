@@ -102,7 +102,7 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
     // Segments before the last: make records beyond the watermark durable.
     for pair in segments.windows(2) {
         let last_lsn_in_segment = pair[1].first_lsn.saturating_sub(1);
-        if durable_hint.map_or(true, |d| last_lsn_in_segment > d) {
+        if durable_hint.is_none_or(|d| last_lsn_in_segment > d) {
             let path = &pair[0].path;
             let file = File::open(path).map_err(|e| WalError::io("open segment", path, e))?;
             rustix::fs::fdatasync(&file)
