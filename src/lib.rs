@@ -9,8 +9,14 @@
 //! A separate loader process tails the WAL and bulk-COPYs it into PostgreSQL.
 //! See docs/modes.md for what each mode can lose and when.
 
+pub mod config;
 pub mod event;
+pub mod log;
 pub mod pg;
+pub mod sampling;
 pub mod wal;
 
+pub use config::{Config, ConfigBuilder, ConfigError, Mode};
 pub use event::{AuditEvent, EventError, JsonText, Outcome, DEFAULT_MAX_EVENT_BYTES};
+pub use log::{AuditError, AuditLog, AuditStats, PerMode, Receipt};
+pub use sampling::{ForceKeep, SampleKey, Sampler};

@@ -1,0 +1,1146 @@
+//! The application's audit settings: what mode, what sampling, where the WAL
+//! lives, how the database is reached, from a TOML file, the environment and
+//! code.
+//!
+//! This module owns the names of the settings (one table, [`SETTINGS`]: TOML
+//! key and environment variable side by side), their defaults (in one place,
+//! `Config::default`), the precedence between sources (set in code >
+//! environment > file > defaults, whatever order the builder's calls came in),
+//! and validation: [`ConfigBuilder::build`] refuses any setting out of range
+//! with a [`ConfigError`] that names the setting, its value and where that value
+//! came from, so a bad deployment fails at start rather than at the first
+//! event. It leaves the meaning of the settings to the layers that use them
+//! (`wal::WalConfig`, `pg::SyncConfig`, `sampling::Sampler`), and reuses their
+//! own range checks.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::event::{Outcome, DEFAULT_MAX_EVENT_BYTES};
+use crate::pg::SyncConfig;
+use crate::sampling::{ActionPattern, ForceKeep, SampleKey, Sampler};
+use crate::wal::{
+    FullDiskPolicy, WalConfig, WalError, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DISK_BUDGET,
+    DEFAULT_FSYNC_INTERVAL, DEFAULT_SEGMENT_SIZE,
+};
+
+/// The delivery mode of one call (see docs/modes.md for what each can lose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Committed in PostgreSQL, in its own transaction, before the call returns.
+    Sync,
+    /// Fsynced to the local WAL before the call returns.
+    Durable,
+    /// Appended to the local WAL (page cache); fsynced within `fsync_interval`.
+    Async,
+    /// Kept or dropped by the sampler; kept events are delivered as async.
+    Sampled,
+}
+
+impl Mode {
+    /// Every mode, in the order [`crate::log::PerMode`] counts them.
+    pub const ALL: [Mode; 4] = [Mode::Sync, Mode::Durable, Mode::Async, Mode::Sampled];
+
+    /// The spelling used in configuration and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sync => "sync",
+            Mode::Durable => "durable",
+            Mode::Async => "async",
+            Mode::Sampled => "sampled",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Mode::Sync => 0,
+            Mode::Durable => 1,
+            Mode::Async => 2,
+            Mode::Sampled => 3,
+        }
+    }
+
+    /// True for the modes that write to the local WAL.
+    pub fn uses_wal(self) -> bool {
+        self != Mode::Sync
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A mode name that is none of sync, durable, async, sampled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?}: use sync, durable, async or sampled")]
+pub struct ParseModeError(pub String);
+
+impl FromStr for Mode {
+    type Err = ParseModeError;
+    fn from_str(s: &str) -> Result<Mode, ParseModeError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sync" => Ok(Mode::Sync),
+            "durable" => Ok(Mode::Durable),
+            "async" => Ok(Mode::Async),
+            "sampled" => Ok(Mode::Sampled),
+            _ => Err(ParseModeError(s.to_string())),
+        }
+    }
+}
+
+/// Where a setting's value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    /// A TOML file (`None`: TOML text given to [`ConfigBuilder::toml`]).
+    File(Option<PathBuf>),
+    Env(&'static str),
+    /// A builder method, or a field set on a [`Config`] in code.
+    Code,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("the default"),
+            Origin::File(Some(p)) => write!(f, "file {}", p.display()),
+            Origin::File(None) => f.write_str("TOML text"),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Code => f.write_str("set in code"),
+        }
+    }
+}
+
+/// Why the configuration was refused. Every variant names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value out of range or unreadable.
+    #[error("invalid setting `{setting}` = {value} (from {origin}): {reason}")]
+    Invalid {
+        setting: &'static str,
+        value: String,
+        origin: Origin,
+        reason: String,
+    },
+    /// A key that is not a setting (a typo would otherwise be ignored).
+    #[error("unknown setting `{key}` in {origin}; known settings: {known}")]
+    Unknown {
+        key: String,
+        origin: Origin,
+        known: String,
+    },
+    /// A setting the chosen mode cannot do without.
+    #[error("setting `{setting}` (environment variable {env}) is required: {reason}")]
+    Missing {
+        setting: &'static str,
+        env: &'static str,
+        reason: String,
+    },
+    #[error("cannot read the configuration file {}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin} is not valid TOML: {reason}")]
+    Syntax { origin: Origin, reason: String },
+    /// The WAL directory does not exist and cannot be created, or a file cannot
+    /// be created in it.
+    #[error(
+        "setting `wal_dir` = {} (from {origin}): the directory cannot be written; \
+         create it, or give the service's user write access to it",
+        path.display()
+    )]
+    WalDirNotWritable {
+        path: PathBuf,
+        origin: Origin,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One setting: its TOML key, its environment variable, what it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    pub key: &'static str,
+    pub env: &'static str,
+    pub help: &'static str,
+}
+
+/// Every setting, in the order docs/modes.md lists them. `AUDIT_*` variables
+/// say what is recorded; `AUDITWAL_*` where and how.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        key: "audit_mode",
+        env: "AUDIT_MODE",
+        help: "default mode: sync, durable, async, sampled",
+    },
+    Setting {
+        key: "sample_rate",
+        env: "AUDIT_SAMPLE_RATE",
+        help: "fraction kept in sampled mode, in [0, 1]",
+    },
+    Setting {
+        key: "force_keep_actions",
+        env: "AUDIT_FORCE_KEEP_ACTIONS",
+        help: "actions kept whatever the rate: exact, prefix.* or *",
+    },
+    Setting {
+        key: "force_keep_outcomes",
+        env: "AUDIT_FORCE_KEEP_OUTCOMES",
+        help: "outcomes kept whatever the rate",
+    },
+    Setting {
+        key: "sample_key",
+        env: "AUDIT_SAMPLE_KEY",
+        help: "field that keeps events together: request_id, actor_id, tenant_id, target_id, none",
+    },
+    Setting {
+        key: "wal_dir",
+        env: "AUDITWAL_WAL_DIR",
+        help: "directory of the local WAL",
+    },
+    Setting {
+        key: "stream",
+        env: "AUDITWAL_STREAM",
+        help: "this process's stream under wal_dir",
+    },
+    Setting {
+        key: "fsync_interval_ms",
+        env: "AUDITWAL_FSYNC_INTERVAL_MS",
+        help: "flusher period: what async can lose on power loss",
+    },
+    Setting {
+        key: "segment_size",
+        env: "AUDITWAL_SEGMENT_SIZE",
+        help: "bytes per segment file (64MiB)",
+    },
+    Setting {
+        key: "disk_budget",
+        env: "AUDITWAL_DISK_BUDGET",
+        help: "bytes of segment files the stream may use",
+    },
+    Setting {
+        key: "full_disk_policy",
+        env: "AUDITWAL_FULL_DISK_POLICY",
+        help: "at the budget: block, drop-newest, fail",
+    },
+    Setting {
+        key: "block_timeout_ms",
+        env: "AUDITWAL_BLOCK_TIMEOUT_MS",
+        help: "longest wait for space under block",
+    },
+    Setting {
+        key: "database_url",
+        env: "DATABASE_URL",
+        help: "PostgreSQL URL for sync mode",
+    },
+    Setting {
+        key: "sync_timeout_ms",
+        env: "AUDITWAL_SYNC_TIMEOUT_MS",
+        help: "longest a sync call waits",
+    },
+    Setting {
+        key: "sync_migrate",
+        env: "AUDITWAL_SYNC_MIGRATE",
+        help: "apply migrations when sync mode connects",
+    },
+    Setting {
+        key: "max_event_bytes",
+        env: "AUDITWAL_MAX_EVENT_BYTES",
+        help: "event size limit",
+    },
+];
+
+/// The environment variable naming a TOML file, read by [`ConfigBuilder::env`]
+/// when no file was given in code.
+pub const CONFIG_FILE_ENV: &str = "AUDITWAL_CONFIG";
+
+/// The largest `max_event_bytes` accepted.
+pub const MAX_MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
+fn setting(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
+}
+
+fn env_of(key: &'static str) -> &'static str {
+    setting(key).map_or("", |s| s.env)
+}
+
+/// The validated settings of an [`crate::AuditLog`].
+///
+/// Build with [`Config::builder`] (or [`Config::from_env`]); the fields are
+/// public so that code can read them, and adjust them before
+/// [`crate::AuditLog::open`], which validates again.
+#[derive(Clone, PartialEq)]
+pub struct Config {
+    /// `audit_mode`: the mode of [`crate::AuditLog::record`].
+    pub mode: Mode,
+    /// `sample_rate`: the fraction sampled mode keeps, in [0, 1].
+    pub sample_rate: f64,
+    /// `force_keep_actions` and `force_keep_outcomes`.
+    pub force_keep: ForceKeep,
+    /// `sample_key`.
+    pub sample_key: SampleKey,
+    /// `wal_dir`: required by every mode but sync.
+    pub wal_dir: Option<PathBuf>,
+    /// `stream`: one writer process per stream.
+    pub stream: String,
+    pub fsync_interval: Duration,
+    pub segment_size: u64,
+    pub disk_budget: u64,
+    pub full_disk_policy: FullDiskPolicy,
+    /// `database_url`: required by sync mode. Never printed with its password.
+    pub database_url: Option<String>,
+    pub sync_timeout: Duration,
+    pub sync_migrate: bool,
+    pub max_event_bytes: usize,
+    /// Where each value that is not a default came from, by setting key.
+    origins: BTreeMap<&'static str, Origin>,
+}
+
+impl Default for Config {
+    /// The defaults, all in one place. `wal_dir` and `database_url` have none.
+    fn default() -> Self {
+        Config {
+            mode: Mode::Async,
+            sample_rate: 1.0,
+            force_keep: ForceKeep {
+                actions: ActionPattern::parse("admin.*").into_iter().collect(),
+                outcomes: vec![Outcome::Failure, Outcome::Denied],
+            },
+            sample_key: SampleKey::RequestId,
+            wal_dir: None,
+            stream: "default".to_string(),
+            fsync_interval: DEFAULT_FSYNC_INTERVAL,
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            disk_budget: DEFAULT_DISK_BUDGET,
+            full_disk_policy: FullDiskPolicy::Block {
+                timeout: DEFAULT_BLOCK_TIMEOUT,
+            },
+            database_url: None,
+            sync_timeout: SyncConfig::default().timeout,
+            sync_migrate: true,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            origins: BTreeMap::new(),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("mode", &self.mode)
+            .field("sample_rate", &self.sample_rate)
+            .field("force_keep", &self.force_keep)
+            .field("sample_key", &self.sample_key)
+            .field("wal_dir", &self.wal_dir)
+            .field("stream", &self.stream)
+            .field("fsync_interval", &self.fsync_interval)
+            .field("segment_size", &self.segment_size)
+            .field("disk_budget", &self.disk_budget)
+            .field("full_disk_policy", &self.full_disk_policy)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
+            .field("sync_timeout", &self.sync_timeout)
+            .field("sync_migrate", &self.sync_migrate)
+            .field("max_event_bytes", &self.max_event_bytes)
+            .finish()
+    }
+}
+
+impl Config {
+    /// A builder with nothing read yet: add [`ConfigBuilder::file`],
+    /// [`ConfigBuilder::env`] and settings, then [`ConfigBuilder::build`].
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+
+    /// The environment (and the file named by `AUDITWAL_CONFIG`, if set) over
+    /// the defaults.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::builder().env().build()
+    }
+
+    /// Where `key`'s value came from.
+    pub fn origin(&self, key: &str) -> Origin {
+        self.origins.get(key).cloned().unwrap_or(Origin::Default)
+    }
+
+    /// Checks every setting, naming the first one out of range, then that the
+    /// WAL directory (if any) can be created and written.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_values()?;
+        self.check_wal_dir()
+    }
+
+    /// The sampler sampled mode uses.
+    pub fn sampler(&self) -> Result<Sampler, ConfigError> {
+        Sampler::new(self.sample_rate, self.force_keep.clone(), self.sample_key)
+            .map_err(|e| self.invalid("sample_rate", self.sample_rate.to_string(), e.to_string()))
+    }
+
+    /// The WAL writer's settings, when a WAL dir is configured.
+    pub fn wal_config(&self) -> Option<WalConfig> {
+        let dir = self.wal_dir.as_ref()?;
+        Some(
+            WalConfig::new(dir, &self.stream)
+                .with_segment_size(self.segment_size)
+                .with_fsync_interval(self.fsync_interval)
+                .with_disk_budget(self.disk_budget)
+                .with_full_disk_policy(self.full_disk_policy),
+        )
+    }
+
+    /// The sync writer's settings (its URL is `database_url`).
+    pub fn sync_config(&self) -> SyncConfig {
+        SyncConfig {
+            timeout: self.sync_timeout,
+            migrate: self.sync_migrate,
+            max_event_bytes: self.max_event_bytes,
+            ..SyncConfig::default()
+        }
+    }
+
+    /// `database_url` with its password replaced by `***`, for logs.
+    pub fn redacted_database_url(&self) -> Option<String> {
+        self.database_url.as_deref().map(redact_url)
+    }
+
+    fn invalid(&self, setting: &'static str, value: String, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            setting,
+            value,
+            origin: self.origin(setting),
+            reason,
+        }
+    }
+
+    fn check_values(&self) -> Result<(), ConfigError> {
+        self.sampler()?;
+        if self.fsync_interval < Duration::from_millis(1)
+            || self.fsync_interval > Duration::from_secs(3600)
+        {
+            return Err(self.invalid(
+                "fsync_interval_ms",
+                self.fsync_interval.as_millis().to_string(),
+                "must be 1 ..= 3600000 (a zero interval would fsync in a busy loop)".into(),
+            ));
+        }
+        if self.sync_timeout.is_zero() {
+            return Err(self.invalid(
+                "sync_timeout_ms",
+                "0".into(),
+                "must be at least 1 ms".into(),
+            ));
+        }
+        if !(1..=MAX_MAX_EVENT_BYTES).contains(&self.max_event_bytes) {
+            return Err(self.invalid(
+                "max_event_bytes",
+                self.max_event_bytes.to_string(),
+                format!("must be 1 ..= {MAX_MAX_EVENT_BYTES}"),
+            ));
+        }
+        crate::wal::format::validate_stream_id(&self.stream).map_err(|e| {
+            self.invalid(
+                "stream",
+                format!("{:?}", self.stream),
+                format!("{e} (use 1 to 32 bytes of A-Z a-z 0-9 . _ -, not starting with '.')"),
+            )
+        })?;
+        // The WAL's own range checks, reported under this config's names.
+        let wal = WalConfig::new(self.wal_dir.clone().unwrap_or_default(), &self.stream)
+            .with_segment_size(self.segment_size)
+            .with_fsync_interval(self.fsync_interval)
+            .with_disk_budget(self.disk_budget)
+            .with_full_disk_policy(self.full_disk_policy);
+        if let Err(WalError::InvalidConfig { setting, reason }) = wal.validate() {
+            let (key, value) = match setting {
+                "segment_size" => ("segment_size", self.segment_size.to_string()),
+                "disk_budget" => ("disk_budget", self.disk_budget.to_string()),
+                "full_disk_policy" => ("block_timeout_ms", policy_text(self.full_disk_policy)),
+                _ => (
+                    "fsync_interval_ms",
+                    self.fsync_interval.as_millis().to_string(),
+                ),
+            };
+            return Err(self.invalid(key, value, reason));
+        }
+        if let Some(url) = &self.database_url {
+            if let Err(e) = url.parse::<sqlx::postgres::PgConnectOptions>() {
+                return Err(self.invalid("database_url", redact_url(url), e.to_string()));
+            }
+        }
+        match (self.mode, &self.database_url, &self.wal_dir) {
+            (Mode::Sync, None, _) => Err(ConfigError::Missing {
+                setting: "database_url",
+                env: env_of("database_url"),
+                reason: "audit_mode = sync writes to PostgreSQL".into(),
+            }),
+            (mode, _, None) if mode.uses_wal() => Err(ConfigError::Missing {
+                setting: "wal_dir",
+                env: env_of("wal_dir"),
+                reason: format!("audit_mode = {mode} writes to the local WAL"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_wal_dir(&self) -> Result<(), ConfigError> {
+        let Some(dir) = &self.wal_dir else {
+            return Ok(());
+        };
+        let failed = |source| ConfigError::WalDirNotWritable {
+            path: dir.clone(),
+            origin: self.origin("wal_dir"),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(failed)?;
+        // A file created and removed at once: the only reliable test of write
+        // access (permission bits say nothing about read-only mounts or ACLs).
+        tempfile::Builder::new()
+            .prefix(".auditwal-probe-")
+            .tempfile_in(dir)
+            .map(drop)
+            .map_err(failed)
+    }
+}
+
+fn policy_text(p: FullDiskPolicy) -> String {
+    match p {
+        FullDiskPolicy::Block { timeout } => format!("block, {} ms", timeout.as_millis()),
+        FullDiskPolicy::DropNewest => "drop-newest".into(),
+        FullDiskPolicy::Fail => "fail".into(),
+    }
+}
+
+/// `url` with the password of its user info and any `password=` parameter
+/// replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let auth_start = scheme_end + 3;
+        let auth_end = out[auth_start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| auth_start + i);
+        if let Some(at) = out[auth_start..auth_end].rfind('@') {
+            let userinfo = &out[auth_start..auth_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                let from = auth_start + colon + 1;
+                out.replace_range(from..auth_start + at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
+/// Full-disk policy without its timeout (that is `block_timeout_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PolicyKind {
+    Block,
+    DropNewest,
+    Fail,
+}
+
+/// One source's settings: `None` where the source says nothing.
+#[derive(Debug, Clone, Default)]
+struct Layer {
+    audit_mode: Option<Mode>,
+    sample_rate: Option<f64>,
+    force_keep_actions: Option<Vec<ActionPattern>>,
+    force_keep_outcomes: Option<Vec<Outcome>>,
+    sample_key: Option<SampleKey>,
+    wal_dir: Option<PathBuf>,
+    stream: Option<String>,
+    fsync_interval_ms: Option<Duration>,
+    segment_size: Option<u64>,
+    disk_budget: Option<u64>,
+    full_disk_policy: Option<PolicyKind>,
+    block_timeout_ms: Option<Duration>,
+    database_url: Option<String>,
+    sync_timeout_ms: Option<Duration>,
+    sync_migrate: Option<bool>,
+    max_event_bytes: Option<usize>,
+    origins: BTreeMap<&'static str, Origin>,
+}
+
+/// A raw value before it is parsed for its setting.
+enum Raw {
+    Text(String),
+    List(Vec<String>),
+}
+
+impl Layer {
+    /// Sets `spec.key` from `raw`, naming the setting and `origin` on error.
+    fn apply(
+        &mut self,
+        spec: &'static Setting,
+        raw: Raw,
+        origin: Origin,
+    ) -> Result<(), ConfigError> {
+        let key = spec.key;
+        let shown = match &raw {
+            Raw::Text(t) if key == "database_url" => redact_url(t),
+            Raw::Text(t) => format!("{t:?}"),
+            Raw::List(l) => format!("{l:?}"),
+        };
+        let bad = |reason: String| ConfigError::Invalid {
+            setting: key,
+            value: shown.clone(),
+            origin: origin.clone(),
+            reason,
+        };
+        let text = || match &raw {
+            Raw::Text(t) => Ok(t.trim().to_string()),
+            Raw::List(_) => Err(bad("expected one value, not a list".into())),
+        };
+        let list = || -> Vec<String> {
+            match &raw {
+                Raw::List(l) => l.clone(),
+                Raw::Text(t) if t.trim() == "none" => Vec::new(),
+                Raw::Text(t) => t
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            }
+        };
+        let millis = |t: String| -> Result<Duration, ConfigError> {
+            t.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| bad("expected a whole number of milliseconds".into()))
+        };
+        match key {
+            "audit_mode" => {
+                self.audit_mode = Some(
+                    text()?
+                        .parse()
+                        .map_err(|e: ParseModeError| bad(e.to_string()))?,
+                )
+            }
+            "sample_rate" => {
+                let rate: f64 = text()?
+                    .parse()
+                    .map_err(|_| bad("expected a number in [0, 1]".into()))?;
+                if !(0.0..=1.0).contains(&rate) {
+                    return Err(bad("must be in [0, 1]".into()));
+                }
+                self.sample_rate = Some(rate);
+            }
+            "force_keep_actions" => {
+                let patterns = list()
+                    .iter()
+                    .map(|p| ActionPattern::parse(p))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(e.to_string()))?;
+                self.force_keep_actions = Some(patterns);
+            }
+            "force_keep_outcomes" => {
+                let outcomes = list()
+                    .iter()
+                    .map(|o| o.to_ascii_lowercase().parse::<Outcome>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(e.to_string()))?;
+                self.force_keep_outcomes = Some(outcomes);
+            }
+            "sample_key" => {
+                self.sample_key = Some(
+                    text()?
+                        .parse()
+                        .map_err(|e: crate::sampling::SamplingError| bad(e.to_string()))?,
+                )
+            }
+            "wal_dir" => self.wal_dir = Some(PathBuf::from(text()?)),
+            "stream" => self.stream = Some(text()?),
+            "fsync_interval_ms" => self.fsync_interval_ms = Some(millis(text()?)?),
+            "segment_size" => self.segment_size = Some(parse_size(&text()?).map_err(bad)?),
+            "disk_budget" => self.disk_budget = Some(parse_size(&text()?).map_err(bad)?),
+            "full_disk_policy" => {
+                self.full_disk_policy = Some(match text()?.to_ascii_lowercase().as_str() {
+                    "block" => PolicyKind::Block,
+                    "drop-newest" | "drop_newest" => PolicyKind::DropNewest,
+                    "fail" => PolicyKind::Fail,
+                    _ => return Err(bad("expected block, drop-newest or fail".into())),
+                })
+            }
+            "block_timeout_ms" => self.block_timeout_ms = Some(millis(text()?)?),
+            "database_url" => self.database_url = Some(text()?),
+            "sync_timeout_ms" => self.sync_timeout_ms = Some(millis(text()?)?),
+            "sync_migrate" => {
+                self.sync_migrate = Some(match text()?.to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => true,
+                    "false" | "0" | "no" | "off" => false,
+                    _ => return Err(bad("expected true or false".into())),
+                })
+            }
+            "max_event_bytes" => {
+                let n = parse_size(&text()?).map_err(bad)?;
+                self.max_event_bytes =
+                    Some(usize::try_from(n).map_err(|_| bad("too large".into()))?);
+            }
+            _ => unreachable_setting(key),
+        }
+        self.origins.insert(key, origin);
+        Ok(())
+    }
+
+    /// `self` with every setting `top` has replaced by `top`'s.
+    fn overlay(mut self, top: Layer) -> Layer {
+        macro_rules! take {
+            ($($field:ident),*) => {$(
+                if top.$field.is_some() {
+                    self.$field = top.$field;
+                    if let Some(o) = top.origins.get(stringify!($field)) {
+                        self.origins.insert(stringify!($field), o.clone());
+                    }
+                }
+            )*};
+        }
+        take!(
+            audit_mode,
+            sample_rate,
+            force_keep_actions,
+            force_keep_outcomes,
+            sample_key,
+            wal_dir,
+            stream,
+            fsync_interval_ms,
+            segment_size,
+            disk_budget,
+            full_disk_policy,
+            block_timeout_ms,
+            database_url,
+            sync_timeout_ms,
+            sync_migrate,
+            max_event_bytes
+        );
+        self
+    }
+
+    /// The defaults with this layer's settings applied.
+    fn into_config(self) -> Config {
+        let mut c = Config::default();
+        let block_timeout = match c.full_disk_policy {
+            FullDiskPolicy::Block { timeout } => timeout,
+            _ => DEFAULT_BLOCK_TIMEOUT,
+        };
+        if let Some(v) = self.audit_mode {
+            c.mode = v;
+        }
+        if let Some(v) = self.sample_rate {
+            c.sample_rate = v;
+        }
+        if let Some(v) = self.force_keep_actions {
+            c.force_keep.actions = v;
+        }
+        if let Some(v) = self.force_keep_outcomes {
+            c.force_keep.outcomes = v;
+        }
+        if let Some(v) = self.sample_key {
+            c.sample_key = v;
+        }
+        c.wal_dir = self.wal_dir.or(c.wal_dir);
+        if let Some(v) = self.stream {
+            c.stream = v;
+        }
+        if let Some(v) = self.fsync_interval_ms {
+            c.fsync_interval = v;
+        }
+        if let Some(v) = self.segment_size {
+            c.segment_size = v;
+        }
+        if let Some(v) = self.disk_budget {
+            c.disk_budget = v;
+        }
+        let timeout = self.block_timeout_ms.unwrap_or(block_timeout);
+        c.full_disk_policy = match self.full_disk_policy {
+            Some(PolicyKind::DropNewest) => FullDiskPolicy::DropNewest,
+            Some(PolicyKind::Fail) => FullDiskPolicy::Fail,
+            Some(PolicyKind::Block) | None => FullDiskPolicy::Block { timeout },
+        };
+        c.database_url = self.database_url.or(c.database_url);
+        if let Some(v) = self.sync_timeout_ms {
+            c.sync_timeout = v;
+        }
+        if let Some(v) = self.sync_migrate {
+            c.sync_migrate = v;
+        }
+        if let Some(v) = self.max_event_bytes {
+            c.max_event_bytes = v;
+        }
+        c.origins = self.origins;
+        c
+    }
+}
+
+#[cold]
+fn unreachable_setting(key: &str) {
+    // Every key in SETTINGS has an arm above; a new one without is a bug found
+    // by the test that applies every setting.
+    tracing::error!(key, "setting has no parser");
+}
+
+/// Bytes, from `65536`, `64KiB`, `64 MiB`, `4GiB` (binary units; `k`, `m`, `g`
+/// alone mean the same).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a number of bytes, such as 65536 or 64MiB".to_string())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?}: use B, KiB, MiB, GiB or TiB (powers of 1024)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| "too large".to_string())
+}
+
+/// Where the TOML comes from.
+#[derive(Debug, Clone)]
+enum FileSource {
+    Path(PathBuf),
+    Text(String),
+}
+
+/// Collects settings from a TOML file, the environment and code, and builds a
+/// validated [`Config`]. Precedence, whatever the order of the calls: code
+/// (this builder's setters) > environment > file > defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigBuilder {
+    file: Option<FileSource>,
+    env: Option<Vec<(String, String)>>,
+    code: Layer,
+    code_errors: Vec<String>,
+}
+
+impl ConfigBuilder {
+    /// Reads settings from this TOML file (a missing file is an error).
+    pub fn file(mut self, path: impl AsRef<Path>) -> Self {
+        self.file = Some(FileSource::Path(path.as_ref().to_path_buf()));
+        self
+    }
+
+    /// Reads settings from TOML text, in place of a file.
+    pub fn toml(mut self, text: impl Into<String>) -> Self {
+        self.file = Some(FileSource::Text(text.into()));
+        self
+    }
+
+    /// Reads the process environment (now), and the file named by
+    /// `AUDITWAL_CONFIG` unless [`file`](Self::file) named one.
+    pub fn env(self) -> Self {
+        let vars = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())));
+        self.env_from(vars)
+    }
+
+    /// As [`env`](Self::env), from these variables instead of the process's
+    /// (tests, or a service with its own source of variables).
+    pub fn env_from<K, V>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Self
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.env = Some(
+            vars.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
+        self
+    }
+
+    fn set(mut self, key: &'static str, f: impl FnOnce(&mut Layer)) -> Self {
+        f(&mut self.code);
+        self.code.origins.insert(key, Origin::Code);
+        self
+    }
+
+    pub fn mode(self, mode: Mode) -> Self {
+        self.set("audit_mode", |l| l.audit_mode = Some(mode))
+    }
+
+    pub fn sample_rate(self, rate: f64) -> Self {
+        self.set("sample_rate", |l| l.sample_rate = Some(rate))
+    }
+
+    /// Replaces the force-keep action patterns (`admin.*`, `url.deleted`, `*`).
+    pub fn force_keep_actions<S: AsRef<str>>(
+        mut self,
+        patterns: impl IntoIterator<Item = S>,
+    ) -> Self {
+        let mut parsed = Vec::new();
+        for p in patterns {
+            match ActionPattern::parse(p.as_ref()) {
+                Ok(p) => parsed.push(p),
+                Err(e) => self.code_errors.push(e.to_string()),
+            }
+        }
+        self.set("force_keep_actions", |l| {
+            l.force_keep_actions = Some(parsed)
+        })
+    }
+
+    /// Replaces the force-keep outcomes.
+    pub fn force_keep_outcomes(self, outcomes: impl IntoIterator<Item = Outcome>) -> Self {
+        let outcomes: Vec<Outcome> = outcomes.into_iter().collect();
+        self.set("force_keep_outcomes", |l| {
+            l.force_keep_outcomes = Some(outcomes)
+        })
+    }
+
+    pub fn sample_key(self, key: SampleKey) -> Self {
+        self.set("sample_key", |l| l.sample_key = Some(key))
+    }
+
+    pub fn wal_dir(self, dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        self.set("wal_dir", |l| l.wal_dir = Some(dir))
+    }
+
+    pub fn stream(self, stream: impl Into<String>) -> Self {
+        let stream = stream.into();
+        self.set("stream", |l| l.stream = Some(stream))
+    }
+
+    pub fn fsync_interval(self, interval: Duration) -> Self {
+        self.set("fsync_interval_ms", |l| {
+            l.fsync_interval_ms = Some(interval)
+        })
+    }
+
+    pub fn segment_size(self, bytes: u64) -> Self {
+        self.set("segment_size", |l| l.segment_size = Some(bytes))
+    }
+
+    pub fn disk_budget(self, bytes: u64) -> Self {
+        self.set("disk_budget", |l| l.disk_budget = Some(bytes))
+    }
+
+    /// Sets `full_disk_policy` (and, for `Block`, `block_timeout_ms`).
+    pub fn full_disk_policy(self, policy: FullDiskPolicy) -> Self {
+        let (kind, timeout) = match policy {
+            FullDiskPolicy::Block { timeout } => (PolicyKind::Block, Some(timeout)),
+            FullDiskPolicy::DropNewest => (PolicyKind::DropNewest, None),
+            FullDiskPolicy::Fail => (PolicyKind::Fail, None),
+        };
+        let this = self.set("full_disk_policy", |l| l.full_disk_policy = Some(kind));
+        match timeout {
+            Some(t) => this.set("block_timeout_ms", |l| l.block_timeout_ms = Some(t)),
+            None => this,
+        }
+    }
+
+    pub fn database_url(self, url: impl Into<String>) -> Self {
+        let url = url.into();
+        self.set("database_url", |l| l.database_url = Some(url))
+    }
+
+    pub fn sync_timeout(self, timeout: Duration) -> Self {
+        self.set("sync_timeout_ms", |l| l.sync_timeout_ms = Some(timeout))
+    }
+
+    pub fn sync_migrate(self, on: bool) -> Self {
+        self.set("sync_migrate", |l| l.sync_migrate = Some(on))
+    }
+
+    pub fn max_event_bytes(self, bytes: usize) -> Self {
+        self.set("max_event_bytes", |l| l.max_event_bytes = Some(bytes))
+    }
+
+    /// Reads the file, the environment, applies the precedence and validates
+    /// (including that `wal_dir` can be created and written).
+    pub fn build(self) -> Result<Config, ConfigError> {
+        if let Some(reason) = self.code_errors.first() {
+            return Err(ConfigError::Invalid {
+                setting: "force_keep_actions",
+                value: String::new(),
+                origin: Origin::Code,
+                reason: reason.clone(),
+            });
+        }
+        let env_file = self.env.as_ref().and_then(|vars| {
+            vars.iter()
+                .find(|(k, v)| k == CONFIG_FILE_ENV && !v.trim().is_empty())
+                .map(|(_, v)| FileSource::Path(PathBuf::from(v.trim())))
+        });
+        let file = match self.file.or(env_file) {
+            Some(source) => file_layer(&source)?,
+            None => Layer::default(),
+        };
+        let env = match &self.env {
+            Some(vars) => env_layer(vars)?,
+            None => Layer::default(),
+        };
+        let config = file.overlay(env).overlay(self.code).into_config();
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn file_layer(source: &FileSource) -> Result<Layer, ConfigError> {
+    let (text, origin) = match source {
+        FileSource::Path(path) => (
+            std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+                path: path.clone(),
+                source,
+            })?,
+            Origin::File(Some(path.clone())),
+        ),
+        FileSource::Text(text) => (text.clone(), Origin::File(None)),
+    };
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            origin: origin.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut layer = Layer::default();
+    for (key, value) in table {
+        let Some(spec) = setting(&key) else {
+            return Err(ConfigError::Unknown {
+                key,
+                origin,
+                known: SETTINGS
+                    .iter()
+                    .map(|s| s.key)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let raw = match value {
+            toml::Value::String(s) => Raw::Text(s),
+            toml::Value::Integer(i) => Raw::Text(i.to_string()),
+            toml::Value::Float(f) => Raw::Text(f.to_string()),
+            toml::Value::Boolean(b) => Raw::Text(b.to_string()),
+            toml::Value::Array(items) => Raw::List(
+                items
+                    .into_iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => s,
+                        other => other.to_string(),
+                    })
+                    .collect(),
+            ),
+            other => {
+                return Err(ConfigError::Invalid {
+                    setting: spec.key,
+                    value: other.to_string(),
+                    origin,
+                    reason: "expected a string, number, boolean or list".into(),
+                })
+            }
+        };
+        layer.apply(spec, raw, origin.clone())?;
+    }
+    Ok(layer)
+}
+
+/// The settings among `vars`. An empty variable counts as unset (use `none`
+/// for an empty force-keep list). Unknown `AUDITWAL_*` variables are logged,
+/// since a misspelt one would otherwise be ignored.
+fn env_layer(vars: &[(String, String)]) -> Result<Layer, ConfigError> {
+    let mut layer = Layer::default();
+    for spec in SETTINGS {
+        // The last occurrence wins, as in a shell.
+        if let Some((_, value)) = vars.iter().rev().find(|(k, _)| k == spec.env) {
+            if value.trim().is_empty() {
+                continue;
+            }
+            layer.apply(spec, Raw::Text(value.clone()), Origin::Env(spec.env))?;
+        }
+    }
+    for (k, _) in vars {
+        if k.starts_with("AUDITWAL_")
+            && k != CONFIG_FILE_ENV
+            && !SETTINGS.iter().any(|s| s.env == k)
+        {
+            tracing::debug!(variable = %k, "ignoring an AUDITWAL_* variable that is not an audit log setting");
+        }
+    }
+    Ok(layer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_has_a_parser() {
+        // A value each parser accepts.
+        let sample = |key: &str| match key {
+            "audit_mode" => "durable",
+            "sample_rate" => "0.5",
+            "force_keep_actions" => "admin.*",
+            "force_keep_outcomes" => "failure",
+            "sample_key" => "tenant_id",
+            "wal_dir" => "/tmp/x",
+            "stream" => "s",
+            "full_disk_policy" => "fail",
+            "database_url" => "postgres://u@localhost/db",
+            "sync_migrate" => "false",
+            _ => "4096",
+        };
+        for spec in SETTINGS {
+            let mut layer = Layer::default();
+            layer
+                .apply(spec, Raw::Text(sample(spec.key).into()), Origin::Code)
+                .expect(spec.key);
+            assert_eq!(
+                layer.origins.get(spec.key),
+                Some(&Origin::Code),
+                "{}",
+                spec.key
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("64 MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("4g"), Ok(4 << 30));
+        assert!(parse_size("64MB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999999TiB").is_err());
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db?sslmode=require&password=x"),
+            "postgres://u:***@h:5432/db?sslmode=require&password=***"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
+}
