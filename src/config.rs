@@ -111,7 +111,7 @@ impl fmt::Display for Origin {
             Origin::File(Some(p)) => write!(f, "file {}", p.display()),
             Origin::File(None) => f.write_str("TOML text"),
             Origin::Env(var) => write!(f, "environment variable {var}"),
-            Origin::Code => f.write_str("set in code"),
+            Origin::Code => f.write_str("code"),
         }
     }
 }
@@ -839,7 +839,8 @@ pub struct ConfigBuilder {
     file: Option<FileSource>,
     env: Option<Vec<(String, String)>>,
     code: Layer,
-    code_errors: Vec<String>,
+    /// Patterns given to a setter that do not parse: (pattern, reason).
+    code_errors: Vec<(String, String)>,
 }
 
 impl ConfigBuilder {
@@ -901,7 +902,9 @@ impl ConfigBuilder {
         for p in patterns {
             match ActionPattern::parse(p.as_ref()) {
                 Ok(p) => parsed.push(p),
-                Err(e) => self.code_errors.push(e.to_string()),
+                Err(e) => self
+                    .code_errors
+                    .push((p.as_ref().to_string(), e.to_string())),
             }
         }
         self.set("force_keep_actions", |l| {
@@ -979,10 +982,10 @@ impl ConfigBuilder {
     /// Reads the file, the environment, applies the precedence and validates
     /// (including that `wal_dir` can be created and written).
     pub fn build(self) -> Result<Config, ConfigError> {
-        if let Some(reason) = self.code_errors.first() {
+        if let Some((pattern, reason)) = self.code_errors.first() {
             return Err(ConfigError::Invalid {
                 setting: "force_keep_actions",
-                value: String::new(),
+                value: format!("{pattern:?}"),
                 origin: Origin::Code,
                 reason: reason.clone(),
             });
