@@ -22,6 +22,7 @@ use std::time::Duration;
 use crate::event::{Outcome, DEFAULT_MAX_EVENT_BYTES};
 use crate::pg::SyncConfig;
 use crate::sampling::{ActionPattern, ForceKeep, SampleKey, Sampler};
+use crate::wal::format;
 use crate::wal::{
     FullDiskPolicy, WalConfig, WalError, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DISK_BUDGET,
     DEFAULT_FSYNC_INTERVAL, DEFAULT_SEGMENT_SIZE,
@@ -261,8 +262,14 @@ pub const SETTINGS: &[Setting] = &[
 /// when no file was given in code.
 pub const CONFIG_FILE_ENV: &str = "AUDITWAL_CONFIG";
 
-/// The largest `max_event_bytes` accepted.
-pub const MAX_MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+/// Room left in a WAL record for what is not the event's text and JSON: the
+/// event id, timestamp, sample rate, option tags and lengths (about 160 bytes
+/// at most), with a margin.
+const RECORD_OVERHEAD: usize = 1024;
+
+/// The largest `max_event_bytes` accepted: a valid event always fits one WAL
+/// record, so validation, not the WAL, is what refuses an oversized event.
+pub const MAX_MAX_EVENT_BYTES: usize = crate::wal::format::MAX_PAYLOAD_LEN - RECORD_OVERHEAD;
 
 fn setting(key: &str) -> Option<&'static Setting> {
     SETTINGS.iter().find(|s| s.key == key)
@@ -441,13 +448,6 @@ impl Config {
                 "must be at least 1 ms".into(),
             ));
         }
-        if !(1..=MAX_MAX_EVENT_BYTES).contains(&self.max_event_bytes) {
-            return Err(self.invalid(
-                "max_event_bytes",
-                self.max_event_bytes.to_string(),
-                format!("must be 1 ..= {MAX_MAX_EVENT_BYTES}"),
-            ));
-        }
         crate::wal::format::validate_stream_id(&self.stream).map_err(|e| {
             self.invalid(
                 "stream",
@@ -472,6 +472,31 @@ impl Config {
                 ),
             };
             return Err(self.invalid(key, value, reason));
+        }
+        // A valid event must fit one record of one segment.
+        let limit = if self.wal_dir.is_some() {
+            let room = usize::try_from(self.segment_size)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(
+                    format::SEGMENT_HEADER_LEN
+                        + format::EOS_FRAME_LEN
+                        + format::FRAME_HEADER_LEN
+                        + 8
+                        + RECORD_OVERHEAD,
+                );
+            room.min(MAX_MAX_EVENT_BYTES)
+        } else {
+            MAX_MAX_EVENT_BYTES
+        };
+        if !(1..=limit).contains(&self.max_event_bytes) {
+            return Err(self.invalid(
+                "max_event_bytes",
+                self.max_event_bytes.to_string(),
+                format!(
+                    "must be 1 ..= {limit} (an event must fit one WAL record of a {}-byte segment)",
+                    self.segment_size
+                ),
+            ));
         }
         if let Some(url) = &self.database_url {
             if let Err(e) = url.parse::<sqlx::postgres::PgConnectOptions>() {

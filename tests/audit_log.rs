@@ -646,6 +646,7 @@ async fn a_full_budget_under_block_waits_without_holding_the_runtime_then_fails_
     let log = open(
         config(wal.path(), None)
             .segment_size(64 * 1024)
+            .max_event_bytes(16 * 1024)
             .disk_budget(128 * 1024)
             .full_disk_policy(FullDiskPolicy::Block { timeout: block }),
     )
@@ -712,6 +713,7 @@ async fn drop_newest_refuses_at_the_call_and_counts_the_drop() {
     let log = open(
         config(wal.path(), None)
             .segment_size(64 * 1024)
+            .max_event_bytes(16 * 1024)
             .disk_budget(128 * 1024)
             .full_disk_policy(FullDiskPolicy::DropNewest),
     )

@@ -370,6 +370,11 @@ fn other_out_of_range_settings_are_refused_by_name() {
         ),
         ("`max_event_bytes`", base().max_event_bytes(0).build()),
         (
+            "`max_event_bytes`",
+            // The default 64 KiB limit does not fit a 64 KiB segment.
+            base().segment_size(64 * 1024).build(),
+        ),
+        (
             "`force_keep_actions`",
             base().force_keep_actions(["a*b"]).build(),
         ),
