@@ -119,7 +119,7 @@ fn crash_once(seed: u64, run: u64, durable: bool, kill: KillPoint) -> usize {
         .stdout(Stdio::piped())
         .stderr(fs::File::create(&stderr_path).expect("stderr file"))
         .spawn()
-        .expect("spawn auditwal emit");
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", env!("CARGO_BIN_EXE_auditwal")));
     let mut stdin = child.stdin.take().expect("stdin");
     let stdout = child.stdout.take().expect("stdout");
     let feeder = std::thread::spawn(move || {
@@ -188,9 +188,9 @@ fn crash_once(seed: u64, run: u64, durable: bool, kill: KillPoint) -> usize {
     if durable {
         // Durable acks come after the fsync, and the sidecar is written before
         // waiters are released: it covers every acknowledged event.
-        let sidecar = fs::read(stream_dir.join("durable.lsn")).expect("sidecar");
-        let durable_lsn = format::decode_durable_lsn(&sidecar).expect("sidecar decodes");
         if let Some(last_acked) = acks.len().checked_sub(1) {
+            let sidecar = fs::read(stream_dir.join("durable.lsn")).expect("sidecar");
+            let durable_lsn = format::decode_durable_lsn(&sidecar).expect("sidecar decodes");
             assert!(
                 durable_lsn >= on_disk[last_acked].0,
                 "durable.lsn {durable_lsn} behind acknowledged LSN {}; {ctx}",
