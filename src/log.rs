@@ -267,7 +267,8 @@ struct Inner {
 
 /// Records audit events in the configured default mode ([`record`](Self::record))
 /// or a mode chosen per call ([`record_with`](Self::record_with)). Cheap to
-/// clone; clones share everything. Open it inside a tokio runtime.
+/// clone; clones share everything. Open it inside a tokio runtime; sync mode's
+/// committer tasks run on the runtime of the first sync call (or of `open`).
 ///
 /// Call [`close`](Self::close) at shutdown: it fsyncs what was appended. If the
 /// last clone is dropped without it, `Drop` closes the WAL writer the same way,
@@ -706,6 +707,36 @@ fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed fsync cannot be provoked on a healthy disk; this pins the
+    /// accounting the writer's `SyncFailed` goes through.
+    #[tokio::test]
+    async fn a_failed_fsync_is_counted_once_with_the_records_it_left_unsynced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config::builder()
+            .wal_dir(dir.path())
+            .segment_size(1 << 20)
+            .build()
+            .expect("config");
+        let log = AuditLog::open(config).await.expect("open");
+        for _ in 0..5 {
+            log.record(&AuditEvent::new("a")).await.expect("append");
+        }
+        let written = log.stats().wal.expect("wal").written_lsn;
+        let failure = WalError::SyncFailed {
+            path: dir.path().to_path_buf(),
+            durable_lsn: 2,
+            source: Arc::new(std::io::Error::other("EIO")),
+        };
+        log.note_wal_error(&failure);
+        log.note_wal_error(&failure);
+        log.count_failure(Mode::Async, &AuditError::Wal(failure));
+        let s = log.stats();
+        assert_eq!(s.fsync_failures, 1);
+        assert_eq!(s.unsynced_at_failure, written - 2);
+        assert_eq!(s.failed.get(Mode::Async), 1);
+        log.close().await.expect("close");
+    }
 
     #[test]
     fn the_rate_limit_lets_one_line_a_second_through_and_counts_the_rest() {
