@@ -85,6 +85,12 @@ impl Segment {
         rustix::fs::fdatasync(&self.file).map_err(Into::into)
     }
 
+    /// The open file, for tests that swap its descriptor to provoke I/O errors.
+    #[cfg(test)]
+    pub(crate) fn file_for_test(&self) -> &File {
+        &self.file
+    }
+
     /// The whole mapped file, for recovery's scan.
     ///
     /// # Safety

@@ -625,3 +625,68 @@ impl AppendState {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::mem::ManuallyDrop;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use super::*;
+
+    /// Points the active segment's descriptor at /dev/null, whose fdatasync
+    /// fails with EINVAL: a real failed fsync on the flusher's real path. The
+    /// map stays valid (it does not depend on the descriptor).
+    fn break_fdatasync(wal: &WalWriter) {
+        let st = wal.inner.lock_state();
+        let segment = st.active.as_ref().expect("active segment").segment();
+        let raw = segment.file_for_test().as_raw_fd();
+        let dev_null = std::fs::File::open("/dev/null").expect("open /dev/null");
+        // SAFETY: `raw` stays owned by the segment's File; ManuallyDrop keeps
+        // this second owner from closing it. dup2 only replaces what it refers to.
+        let mut target = ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        rustix::io::dup2(&dev_null, &mut target).expect("dup2");
+    }
+
+    #[test]
+    fn a_failed_fdatasync_poisons_the_writer_for_every_later_call() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cfg = WalConfig::new(tmp.path(), "s1").with_fsync_interval(Duration::from_secs(3600));
+        let wal = WalWriter::open(cfg).expect("open");
+        let first = wal
+            .append_durable(&AuditEvent::new("a.1"))
+            .expect("durable append");
+
+        break_fdatasync(&wal);
+        let second = wal
+            .append(&AuditEvent::new("a.2"))
+            .expect("append is in the page cache");
+        match wal.wait_durable(second) {
+            Err(WalError::SyncFailed { durable_lsn, .. }) => assert_eq!(durable_lsn, first),
+            other => panic!("expected SyncFailed, got {other:?}"),
+        }
+        assert_eq!(
+            wal.durable_lsn(),
+            first,
+            "the failed round published nothing"
+        );
+        // Every later call says why, and the fsync is not retried into success.
+        assert!(matches!(
+            wal.append(&AuditEvent::new("a.3")),
+            Err(WalError::SyncFailed { .. })
+        ));
+        assert!(matches!(
+            wal.append_durable(&AuditEvent::new("a.4")),
+            Err(WalError::SyncFailed { .. })
+        ));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert!(matches!(
+            rt.block_on(wal.wait_durable_async(second)),
+            Err(WalError::SyncFailed { .. })
+        ));
+        // What was durable before stays durable.
+        wal.wait_durable(first).expect("already durable");
+        assert!(matches!(wal.close(), Err(WalError::SyncFailed { .. })));
+    }
+}
