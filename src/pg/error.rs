@@ -116,7 +116,7 @@ pub(crate) fn classify(err: &sqlx::Error, stage: Stage, event_id: Option<Uuid>) 
                     // The only unique constraints on audit_events are the primary key
                     // (id, occurred_at), filled by a sequence, and (event_id,
                     // occurred_at): a violation is a duplicate event.
-                    if db.constraint().map_or(true, |c| c.contains("event_id")) {
+                    if db.constraint().is_none_or(|c| c.contains("event_id")) {
                         return PgError::Duplicate { event_id };
                     }
                 }
