@@ -13,14 +13,14 @@
 //! spare segment is created. And because the size never changes after creation,
 //! fdatasync (data, no metadata) is enough to make appended records durable.
 //!
-//! Lifecycle: [`Spare`] (`spare-<n>.seg.tmp`, fallocated, zeroed, fdatasynced, no
-//! header) → [`Spare::install`] writes the header and renames it to
+//! Lifecycle: [`Spare`] (`spare-<n>.seg.tmp`, fallocated, mapped, head faulted
+//! in, no header) → [`Spare::install`] writes the header and renames it to
 //! `<first lsn>.seg` → [`ActiveSegment`] appends frames at its write offset →
 //! [`ActiveSegment::seal`] writes the EndOfSegment record. This module never
 //! shrinks a file: a reader may have it mapped, and a shrink would SIGBUS it.
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -132,8 +132,8 @@ impl Segment {
     }
 }
 
-/// Bytes at the start of a spare written with zeros rather than only
-/// fallocated (see `Spare::create`).
+/// Bytes at the start of a spare faulted in ahead of rotation (see
+/// `Spare::create`).
 const WRITTEN_HEAD: usize = 64 * 1024;
 
 /// Maps `len` bytes of `file` shared and writable.
@@ -165,8 +165,8 @@ pub(crate) enum SpareError {
 }
 
 impl Spare {
-    /// Creates `tmp_path` (0600), reserves `len` bytes with fallocate and
-    /// fdatasyncs it, so that installing it later syncs only its header page.
+    /// Creates `tmp_path` (0600), reserves `len` bytes with fallocate, maps it
+    /// and faults in its first pages (see the comment inside).
     pub(crate) fn create(tmp_path: &Path, len: u64) -> Result<Spare, SpareError> {
         let other = |op, e| SpareError::Other(WalError::io(op, tmp_path, e));
         let ulen = usize::try_from(len).map_err(|_| {
@@ -198,24 +198,6 @@ impl Spare {
                 e => other("preallocate spare segment", e.into()),
             });
         }
-        // Write real zeros over the head of the file. fallocate leaves
-        // "unwritten" extents, and the first store into such a page through a
-        // map must start a journal transaction (ext4 page_mkwrite), which
-        // blocked for 2–12 ms under heavy writeback in measurements; that store
-        // is the header, written at rotation under the append mutex. Written
-        // blocks take the fast path instead.
-        let head = vec![0u8; WRITTEN_HEAD.min(ulen)];
-        if let Err(e) = file.write_all_at(&head, 0) {
-            drop(spare);
-            return Err(match e.raw_os_error() {
-                Some(c) if c == rustix::io::Errno::NOSPC.raw_os_error() => SpareError::NoSpace(e),
-                _ => other("zero the head of the spare segment", e),
-            });
-        }
-        if let Err(e) = rustix::fs::fdatasync(&file) {
-            drop(spare);
-            return Err(other("fdatasync spare segment", e.into()));
-        }
         let map = match map_file(&file, ulen, tmp_path) {
             Ok(m) => m,
             Err(e) => {
@@ -223,6 +205,22 @@ impl Spare {
                 return Err(SpareError::Other(e));
             }
         };
+        // Fault the head of the file in, writable, now. fallocate leaves
+        // "unwritten" extents, and the first store into such a page through a
+        // map makes ext4 start a journal transaction (page_mkwrite), which
+        // blocked for 2–12 ms under heavy writeback in measurements. That
+        // first store is the header, written at rotation under the append
+        // mutex; here it costs nobody. MADV_POPULATE_WRITE does not touch the
+        // data (all zero anyway); the pages are written back with the
+        // segment's first fsync. No fdatasync here: under heavy writeback it
+        // took 150–400 ms and made rotation wait for the spare; the flusher's
+        // fdatasync of the segment (before any durable LSN in it) covers the
+        // preallocation's metadata too.
+        let head = WRITTEN_HEAD.min(ulen);
+        if let Err(e) = map.advise_range(memmap2::Advice::PopulateWrite, 0, head) {
+            // Kernels before 5.14 lack it: the header store then faults as usual.
+            tracing::debug!(error = %e, "MADV_POPULATE_WRITE failed on the spare segment");
+        }
         spare.inner = Some((file, map));
         Ok(spare)
     }
@@ -238,7 +236,7 @@ impl Spare {
     /// from the flusher, which fdatasyncs this file and fsyncs the directory
     /// before it publishes any durable LSN inside the segment; recovery removes a
     /// trailing segment whose header never reached the disk (it can hold no
-    /// durable record). The preallocation itself was fdatasynced by `create`.
+    /// durable record). That fdatasync also makes the preallocation durable.
     pub(crate) fn install(
         mut self,
         final_path: &Path,
