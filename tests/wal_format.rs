@@ -263,13 +263,10 @@ fn check_every_bit_flip_of_record(img: &Image, k: usize) {
 
 #[test]
 fn every_single_bit_flip_in_a_record_is_detected_and_later_records_are_still_returned() {
-    let img = build_segment("s1", 1000, 120, true, 64);
-    let last = img.records.len() - 1;
-    // First, a few in the middle of varied sizes, the last event, the end-of-segment record.
-    let mut picks = vec![0, 1, 2, 5, 60, 61, last - 1, last];
-    picks.sort_unstable();
-    picks.dedup();
-    for k in picks {
+    // Every bit of the header and payload of every record, the end-of-segment
+    // record included, one flip at a time.
+    let img = build_segment("s1", 1000, 40, true, 64);
+    for k in 0..img.records.len() {
         check_every_bit_flip_of_record(&img, k);
     }
 }

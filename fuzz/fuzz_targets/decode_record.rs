@@ -31,7 +31,11 @@ fuzz_target!(|data: &[u8]| {
         let n = encode_frame(&mut buf, record.lsn, record.kind, record.payload)
             .expect("a decoded frame re-encodes");
         assert_eq!(n, frame_len);
-        assert_eq!(&buf[..body], &data[..body], "header and payload re-encode identically");
+        assert_eq!(
+            &buf[..body],
+            &data[..body],
+            "header and payload re-encode identically"
+        );
         if record.kind == RecordKind::Event {
             check_payload(record.payload);
         }

@@ -32,7 +32,10 @@ fn check(bytes: &[u8]) {
             ScanItem::Record { offset, record } => {
                 assert!(*offset >= last_end && offset % FRAME_ALIGN == 0);
                 match decode_frame(&bytes[*offset..]) {
-                    FrameOutcome::Record { record: again, frame_len } => {
+                    FrameOutcome::Record {
+                        record: again,
+                        frame_len,
+                    } => {
                         assert_eq!(&again, record);
                         last_end = offset + frame_len;
                     }
@@ -51,7 +54,10 @@ fn check(bytes: &[u8]) {
                 assert_eq!(i, items.len() - 1);
                 match check_after_end(bytes, positions[i]) {
                     AfterEnd::Zeros => {}
-                    AfterEnd::Resync { resume, first_nonzero } => {
+                    AfterEnd::Resync {
+                        resume,
+                        first_nonzero,
+                    } => {
                         assert!(resume > *offset && resume < bytes.len());
                         assert!(first_nonzero >= *offset && first_nonzero <= resume + 20);
                     }
@@ -85,11 +91,15 @@ fn check(bytes: &[u8]) {
         let mut want: Vec<_> = items[i + 1..].to_vec();
         let after_eos = matches!(&items[i], ScanItem::Record { record, .. }
             if record.kind == auditwal::wal::format::RecordKind::EndOfSegment);
-        if after_eos {
-            // Resumed after the end-of-segment record: the scan looks past it.
+        if after_eos || matches!(items[i], ScanItem::Sealed { .. }) {
+            // Resumed after the end-of-segment record, a scan looks past it (a
+            // reader never resumes there: the segment is finished).
             continue;
         }
-        if matches!(items[i], ScanItem::EndOfData { .. } | ScanItem::TornTail { .. }) {
+        if matches!(
+            items[i],
+            ScanItem::EndOfData { .. } | ScanItem::TornTail { .. }
+        ) {
             // Terminal items leave the position at themselves: a resume repeats them.
             want = vec![items[i].clone()];
         }
