@@ -368,7 +368,7 @@ fn check_scan_invariants(bytes: &[u8]) {
                     other => panic!("record at {offset} does not decode again: {other:?}"),
                 }
                 assert!(
-                    last_lsn.map_or(true, |l| record.lsn > l),
+                    last_lsn.is_none_or(|l| record.lsn > l),
                     "LSNs must increase"
                 );
                 last_lsn = Some(record.lsn);

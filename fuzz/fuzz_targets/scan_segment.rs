@@ -41,7 +41,7 @@ fn check(bytes: &[u8]) {
                     }
                     other => panic!("record at {offset} does not decode again: {other:?}"),
                 }
-                assert!(last_lsn.map_or(true, |l| record.lsn > l));
+                assert!(last_lsn.is_none_or(|l| record.lsn > l));
                 last_lsn = Some(record.lsn);
             }
             ScanItem::Skipped { start, end, .. } => {

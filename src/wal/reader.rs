@@ -54,7 +54,9 @@ pub enum ReadError {
     MapSegment { path: PathBuf, source: io::Error },
     #[error("cannot read durable watermark {path}: {source}")]
     ReadDurable { path: PathBuf, source: io::Error },
-    #[error("{path} is not a segment file (no <20-digit LSN>.seg name and no valid segment header)")]
+    #[error(
+        "{path} is not a segment file (no <20-digit LSN>.seg name and no valid segment header)"
+    )]
     NotASegment { path: PathBuf },
 }
 
@@ -731,7 +733,7 @@ impl StreamReader {
                     FrameOutcome::Record { record, .. } => Some(record.lsn),
                     _ => None,
                 };
-                if resumed_lsn.map_or(true, |r| r > self.next_lsn) {
+                if resumed_lsn.is_none_or(|r| r > self.next_lsn) {
                     self.pending.push_back(ReadItem::Skipped {
                         segment: path.clone(),
                         start: start as u64,
