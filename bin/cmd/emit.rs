@@ -18,7 +18,9 @@ pub enum EmitMode {
 auditwal emit --wal-dir /var/lib/auditwal --mode durable < events.jsonl\n  \
 auditwal emit --database-url postgres://127.0.0.1/audit --mode sync < events.jsonl\n\n\
 Each output line is written only after that event's append (or commit) returned:\n\
-the event_id for async/durable, `event_id row_id` for sync.")]
+the event_id for async/durable, `event_id row_id` for sync.\n\
+A line that is not a valid event is reported on stderr with its line number and\n\
+skipped; the other events are still written, and the exit code is then 1.")]
 pub struct EmitArgs {
     /// Write to the local WAL under this directory (async or durable mode).
     #[arg(long, env = "AUDITWAL_WAL_DIR")]
