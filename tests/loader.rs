@@ -472,3 +472,61 @@ async fn sigterm_stops_the_loader_cleanly_with_exit_0() {
     assert!(out.status.success());
     assert_exactly(&db, &ids).await;
 }
+
+#[tokio::test]
+async fn metrics_endpoint_reports_rows_and_lag_per_stream() {
+    use std::io::Read;
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "m", 1500, "durable");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let child = Command::new(auditwal_bin())
+        .args([
+            "load",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--wal-dir",
+        ])
+        .arg(wal.path())
+        .args(["--database-url", db.url()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn loader");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while db.count().await < ids.len() as i64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_exactly(&db, &ids).await;
+    let body = loop {
+        let got = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        });
+        match got {
+            Ok(text) if text.contains("rows_loaded_total{stream=\"m\"} 1500") => break text,
+            _ if Instant::now() > deadline => panic!("metrics never showed the rows: {got:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains("auditwal_loader_lag_records{stream=\"m\"} 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains("auditwal_loader_checkpoint_lsn{stream=\"m\"} 1500"),
+        "{body}"
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+}
