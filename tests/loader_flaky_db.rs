@@ -48,7 +48,14 @@ fn emit_all(wal_dir: &Path, stream: &str, n: usize) -> Vec<Uuid> {
 
 fn spawn_loader(wal_dir: &Path, url: &str) -> Child {
     Command::new(auditwal_bin())
-        .args(["load", "--metrics-addr", "off", "--batch-rows", "2000", "--wal-dir"])
+        .args([
+            "load",
+            "--metrics-addr",
+            "off",
+            "--batch-rows",
+            "2000",
+            "--wal-dir",
+        ])
         .arg(wal_dir)
         .args(["--database-url", url])
         .env("RUST_LOG", "warn")
@@ -94,7 +101,10 @@ async fn assert_exactly(db: &TestDb, expected: &[Uuid]) {
     assert_eq!(set.len(), got.len(), "duplicate rows");
     let want: BTreeSet<Uuid> = expected.iter().copied().collect();
     assert_eq!(set.len(), want.len(), "row count");
-    assert!(set == want, "the loaded ids differ from the acknowledged ones");
+    assert!(
+        set == want,
+        "the loaded ids differ from the acknowledged ones"
+    );
 }
 
 #[tokio::test]
@@ -173,9 +183,79 @@ async fn writer_and_loader_run_at_the_same_time() {
     assert!(status.success());
     let ids = reader.join().expect("reader thread");
     assert_eq!(ids.len(), 20_000);
-    assert!(partial > 0, "the loader loaded while the writer was appending");
+    assert!(
+        partial > 0,
+        "the loader loaded while the writer was appending"
+    );
     let n = wait_for_count(&db, ids.len() as i64, Duration::from_secs(60)).await;
     assert_eq!(n, ids.len() as i64);
     stop(loader);
     assert_exactly(&db, &ids).await;
+}
+
+#[tokio::test]
+async fn the_loader_connects_over_tls_when_the_url_asks() {
+    let cluster = auditwal::pg::Cluster::start(auditwal::pg::ClusterOptions {
+        tls: true,
+        ..auditwal::pg::ClusterOptions::for_tests()
+    })
+    .expect("start a TLS cluster");
+    let db = TestDb::on_cluster(&cluster).await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit_all(wal.path(), "tls", 2_000);
+    let cert = cluster.tls_cert();
+    let tls_url = db.url().replace(
+        "sslmode=disable",
+        &format!("sslmode=verify-full&sslrootcert={}", cert.display()),
+    );
+    assert!(tls_url.contains("verify-full"), "{tls_url}");
+    let log_path = wal.path().join("loader.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let loader = Command::new(auditwal_bin())
+        .args(["load", "--metrics-addr", "off", "--wal-dir"])
+        .arg(wal.path())
+        .args(["--database-url", &tls_url])
+        .stderr(log)
+        .spawn()
+        .expect("spawn loader");
+    let n = wait_for_count(&db, ids.len() as i64, Duration::from_secs(30)).await;
+    if n != ids.len() as i64 {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&loader),
+            rustix::process::Signal::KILL,
+        );
+        panic!(
+            "{n} rows over TLS; loader log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+    // The loader's connection (still open, tailing) is encrypted; ours is not.
+    let encrypted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE s.ssl AND a.datname = current_database()",
+    )
+    .fetch_one(db.pool())
+    .await
+    .expect("pg_stat_ssl");
+    assert!(encrypted >= 1, "no TLS connection from the loader");
+    stop(loader);
+    assert_exactly(&db, &ids).await;
+
+    // verify-full against the wrong root certificate refuses to connect.
+    let other = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(other.path(), include_str!("../fuzz/README.md")).expect("write");
+    let bad_url = db.url().replace(
+        "sslmode=disable",
+        &format!("sslmode=verify-full&sslrootcert={}", other.path().display()),
+    );
+    let out = Command::new(auditwal_bin())
+        .args(["replay", "--from-lsn", "1", "--wal-dir"])
+        .arg(wal.path())
+        .args(["--database-url", &bad_url])
+        .output()
+        .expect("replay");
+    assert!(
+        !out.status.success(),
+        "connected without a valid certificate"
+    );
 }

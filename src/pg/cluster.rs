@@ -112,6 +112,10 @@ pub struct ClusterOptions {
     /// When the binaries are missing and we are root with apt-get: install the Debian
     /// package `postgresql` (once, under a file lock shared by parallel processes).
     pub install_if_missing: bool,
+    /// Serve TLS (`ssl = on`) with a certificate for 127.0.0.1 from a throwaway CA, made by
+    /// the `openssl` command; [`Cluster::tls_cert`] is the CA certificate (for
+    /// `sslrootcert=` with `sslmode=verify-full`). For tests of TLS connections.
+    pub tls: bool,
 }
 
 impl Default for ClusterOptions {
@@ -122,6 +126,7 @@ impl Default for ClusterOptions {
             max_connections: 200,
             shared_buffers_mb: 128,
             install_if_missing: true,
+            tls: false,
         }
     }
 }
@@ -380,6 +385,12 @@ impl Cluster {
             maxconn = opts.max_connections,
             shared = opts.shared_buffers_mb,
         );
+        let conf = if opts.tls {
+            self.make_tls_cert()?;
+            conf + "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+        } else {
+            conf
+        };
         let conf_path = self.data.join("postgresql.conf");
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -388,6 +399,93 @@ impl Cluster {
         io::Write::write_all(&mut f, conf.as_bytes())
             .map_err(io_err(format!("cannot write {}", conf_path.display())))?;
         Ok(())
+    }
+
+    /// A throwaway CA and a server certificate it signs for IP 127.0.0.1, in the
+    /// data dir (key 0600, owned by the server's user, as PostgreSQL demands); the
+    /// CA certificate is copied out for clients. A CA and a leaf rather than one
+    /// self-signed certificate: rustls refuses a CA certificate used as the
+    /// server's own.
+    fn make_tls_cert(&self) -> Result<(), ClusterError> {
+        let d = &self.data;
+        let (ca_key, ca_crt) = (d.join("ca.key"), d.join("ca.crt"));
+        let (key, csr, crt, ext) = (
+            d.join("server.key"),
+            d.join("server.csr"),
+            d.join("server.crt"),
+            d.join("server.ext"),
+        );
+        fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .map_err(io_err(format!("cannot write {}", ext.display())))?;
+        let openssl = |args: &[&std::ffi::OsStr]| {
+            let mut cmd = Command::new("openssl");
+            cmd.args(args);
+            run(cmd, "openssl (throwaway TLS certificates)")
+        };
+        let os = |s: &'static str| std::ffi::OsStr::new(s);
+        openssl(&[
+            os("req"),
+            os("-x509"),
+            os("-new"),
+            os("-nodes"),
+            os("-days"),
+            os("2"),
+            os("-subj"),
+            os("/CN=auditwal throwaway CA"),
+            os("-addext"),
+            os("basicConstraints=critical,CA:TRUE"),
+            os("-keyout"),
+            ca_key.as_os_str(),
+            os("-out"),
+            ca_crt.as_os_str(),
+        ])?;
+        openssl(&[
+            os("req"),
+            os("-new"),
+            os("-nodes"),
+            os("-subj"),
+            os("/CN=127.0.0.1"),
+            os("-keyout"),
+            key.as_os_str(),
+            os("-out"),
+            csr.as_os_str(),
+        ])?;
+        openssl(&[
+            os("x509"),
+            os("-req"),
+            os("-in"),
+            csr.as_os_str(),
+            os("-CA"),
+            ca_crt.as_os_str(),
+            os("-CAkey"),
+            ca_key.as_os_str(),
+            os("-CAcreateserial"),
+            os("-days"),
+            os("2"),
+            os("-extfile"),
+            ext.as_os_str(),
+            os("-out"),
+            crt.as_os_str(),
+        ])?;
+        fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(io_err(format!("cannot chmod {}", key.display())))?;
+        if let Some(u) = self.run_as {
+            for p in [&key, &crt] {
+                std::os::unix::fs::chown(p, Some(u.uid), Some(u.gid))
+                    .map_err(io_err(format!("cannot chown {} to postgres", p.display())))?;
+            }
+        }
+        fs::copy(&ca_crt, self.tls_cert())
+            .map_err(io_err("cannot copy the TLS CA certificate for clients"))?;
+        Ok(())
+    }
+
+    /// Where a TLS cluster's CA certificate is, for clients (`sslrootcert=`).
+    pub fn tls_cert(&self) -> PathBuf {
+        self.root.join("client-root.crt")
     }
 
     fn start_on_free_port(&mut self) -> Result<(), ClusterError> {
