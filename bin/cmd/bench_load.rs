@@ -336,7 +336,7 @@ async fn measure_lag(
 
     // The writer, paced: event k is due at start + k / RATE.
     let total = RATE * secs;
-    let appended = tokio::task::spawn_blocking(move || -> Result<Vec<Instant>, Failure> {
+    let appended = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, Instant)>, Failure> {
         let mut at = Vec::with_capacity(total as usize);
         let start = Instant::now();
         for k in 0..total {
@@ -345,8 +345,8 @@ async fn measure_lag(
             if due > now {
                 std::thread::sleep(due - now);
             }
-            writer.append(&bench_event(k)).context("append failed")?;
-            at.push(Instant::now());
+            let lsn = writer.append(&bench_event(k)).context("append failed")?;
+            at.push((lsn, Instant::now()));
         }
         writer.close().context("closing the lag WAL")?;
         Ok(at)
@@ -372,12 +372,10 @@ async fn measure_lag(
     );
     let _ = loader.wait();
 
-    // LSN k+1 was appended at appended[k]; it was committed when the first
-    // checkpoint ≥ k+1 was seen.
+    // Each event was committed when the first checkpoint ≥ its LSN was seen.
     let mut lags_ns = Vec::with_capacity(appended.len());
     let mut j = 0;
-    for (k, t) in appended.iter().enumerate() {
-        let lsn = k as u64 + 1;
+    for &(lsn, ref t) in &appended {
         while j < seen.len() && seen[j].1 < lsn {
             j += 1;
         }

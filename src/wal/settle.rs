@@ -15,7 +15,10 @@
 use std::fs::File;
 use std::path::Path;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
+
+/// Scanned bytes are released in steps of this size (a multiple of the page size).
+const RELEASE_STEP: usize = 1 << 20;
 
 use super::durable::Sidecar;
 use super::error::WalError;
@@ -59,9 +62,23 @@ pub fn settle_idle_stream(wal_dir: &Path, stream: &str) -> Result<Settled, WalEr
     // anyone (writers cut torn tails by zeroing), so the map stays valid.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| WalError::io("mmap", &last.path, e))?;
     let mut last_lsn = last.first_lsn.saturating_sub(1);
+    let mut released = 0usize;
     for item in scan_segment(&map) {
-        if let ScanItem::Record { record, .. } = item {
+        if let ScanItem::Record { record, offset } = item {
             last_lsn = last_lsn.max(record.lsn);
+            // Hand scanned pages back as we go, so settling a full 64 MiB segment
+            // does not make the loader's resident set grow by the segment's size.
+            let upto = offset / RELEASE_STEP * RELEASE_STEP;
+            if upto > released {
+                // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops
+                // this process's page table entries; a later access would fault the
+                // same file contents back in. Nothing borrowed from [released, upto)
+                // is used again: only LSNs were kept.
+                let _ = unsafe {
+                    map.unchecked_advise_range(UncheckedAdvice::DontNeed, released, upto - released)
+                };
+                released = upto;
+            }
         }
     }
     let durable_lsn = last_lsn.max(old.unwrap_or(0));
