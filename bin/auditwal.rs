@@ -45,6 +45,11 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  auditwal bench wal --json\n  auditwal bench load --dir /var/tmp\n\n\
+Each bench measures its baseline in the same run and prints ours / baseline as `ratio`.\n\
+--dir must not be a tmpfs for honest fsync figures. See docs/benchmarks.md."
+)]
 struct BenchArgs {
     /// Which benchmark.
     which: BenchKind,

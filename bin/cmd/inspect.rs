@@ -25,6 +25,12 @@ use serde::Serialize;
 use super::{CmdResult, Failure, EXIT_FOUND_PROBLEM};
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  auditwal inspect /var/lib/auditwal/api --json | jq .action\n  \
+auditwal inspect /var/lib/auditwal/api/00000000000000000001.seg --from-lsn 5000\n\n\
+Damage is reported on stderr; intact records are still printed. Exit codes: 0 clean,\n\
+1 damage found, 2 not a segment / no such path, 3 I/O failure."
+)]
 pub struct InspectArgs {
     /// A segment file, a stream directory, or a WAL directory.
     pub path: PathBuf,
@@ -37,6 +43,11 @@ pub struct InspectArgs {
 }
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Example:\n  auditwal verify /var/lib/auditwal/api || echo damaged\n\n\
+Exit codes: 0 clean, 1 damage found (the report names segment, byte range and kind),\n\
+2 not a segment / no such path, 3 I/O failure."
+)]
 pub struct VerifyArgs {
     /// A segment file, a stream directory, or a WAL directory.
     pub path: PathBuf,

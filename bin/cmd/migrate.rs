@@ -13,6 +13,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use super::{CmdResult, Failure};
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Example:\n  auditwal migrate --database-url postgres://owner@127.0.0.1/audit\n\n\
+Run it as the role that is to own the tables; running it again does nothing, and several\n\
+processes may run it at once. Exit codes: 0 up to date, 2 bad URL, 3 database unreachable\n\
+or a migration failed (see docs/operations.md)."
+)]
 pub struct MigrateArgs {
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL")]
