@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use auditwal::wal::format::{scan_segment, ScanItem};
-use common::{auditwal_bin, TestDb};
+use common::{auditwal_bin, ChildGuard, TestDb};
 use uuid::Uuid;
 
 /// Emits `n` events into `wal_dir/stream` through `auditwal emit` and returns the
@@ -495,6 +495,7 @@ async fn metrics_endpoint_reports_rows_and_lag_per_stream() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn loader");
+    let child = ChildGuard::new(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while db.count().await < ids.len() as i64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -522,6 +523,7 @@ async fn metrics_endpoint_reports_rows_and_lag_per_stream() {
         body.contains("auditwal_loader_checkpoint_lsn{stream=\"m\"} 1500"),
         "{body}"
     );
+    let child = child.take();
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
         rustix::process::Signal::TERM,

@@ -7,10 +7,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{auditwal_bin, private_cluster, TestDb};
+use common::{auditwal_bin, private_cluster, ChildGuard, TestDb};
 use uuid::Uuid;
 
 fn event_line(i: usize) -> String {
@@ -46,8 +46,8 @@ fn emit_all(wal_dir: &Path, stream: &str, n: usize) -> Vec<Uuid> {
         .collect()
 }
 
-fn spawn_loader(wal_dir: &Path, url: &str) -> Child {
-    Command::new(auditwal_bin())
+fn spawn_loader(wal_dir: &Path, url: &str) -> ChildGuard {
+    let child = Command::new(auditwal_bin())
         .args([
             "load",
             "--metrics-addr",
@@ -61,10 +61,12 @@ fn spawn_loader(wal_dir: &Path, url: &str) -> Child {
         .env("RUST_LOG", "warn")
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn loader")
+        .expect("spawn loader");
+    ChildGuard::new(child)
 }
 
-fn stop(child: Child) {
+fn stop(guard: ChildGuard) {
+    let child = guard.take();
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
         rustix::process::Signal::TERM,
@@ -218,12 +220,10 @@ async fn the_loader_connects_over_tls_when_the_url_asks() {
         .stderr(log)
         .spawn()
         .expect("spawn loader");
+    let loader = ChildGuard::new(loader);
     let n = wait_for_count(&db, ids.len() as i64, Duration::from_secs(30)).await;
     if n != ids.len() as i64 {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_child(&loader),
-            rustix::process::Signal::KILL,
-        );
+        drop(loader);
         panic!(
             "{n} rows over TLS; loader log:\n{}",
             std::fs::read_to_string(&log_path).unwrap_or_default()

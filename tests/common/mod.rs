@@ -173,3 +173,29 @@ impl Drop for TestDb {
 pub fn auditwal_bin() -> &'static str {
     env!("CARGO_BIN_EXE_auditwal")
 }
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, so a test
+/// that fails half-way leaves no loader running behind it.
+pub struct ChildGuard(Option<std::process::Child>);
+
+impl ChildGuard {
+    pub fn new(child: std::process::Child) -> Self {
+        ChildGuard(Some(child))
+    }
+
+    /// The child, for signalling or waiting; the guard no longer kills it.
+    pub fn take(mut self) -> std::process::Child {
+        self.0
+            .take()
+            .expect("ChildGuard holds its child until taken")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
