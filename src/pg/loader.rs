@@ -577,22 +577,7 @@ async fn commit_with_dead_letters(
                 message,
             }) if index < batch.rows.len() => {
                 let row = batch.rows.remove(index);
-                tracing::warn!(
-                    stream,
-                    lsn = row.lsn,
-                    sqlstate,
-                    "row refused, dead-lettered: {message}"
-                );
-                dead.append(
-                    stream,
-                    row.lsn,
-                    Some(&sqlstate),
-                    &message,
-                    row.sample_rate,
-                    &row.event,
-                )
-                .map_err(|e| StreamFailure::DeadLetter(dead.path().to_path_buf(), e))?;
-                m.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                dead_letter(dead, stream, &row, &sqlstate, &message, m)?;
             }
             Err(BatchError::PoisonRow { .. } | BatchError::PoisonUnknownRow { .. }) => {
                 // The server did not say which row: find it by loading one at a time.
@@ -601,6 +586,34 @@ async fn commit_with_dead_letters(
             Err(e) => return Err(StreamFailure::Database(e.to_string())),
         }
     }
+}
+
+/// Writes a refused row to the dead-letter file (fsynced) and counts it.
+fn dead_letter(
+    dead: &mut DeadLetterFile,
+    stream: &str,
+    row: &crate::pg::batch::BatchRow,
+    sqlstate: &str,
+    message: &str,
+    m: &StreamMetrics,
+) -> Result<(), StreamFailure> {
+    tracing::warn!(
+        stream,
+        lsn = row.lsn,
+        sqlstate,
+        "row refused, dead-lettered: {message}"
+    );
+    dead.append(
+        stream,
+        row.lsn,
+        Some(sqlstate),
+        message,
+        row.sample_rate,
+        &row.event,
+    )
+    .map_err(|e| StreamFailure::DeadLetter(dead.path().to_path_buf(), e))?;
+    m.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 async fn commit_row_by_row(
@@ -626,16 +639,7 @@ async fn commit_row_by_row(
                 }
                 | BatchError::PoisonUnknownRow { sqlstate, message },
             ) => {
-                dead.append(
-                    stream,
-                    row.lsn,
-                    Some(&sqlstate),
-                    &message,
-                    row.sample_rate,
-                    &row.event,
-                )
-                .map_err(|e| StreamFailure::DeadLetter(dead.path().to_path_buf(), e))?;
-                m.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                dead_letter(dead, stream, row, &sqlstate, &message, m)?;
                 let skip = Batch {
                     rows: Vec::new(),
                     end_lsn: row.lsn,
