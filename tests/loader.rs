@@ -3,29 +3,18 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use auditwal::wal::format::{scan_segment, ScanItem};
-use common::{auditwal_bin, ChildGuard, TestDb};
+use common::{assert_exactly, assert_ok, auditwal_bin, emit_lines, ChildGuard, TestDb};
 use uuid::Uuid;
 
 /// Emits `n` events into `wal_dir/stream` through `auditwal emit` and returns the
 /// event_ids it acknowledged.
 fn emit(wal_dir: &Path, stream: &str, n: usize, mode: &str) -> Vec<Uuid> {
-    let mut child = Command::new(auditwal_bin())
-        .args(["emit", "--wal-dir"])
-        .arg(wal_dir)
-        .args(["--stream", stream, "--mode", mode])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn auditwal emit");
-    let mut stdin = child.stdin.take().expect("stdin");
     let lines: String = (0..n)
         .map(|i| {
             format!(
@@ -36,16 +25,7 @@ fn emit(wal_dir: &Path, stream: &str, n: usize, mode: &str) -> Vec<Uuid> {
             )
         })
         .collect();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(lines.as_bytes());
-    });
-    let out = child.wait_with_output().expect("emit output");
-    let _ = writer.join();
-    assert!(out.status.success(), "emit failed: {:?}", out.status);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| Uuid::parse_str(l.trim()).expect("emit prints event ids"))
-        .collect()
+    emit_lines(wal_dir, stream, mode, lines)
 }
 
 fn load_once(wal_dir: &Path, url: &str, extra: &[&str]) -> std::process::Output {
@@ -58,33 +38,6 @@ fn load_once(wal_dir: &Path, url: &str, extra: &[&str]) -> std::process::Output 
         .expect("run auditwal load --once")
 }
 
-async fn ids_in_db(db: &TestDb) -> Vec<Uuid> {
-    sqlx::query_scalar("SELECT event_id FROM audit_events ORDER BY stream_id, lsn")
-        .fetch_all(db.pool())
-        .await
-        .expect("select event ids")
-}
-
-fn as_set(ids: &[Uuid]) -> BTreeSet<Uuid> {
-    ids.iter().copied().collect()
-}
-
-/// Asserts the table holds exactly `expected`, each once.
-async fn assert_exactly(db: &TestDb, expected: &[Uuid]) {
-    let got = ids_in_db(db).await;
-    let set = as_set(&got);
-    assert_eq!(set.len(), got.len(), "duplicates in audit_events");
-    let want = as_set(expected);
-    let missing: Vec<_> = want.difference(&set).take(5).collect();
-    let extra: Vec<_> = set.difference(&want).take(5).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "{} rows, {} expected; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
-        set.len(),
-        want.len()
-    );
-}
-
 #[tokio::test]
 async fn load_once_loads_every_acknowledged_event_once() {
     let db = TestDb::new().await;
@@ -92,19 +45,11 @@ async fn load_once_loads_every_acknowledged_event_once() {
     let ids = emit(wal.path(), "s1", 3000, "async");
     assert_eq!(ids.len(), 3000);
     let out = load_once(wal.path(), db.url(), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_exactly(&db, &ids).await;
     // Again: nothing new, nothing twice.
     let out = load_once(wal.path(), db.url(), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_exactly(&db, &ids).await;
     let cp: i64 = sqlx::query_scalar("SELECT lsn FROM audit_checkpoints WHERE stream_id = 's1'")
         .fetch_one(db.pool())
@@ -122,11 +67,7 @@ async fn several_streams_load_side_by_side() {
         all.extend(emit(wal.path(), s, 700, "durable"));
     }
     let out = load_once(wal.path(), db.url(), &["--batch-rows", "100"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_exactly(&db, &all).await;
     let streams: Vec<String> =
         sqlx::query_scalar("SELECT stream_id FROM audit_checkpoints ORDER BY 1")
@@ -194,22 +135,14 @@ async fn a_row_postgres_refuses_is_dead_lettered_and_the_stream_goes_on() {
         "{{\"event_id\":\"{}\",\"occurred_at\":\"2026-11-01T00:00:00Z\",\"action\":\"dup\"}}\n",
         Uuid::now_v7()
     );
-    let first = emit_lines(wal.path(), "a", &line);
+    let first = emit_lines(wal.path(), "a", "durable", line.clone());
     let out = load_once(wal.path(), db.url(), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let before = emit(wal.path(), "b", 50, "durable");
-    let dup = emit_lines(wal.path(), "b", &line);
+    let dup = emit_lines(wal.path(), "b", "durable", line.clone());
     let after = emit(wal.path(), "b", 50, "durable");
     let out = load_once(wal.path(), db.url(), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let mut expected = first.clone();
     expected.extend(&before);
     expected.extend(&after);
@@ -222,29 +155,6 @@ async fn a_row_postgres_refuses_is_dead_lettered_and_the_stream_goes_on() {
     assert_eq!(v["sqlstate"], "23505");
     assert_eq!(v["lsn"], 51);
     assert_eq!(v["event"]["event_id"], dup[0].to_string());
-}
-
-fn emit_lines(wal_dir: &Path, stream: &str, lines: &str) -> Vec<Uuid> {
-    let mut child = Command::new(auditwal_bin())
-        .args(["emit", "--mode", "durable", "--stream", stream, "--wal-dir"])
-        .arg(wal_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn emit");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(lines.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("emit");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| Uuid::parse_str(l.trim()).expect("id"))
-        .collect()
 }
 
 #[tokio::test]
@@ -264,11 +174,7 @@ async fn sealed_segments_are_deleted_only_after_commit_or_archived() {
         db.url(),
         &["--archive-dir", archive.path().to_str().expect("utf8")],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_exactly(&db, &ids).await;
     let left = segment_names(&wal.path().join("s"));
     let archived = segment_names(&archive.path().join("s"));
@@ -282,11 +188,7 @@ async fn sealed_segments_are_deleted_only_after_commit_or_archived() {
         .args(["--database-url", db.url()])
         .output()
         .expect("replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_exactly(&db, &ids).await;
 }
 
@@ -329,11 +231,7 @@ async fn replay_after_a_restore_puts_back_only_the_missing_rows() {
         db.url(),
         &["--archive-dir", archive.path().to_str().expect("utf8")],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // "Restore an older backup": a database holding only the first 700 rows (the
     // table is append-only, so the older state is built rather than cut back).
     let db2 = TestDb::new().await;
@@ -345,11 +243,7 @@ async fn replay_after_a_restore_puts_back_only_the_missing_rows() {
         .args(["--database-url", db2.url()])
         .output()
         .expect("replay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // The archive holds the sealed segments; the live dir the rest.
     let out = Command::new(auditwal_bin())
         .args(["replay", "--from-lsn", "1", "--wal-dir"])
@@ -357,11 +251,7 @@ async fn replay_after_a_restore_puts_back_only_the_missing_rows() {
         .args(["--database-url", db2.url()])
         .output()
         .expect("replay live dir");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_exactly(&db2, &ids).await;
 }
 
@@ -425,11 +315,7 @@ async fn loader_restarted_after_sigkill_mid_load_loads_nothing_twice() {
         let _ = child.wait();
     }
     let out = load_once(wal.path(), db.url(), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_exactly(&db, &ids).await;
 }
 

@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{auditwal_bin, private_cluster, ChildGuard, TestDb};
+use common::{assert_exactly, auditwal_bin, emit_lines, private_cluster, ChildGuard, TestDb};
 use uuid::Uuid;
 
 fn event_line(i: usize) -> String {
@@ -21,29 +20,7 @@ fn event_line(i: usize) -> String {
 }
 
 fn emit_all(wal_dir: &Path, stream: &str, n: usize) -> Vec<Uuid> {
-    let mut child = Command::new(auditwal_bin())
-        .args(["emit", "--mode", "async", "--stream", stream, "--wal-dir"])
-        .arg(wal_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn emit");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let feeder = std::thread::spawn(move || {
-        for i in 0..n {
-            if stdin.write_all(event_line(i).as_bytes()).is_err() {
-                break;
-            }
-        }
-    });
-    let out = child.wait_with_output().expect("emit");
-    let _ = feeder.join();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| Uuid::parse_str(l.trim()).expect("id"))
-        .collect()
+    emit_lines(wal_dir, stream, "async", (0..n).map(event_line).collect())
 }
 
 fn spawn_loader(wal_dir: &Path, url: &str) -> ChildGuard {
@@ -92,21 +69,6 @@ async fn wait_for_count(db: &TestDb, n: i64, within: Duration) -> i64 {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn assert_exactly(db: &TestDb, expected: &[Uuid]) {
-    let got: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM audit_events")
-        .fetch_all(db.pool())
-        .await
-        .expect("select ids");
-    let set: BTreeSet<Uuid> = got.iter().copied().collect();
-    assert_eq!(set.len(), got.len(), "duplicate rows");
-    let want: BTreeSet<Uuid> = expected.iter().copied().collect();
-    assert_eq!(set.len(), want.len(), "row count");
-    assert!(
-        set == want,
-        "the loaded ids differ from the acknowledged ones"
-    );
 }
 
 #[tokio::test]

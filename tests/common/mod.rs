@@ -199,3 +199,65 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// Feeds `lines` (JSON events, one per line) to `auditwal emit --wal-dir` in
+/// `mode` and returns the event_ids it acknowledged, in order.
+pub fn emit_lines(
+    wal_dir: &std::path::Path,
+    stream: &str,
+    mode: &str,
+    lines: String,
+) -> Vec<uuid::Uuid> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(auditwal_bin())
+        .args(["emit", "--mode", mode, "--stream", stream, "--wal-dir"])
+        .arg(wal_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn auditwal emit");
+    let mut stdin = child.stdin.take().expect("emit's stdin");
+    // A feeder thread, so emit's output pipe never fills while we are writing.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(lines.as_bytes());
+    });
+    let out = child.wait_with_output().expect("emit output");
+    let _ = feeder.join();
+    assert!(out.status.success(), "emit failed: {:?}", out.status);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| uuid::Uuid::parse_str(l.trim()).expect("emit prints event ids"))
+        .collect()
+}
+
+/// Asserts that a finished `auditwal` command succeeded, showing its stderr if not.
+pub fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that `audit_events` holds exactly the event_ids `expected`, each once.
+pub async fn assert_exactly(db: &TestDb, expected: &[uuid::Uuid]) {
+    use std::collections::BTreeSet;
+    let got: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM audit_events")
+        .fetch_all(db.pool())
+        .await
+        .expect("select event ids");
+    let set: BTreeSet<uuid::Uuid> = got.iter().copied().collect();
+    assert_eq!(set.len(), got.len(), "duplicates in audit_events");
+    let want: BTreeSet<uuid::Uuid> = expected.iter().copied().collect();
+    let missing: Vec<_> = want.difference(&set).take(5).collect();
+    let extra: Vec<_> = set.difference(&want).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} rows, {} expected; missing e.g. {missing:?}, unexpected e.g. {extra:?}",
+        set.len(),
+        want.len()
+    );
+}
