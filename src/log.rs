@@ -391,6 +391,11 @@ impl AuditLog {
 
     /// The counters so far, and the WAL's watermarks.
     pub fn stats(&self) -> AuditStats {
+        // A failed fsync is counted here too, not only when a later call is
+        // refused: an idle async service must still show it.
+        if let Some(failure) = self.inner.wal.as_ref().and_then(|w| w.failure()) {
+            self.note_wal_error(&failure);
+        }
         let c = &self.inner.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let per_mode =
@@ -736,6 +741,33 @@ mod tests {
         assert_eq!(s.unsynced_at_failure, written - 2);
         assert_eq!(s.failed.get(Mode::Async), 1);
         log.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_shows_in_the_stats_before_any_later_call() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config::builder()
+            .wal_dir(dir.path())
+            .fsync_interval(Duration::from_millis(10))
+            .build()
+            .expect("config");
+        let log = AuditLog::open(config).await.expect("open");
+        log.record(&AuditEvent::new("a")).await.expect("append");
+        let wal = log.inner.wal.clone().expect("wal mode");
+        wal.wait_durable_async(wal.written_lsn())
+            .await
+            .expect("first fsync");
+        crate::wal::writer::tests::break_fdatasync(&wal);
+        log.record(&AuditEvent::new("b")).await.expect("append");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.stats().fsync_failures == 0 {
+            assert!(Instant::now() < deadline, "the failed fsync never showed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let s = log.stats();
+        assert_eq!(s.fsync_failures, 1);
+        assert_eq!(s.unsynced_at_failure, 1, "record b was never synced");
+        assert!(log.close().await.is_err(), "close reports the failure");
     }
 
     #[test]

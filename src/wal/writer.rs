@@ -333,6 +333,13 @@ impl WalWriter {
         }
     }
 
+    /// The failure that stopped this writer (a failed fsync), if any: set by
+    /// the flusher the moment it happens, so a monitor sees it without waiting
+    /// for the next append to be refused.
+    pub fn failure(&self) -> Option<WalError> {
+        self.inner.durability.failure()
+    }
+
     /// What recovery found when this writer opened.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
@@ -627,7 +634,7 @@ impl AppendState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::mem::ManuallyDrop;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -636,7 +643,7 @@ mod tests {
     /// Points the active segment's descriptor at /dev/null, whose fdatasync
     /// fails with EINVAL: a real failed fsync on the flusher's real path. The
     /// map stays valid (it does not depend on the descriptor).
-    fn break_fdatasync(wal: &WalWriter) {
+    pub(crate) fn break_fdatasync(wal: &WalWriter) {
         let st = wal.inner.lock_state();
         let segment = st.active.as_ref().expect("active segment").segment();
         let raw = segment.file_for_test().as_raw_fd();
