@@ -328,11 +328,7 @@ async fn migrate_with_retry(ctx: &StreamCtx) {
     while !ctx.stopping() {
         let result = async {
             let mut conn = ctx.connect().await?;
-            crate::pg::schema::MIGRATOR
-                .run(&mut conn)
-                .await
-                .map_err(sqlx::Error::from)?;
-            crate::pg::schema::ensure_partitions(&mut conn, crate::pg::schema::PARTITIONS_AHEAD)
+            crate::pg::schema::migrate_connection(&mut conn)
                 .await
                 .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
             conn.close().await

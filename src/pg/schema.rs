@@ -8,7 +8,10 @@
 //! the append-only triggers and the roles live in the SQL files, documented there
 //! and in docs/operations.md; this module only runs them.
 
-use sqlx::migrate::Migrator;
+use std::future::Future;
+use std::pin::Pin;
+
+use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::{PgConnection, PgPool};
 
 use super::error::{classify, PgError, Stage};
@@ -27,14 +30,27 @@ pub async fn migrate(pool: &PgPool) -> Result<(), PgError> {
         .acquire()
         .await
         .map_err(|e| classify(&e, Stage::BeforeSend, None))?;
-    if let Err(e) = MIGRATOR.run_direct(&mut *conn).await {
+    if let Err(e) = migrate_connection(&mut conn).await {
         // sqlx leaves its advisory lock held when a migration fails; a connection
         // returned to the pool would keep every other migrator of this database
         // waiting. Close it instead.
         conn.close_on_drop();
-        return Err(e.into());
+        return Err(e);
     }
-    ensure_partitions(&mut conn, PARTITIONS_AHEAD).await?;
+    Ok(())
+}
+
+/// [`migrate`] on a connection of the caller's (which should not be reused after
+/// an error: sqlx may leave its advisory lock held).
+pub async fn migrate_connection(conn: &mut PgConnection) -> Result<(), PgError> {
+    // Boxed as `dyn Future + Send` here, where the connection's lifetime is
+    // concrete: left to inference, sqlx's generic migrator makes every future
+    // that awaits this one (the loader's run, say) fail `tokio::spawn`'s Send
+    // check with "implementation of Acquire is not general enough".
+    let run: Pin<Box<dyn Future<Output = Result<(), MigrateError>> + Send + '_>> =
+        Box::pin(MIGRATOR.run_direct(&mut *conn));
+    run.await?;
+    ensure_partitions(conn, PARTITIONS_AHEAD).await?;
     Ok(())
 }
 
