@@ -2,14 +2,21 @@
 //!
 //! Flags map onto [`auditwal::pg::loader::LoaderConfig`]; SIGTERM and SIGINT stop the
 //! loader after the batch in flight commits or aborts (nothing partial), exit 0.
+//! `load --once` and `replay` draw a progress bar on stderr when it is a terminal
+//! (`progress`); the loader proper (no `--once`) runs for ever and draws none.
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use auditwal::pg::loader::{Loader, LoaderConfig};
+use auditwal::wal::Lsn;
+use sqlx::Connection;
 
+use super::progress::{self, Estimate, Progress};
 use super::{CmdResult, Failure};
 
 #[derive(clap::Args)]
@@ -44,6 +51,10 @@ pub struct LoadArgs {
     /// Longest a partial batch waits for more rows, in milliseconds.
     #[arg(long, default_value_t = 50)]
     pub batch_delay_ms: u64,
+    /// Draw no progress bar. With --once, one is drawn on stderr when stderr is a
+    /// terminal (never when it is piped or redirected).
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(clap::Args)]
@@ -66,6 +77,9 @@ pub struct ReplayArgs {
     /// Only this stream (default: every stream).
     #[arg(long)]
     pub stream: Option<String>,
+    /// Draw no progress bar (one is drawn on stderr when stderr is a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -100,18 +114,39 @@ pub fn run_load(args: LoadArgs) -> CmdResult {
         metrics_addr,
         ..LoaderConfig::new(args.wal_dir, args.database_url)
     };
+    let show_progress = args.once && progress::wanted(args.no_progress);
     let rt = runtime()?;
     rt.block_on(async move {
+        // Read before the loader starts, so no batch of this run is counted as done.
+        let estimate = if show_progress {
+            load_estimate(&config.wal_dir, &config.database_url).await
+        } else {
+            None
+        };
         let loader = Loader::new(config);
-        let shutdown = loader.shutdown_handle();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            shutdown.stop();
+        let bar = show_progress.then(|| {
+            let metrics = loader.metrics();
+            Progress::start("load", estimate, move || {
+                metrics.rows_loaded() + metrics.dead_lettered()
+            })
         });
-        let summary = loader
-            .run()
-            .await
-            .map_err(|e| Failure::runtime(anyhow::Error::new(e)))?;
+        let shutdown = loader.shutdown_handle();
+        let interrupted = Arc::new(AtomicBool::new(false));
+        {
+            let interrupted = interrupted.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                interrupted.store(true, Ordering::Relaxed);
+                shutdown.stop();
+            });
+        }
+        let result = loader.run().await;
+        if let Some(bar) = bar {
+            let metrics = loader.metrics();
+            let complete = result.is_ok() && !interrupted.load(Ordering::Relaxed);
+            bar.finish(metrics.rows_loaded() + metrics.dead_lettered(), complete);
+        }
+        let summary = result.map_err(|e| Failure::runtime(anyhow::Error::new(e)))?;
         tracing::info!(
             rows = summary.rows_loaded,
             dead_lettered = summary.dead_lettered,
@@ -121,13 +156,77 @@ pub fn run_load(args: LoadArgs) -> CmdResult {
     })
 }
 
+/// What `load --once` has ahead of it: per stream, from the committed checkpoint
+/// to the durable watermark. `None` (the bar then shows the count alone) when the
+/// checkpoints cannot be read within a few seconds; the loader itself goes on
+/// retrying as usual.
+async fn load_estimate(wal_dir: &Path, database_url: &str) -> Option<Estimate> {
+    let streams = auditwal::wal::list_streams(wal_dir).ok()?;
+    let read = async {
+        let mut conn = sqlx::PgConnection::connect(database_url).await?;
+        let mut done = Vec::with_capacity(streams.len());
+        for s in &streams {
+            let checkpoint = match auditwal::pg::checkpoint::read(&mut conn, s).await {
+                Ok(cp) => cp.unwrap_or(0),
+                // A database never loaded into (the loader migrates it first): no
+                // checkpoints yet.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => 0,
+                Err(e) => return Err(e),
+            };
+            done.push((wal_dir.join(s), checkpoint as Lsn));
+        }
+        let _ = conn.close().await;
+        Ok::<_, sqlx::Error>(done)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), read).await {
+        Ok(Ok(done)) => Some(Estimate::new(done)),
+        Ok(Err(e)) => {
+            tracing::debug!("progress bar without a total: cannot read the checkpoints: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("progress bar without a total: the database did not answer in 5 s");
+            None
+        }
+    }
+}
+
 pub fn run_replay(args: ReplayArgs) -> CmdResult {
+    let show_progress = progress::wanted(args.no_progress);
     let rt = runtime()?;
     rt.block_on(async move {
         let config = LoaderConfig::new(args.wal_dir, args.database_url);
-        let summary = auditwal::pg::replay::replay(&config, args.from_lsn, args.stream.as_deref())
-            .await
-            .map_err(|e| Failure::runtime(anyhow::Error::new(e)))?;
+        let rows_sent = Arc::new(AtomicU64::new(0));
+        let bar = show_progress.then(|| {
+            let streams = match &args.stream {
+                Some(s) => Ok(vec![s.clone()]),
+                None => auditwal::wal::list_streams(&config.wal_dir),
+            };
+            // Records from --from-lsn on are to be sent: everything before is done.
+            let estimate = streams.ok().map(|streams| {
+                Estimate::new(
+                    streams
+                        .into_iter()
+                        .map(|s| (config.wal_dir.join(s), args.from_lsn.saturating_sub(1)))
+                        .collect(),
+                )
+            });
+            let rows_sent = rows_sent.clone();
+            Progress::start("replay", estimate, move || {
+                rows_sent.load(Ordering::Relaxed)
+            })
+        });
+        let result = auditwal::pg::replay::replay_with_progress(
+            &config,
+            args.from_lsn,
+            args.stream.as_deref(),
+            &rows_sent,
+        )
+        .await;
+        if let Some(bar) = bar {
+            bar.finish(rows_sent.load(Ordering::Relaxed), result.is_ok());
+        }
+        let summary = result.map_err(|e| Failure::runtime(anyhow::Error::new(e)))?;
         eprintln!(
             "replay: {} rows sent, {} already present, {} new",
             summary.rows_sent, summary.rows_present, summary.rows_inserted

@@ -12,6 +12,7 @@ pub mod emit_wal;
 pub mod inspect;
 pub mod load;
 pub mod migrate;
+pub mod progress;
 
 use std::process::ExitCode;
 
@@ -51,12 +52,13 @@ impl From<anyhow::Error> for Failure {
 
 pub type CmdResult = Result<ExitCode, Failure>;
 
-/// Logs go to stderr (stdout carries the contract's output); RUST_LOG filters them.
+/// Logs go to stderr (stdout carries the contract's output), around the progress
+/// bar when one is drawn; RUST_LOG filters them.
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(progress::log_writer)
         .init();
 }

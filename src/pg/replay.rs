@@ -10,6 +10,7 @@
 //! starts afterwards does not send those rows again.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::{Connection, PgConnection};
 
@@ -42,6 +43,17 @@ pub async fn replay(
     from_lsn: u64,
     stream: Option<&str>,
 ) -> Result<ReplaySummary, LoadError> {
+    replay_with_progress(config, from_lsn, stream, &AtomicU64::new(0)).await
+}
+
+/// [`replay`], adding to `rows_sent` the rows of each batch once its transaction
+/// has committed, so another task can watch how far it got (the CLI's progress bar).
+pub async fn replay_with_progress(
+    config: &LoaderConfig,
+    from_lsn: u64,
+    stream: Option<&str>,
+    rows_sent: &AtomicU64,
+) -> Result<ReplaySummary, LoadError> {
     let streams = match stream {
         Some(s) => vec![s.to_string()],
         None => list_streams(&config.wal_dir)?,
@@ -58,7 +70,7 @@ pub async fn replay(
     let mut total = ReplaySummary::default();
     for s in streams {
         let dir = config.wal_dir.join(&s);
-        let summary = replay_stream(&mut conn, config, &dir, &s, from_lsn).await?;
+        let summary = replay_stream(&mut conn, config, &dir, &s, from_lsn, rows_sent).await?;
         tracing::info!(
             stream = s,
             sent = summary.rows_sent,
@@ -80,6 +92,7 @@ async fn replay_stream(
     dir: &Path,
     stream: &str,
     from_lsn: u64,
+    rows_sent: &AtomicU64,
 ) -> Result<ReplaySummary, LoadError> {
     let stream_err = |reason: String| LoadError::Replay {
         stream: stream.to_string(),
@@ -128,6 +141,7 @@ async fn replay_stream(
         summary.rows_sent += rows.len() as u64;
         summary.rows_inserted += inserted;
         summary.rows_present += rows.len() as u64 - inserted;
+        rows_sent.fetch_add(rows.len() as u64, Ordering::Relaxed);
     }
 }
 

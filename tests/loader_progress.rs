@@ -1,0 +1,294 @@
+//! The progress bar of `load --once` and `replay`, through the real CLI against
+//! the real server: drawn on stderr when stderr is a terminal (a pseudo-terminal
+//! from util-linux `script`), and not one byte of it otherwise — stderr piped,
+//! stderr redirected to a file, `--no-progress` — nor ever on stdout.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::{assert_exactly, assert_ok, auditwal_bin, TestDb};
+use uuid::Uuid;
+
+/// Small segments (the minimum, 64 KiB), so the WAL holds many end-of-segment
+/// records: LSNs that are not rows, which the bar's total has to get over.
+const SEGMENT_SIZE: &str = "65536";
+
+/// Emits `n` events into `wal_dir/stream` in small segments and returns the ids.
+fn emit(wal_dir: &Path, stream: &str, n: usize) -> Vec<Uuid> {
+    use std::io::Write;
+    let lines: String = (0..n)
+        .map(|i| {
+            format!(
+                "{{\"action\":\"test.progress\",\"actor_id\":\"u{i}\",\"target_type\":\"doc\",\"target_id\":\"{i}\",\"metadata\":{{\"pad\":\"{}\"}}}}\n",
+                "x".repeat(100)
+            )
+        })
+        .collect();
+    let mut child = Command::new(auditwal_bin())
+        .args(["emit", "--stream", stream, "--wal-dir"])
+        .arg(wal_dir)
+        .env("AUDITWAL_WAL_SEGMENT_SIZE", SEGMENT_SIZE)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn auditwal emit");
+    let mut stdin = child.stdin.take().expect("emit's stdin");
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(lines.as_bytes());
+    });
+    let out = child.wait_with_output().expect("emit output");
+    let _ = feeder.join();
+    assert!(out.status.success(), "emit failed: {:?}", out.status);
+    let ids: Vec<Uuid> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| Uuid::parse_str(l.trim()).expect("emit prints event ids"))
+        .collect();
+    assert_eq!(ids.len(), n);
+    ids
+}
+
+/// `auditwal ARGS` as one shell command line, each argument single-quoted.
+fn shell_line(args: &[&str]) -> String {
+    std::iter::once(auditwal_bin())
+        .chain(args.iter().copied())
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `line` through `sh -c` with stdin, stdout and stderr on a fresh
+/// pseudo-terminal (util-linux `script`); returns what the terminal showed.
+fn on_terminal(line: &str) -> Output {
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", line, "/dev/null"])
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("util-linux `script` runs the command on a pseudo-terminal (package bsdutils)");
+    assert_ok(&out);
+    out
+}
+
+/// Marks of a drawn bar: indicatif's redraw (carriage return, erase line) and the
+/// words of our templates.
+fn bar_marks(bytes: &[u8]) -> Vec<&'static str> {
+    let text = String::from_utf8_lossy(bytes);
+    ["\r\x1b[2K", "rows/s", "ETA", "[00:00:"]
+        .into_iter()
+        .filter(|m| text.contains(m))
+        .collect()
+}
+
+fn load_args<'a>(wal: &'a str, url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "load",
+        "--once",
+        "--metrics-addr",
+        "off",
+        "--batch-rows",
+        "500",
+        "--wal-dir",
+        wal,
+        "--database-url",
+        url,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[tokio::test]
+async fn load_once_on_a_terminal_draws_a_bar_that_ends_on_the_row_count() {
+    // Not migrated: the bar's estimate must read "no checkpoints yet" as zero.
+    let db = TestDb::empty().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "s1", 4000);
+    let wal_s = wal.path().to_str().expect("utf-8 temp path");
+    let stdout_file = wal.path().join("stdout.txt");
+    let line = format!(
+        "{} >'{}'",
+        shell_line(&load_args(wal_s, db.url(), &[])),
+        stdout_file.display()
+    );
+    let out = on_terminal(&line);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        bar_marks(&out.stdout),
+        ["\r\x1b[2K", "rows/s", "ETA", "[00:00:"],
+        "no bar with a total on the terminal:\n{shown}"
+    );
+    // The total was estimated from the WAL (it counts end-of-segment records, so it
+    // reads a little above the rows while loading), and a complete run ends on the
+    // row count, 100 %.
+    assert!(
+        shown.contains("load [") && shown.contains("4,000/4,000 rows"),
+        "the bar does not end on 4,000/4,000 rows:\n{shown}"
+    );
+    assert!(
+        shown.matches("/4,0").count() > shown.matches("/4,000 rows").count(),
+        "the bar never showed the estimated total (4,000 rows + end-of-segment records):\n{shown}"
+    );
+    // Log lines are whole lines between redraws, not glued to the bar.
+    assert!(
+        shown.contains("\x1b[2K") && shown.lines().any(|l| l.contains("loader stopped")),
+        "{shown}"
+    );
+    let stdout = std::fs::read(&stdout_file).expect("stdout file");
+    assert!(
+        stdout.is_empty(),
+        "load printed on stdout: {:?}",
+        String::from_utf8_lossy(&stdout)
+    );
+    assert_exactly(&db, &ids).await;
+}
+
+#[tokio::test]
+async fn load_once_with_stderr_piped_writes_no_bar_at_all() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "s1", 3000);
+    let out = Command::new(auditwal_bin())
+        .args(load_args(
+            wal.path().to_str().expect("utf-8 temp path"),
+            db.url(),
+            &[],
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run auditwal load --once");
+    assert_ok(&out);
+    assert_exactly(&db, &ids).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        bar_marks(&out.stderr),
+        Vec::<&str>::new(),
+        "bar output on a piped stderr:\n{stderr:?}"
+    );
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    // Stderr was written to (the logs), one whole line at a time.
+    assert!(
+        stderr.lines().any(|l| l.contains("loader stopped")),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn replay_on_a_terminal_draws_a_bar_and_keeps_its_summary_line() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "s1", 3000);
+    let wal_s = wal.path().to_str().expect("utf-8 temp path");
+    let out = on_terminal(&shell_line(&[
+        "replay",
+        "--wal-dir",
+        wal_s,
+        "--database-url",
+        db.url(),
+        "--from-lsn",
+        "1",
+    ]));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        bar_marks(&out.stdout),
+        ["\r\x1b[2K", "rows/s", "ETA", "[00:00:"],
+        "no bar on the terminal:\n{shown}"
+    );
+    assert!(
+        shown.contains("replay [") && shown.contains("3,000/3,000 rows"),
+        "the bar does not end on 3,000/3,000 rows:\n{shown}"
+    );
+    // The summary starts a line of its own after the bar.
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.trim_end_matches('\r')
+                == "replay: 3000 rows sent, 0 already present, 3000 new"),
+        "{shown}"
+    );
+    assert_exactly(&db, &ids).await;
+}
+
+#[tokio::test]
+async fn replay_with_stderr_piped_prints_only_its_logs_and_summary() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "s1", 2000);
+    let out = Command::new(auditwal_bin())
+        .args(["replay", "--from-lsn", "1", "--wal-dir"])
+        .arg(wal.path())
+        .args(["--database-url", db.url()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run auditwal replay");
+    assert_ok(&out);
+    assert_exactly(&db, &ids).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(bar_marks(&out.stderr), Vec::<&str>::new(), "{stderr:?}");
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    assert!(
+        stderr.ends_with("replay: 2000 rows sent, 0 already present, 2000 new\n"),
+        "{stderr:?}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn a_terminal_gets_no_bar_with_no_progress_or_when_stderr_goes_elsewhere() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), "s1", 1500);
+    let wal_s = wal.path().to_str().expect("utf-8 temp path");
+
+    // stdout on the terminal, stderr to a file: a replay draws nothing anywhere.
+    let stderr_file = wal.path().join("stderr.txt");
+    let line = format!(
+        "{} 2>'{}'",
+        shell_line(&[
+            "replay",
+            "--wal-dir",
+            wal_s,
+            "--database-url",
+            db.url(),
+            "--from-lsn",
+            "1",
+        ]),
+        stderr_file.display()
+    );
+    let out = on_terminal(&line);
+    let stderr = std::fs::read(&stderr_file).expect("stderr file");
+    assert_eq!(
+        bar_marks(&out.stdout),
+        Vec::<&str>::new(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        bar_marks(&stderr),
+        Vec::<&str>::new(),
+        "{:?}",
+        String::from_utf8_lossy(&stderr)
+    );
+    let stderr = String::from_utf8_lossy(&stderr);
+    assert!(
+        stderr.ends_with("replay: 1500 rows sent, 0 already present, 1500 new\n"),
+        "{stderr:?}"
+    );
+
+    // A terminal, but --no-progress (the replay left nothing for load to do; it
+    // still logs).
+    let out = on_terminal(&shell_line(&load_args(wal_s, db.url(), &["--no-progress"])));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(bar_marks(&out.stdout), Vec::<&str>::new(), "{shown:?}");
+    assert!(shown.contains("loader stopped"), "{shown}");
+
+    assert_exactly(&db, &ids).await;
+}
