@@ -45,11 +45,12 @@ enum Command {
 }
 
 #[derive(clap::Args)]
-#[command(
-    after_help = "Examples:\n  auditwal bench wal --json\n  auditwal bench load --dir /var/tmp\n\n\
+#[command(after_help = format!(
+    "Examples:\n  auditwal bench wal --json\n  auditwal bench load --dir /var/tmp\n\n\
 Each bench measures its baseline in the same run and prints ours / baseline as `ratio`.\n\
---dir must not be a tmpfs for honest fsync figures. See docs/benchmarks.md."
-)]
+--dir must not be a tmpfs for honest fsync figures. See docs/benchmarks.md.\n\n{}",
+    cmd::bench_e2e::HELP
+))]
 struct BenchArgs {
     /// Which benchmark.
     which: BenchKind,
@@ -59,6 +60,8 @@ struct BenchArgs {
     /// Where to put scratch files (WAL segments, database cluster); default: a temp dir.
     #[arg(long)]
     dir: Option<PathBuf>,
+    #[command(flatten)]
+    e2e: cmd::bench_e2e::E2eArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -80,13 +83,14 @@ fn main() -> ExitCode {
         Command::Replay(a) => cmd::load::run_replay(a),
         Command::Inspect(a) => cmd::inspect::run_inspect(a),
         Command::Verify(a) => cmd::inspect::run_verify(a),
-        Command::Bench(a) => match a.which {
-            BenchKind::Wal => cmd::bench_wal::run(a.json, a.dir),
-            BenchKind::Sync => cmd::bench_sync::run(a.json, a.dir),
-            BenchKind::Load => cmd::bench_load::run(a.json, a.dir),
-            BenchKind::E2e => Err(cmd::Failure::runtime(anyhow::anyhow!(
-                "this benchmark is not built yet"
+        Command::Bench(a) => match (a.which, a.e2e.first_given()) {
+            (BenchKind::E2e, _) => cmd::bench_e2e::run(a.e2e, a.json, a.dir),
+            (_, Some(flag)) => Err(cmd::Failure::usage(anyhow::anyhow!(
+                "{flag} applies only to `bench e2e`"
             ))),
+            (BenchKind::Wal, None) => cmd::bench_wal::run(a.json, a.dir),
+            (BenchKind::Sync, None) => cmd::bench_sync::run(a.json, a.dir),
+            (BenchKind::Load, None) => cmd::bench_load::run(a.json, a.dir),
         },
     };
     match result {

@@ -2,6 +2,7 @@
 //! bench output format of the contract.
 
 pub mod bench;
+pub mod bench_e2e;
 pub mod bench_load;
 pub mod bench_sync;
 pub mod bench_wal;
@@ -11,6 +12,7 @@ pub mod emit_sync;
 pub mod emit_wal;
 pub mod inspect;
 pub mod load;
+pub mod loadgen;
 pub mod migrate;
 pub mod progress;
 
