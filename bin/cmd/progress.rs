@@ -154,6 +154,9 @@ impl Drop for Progress {
             let _ = poller.join();
             self.bar.abandon();
             set_active(None);
+            if !self.bar.is_hidden() {
+                eprintln!();
+            }
         }
     }
 }
