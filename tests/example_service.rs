@@ -436,6 +436,22 @@ async fn with_the_database_stopped_admin_actions_answer_503_and_do_not_take_effe
     );
     assert!(log.stats().failed.get(Mode::Sync) >= 2);
 
+    // User endpoints in sync mode follow the same rule: 503, no link.
+    let sync_users = AppState::new(Some(log.clone()), UserAudit::Mode(Mode::Sync));
+    let sync_addr = serve(sync_users).await;
+    let a = post(
+        sync_addr,
+        "/api/links",
+        json!({"user": "u9", "url": "https://example.com/proof"}),
+    )
+    .await;
+    assert_eq!(a.status, 503, "{a:?}");
+    let stats = http(sync_addr, "GET", "/api/stats", &[], "").await;
+    assert_eq!(
+        stats.json["links"], 0,
+        "a link whose sync audit failed stays out: {stats:?}"
+    );
+
     // With the database back, the same request goes through.
     cluster.start_again().expect("restart the database");
     let mut answer = None;

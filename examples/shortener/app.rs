@@ -21,8 +21,9 @@
 //! The module is self-contained (only `auditwal`, axum, serde and the standard
 //! library) so that `auditwal bench e2e` can include it with `#[path]`.
 
-use std::collections::hash_map::{DefaultHasher, Entry};
+use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
@@ -37,7 +38,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// Longest accepted URL, in bytes (what browsers and most shorteners accept).
@@ -180,15 +181,6 @@ impl AppState {
             audit,
             user_audit,
         })
-    }
-
-    /// The event limit the audit log enforces, for validating before acting.
-    fn max_event_bytes(&self) -> usize {
-        self.audit
-            .as_ref()
-            .map_or(auditwal::DEFAULT_MAX_EVENT_BYTES, |a| {
-                a.config().max_event_bytes
-            })
     }
 }
 
@@ -526,48 +518,100 @@ fn receipt_json(mode: Mode, r: &Receipt) -> Value {
     }
 }
 
+/// Sync and durable: the caller asked for proof before the response.
 fn is_proof(mode: Mode) -> bool {
     matches!(mode, Mode::Sync | Mode::Durable)
 }
 
-/// How one user-endpoint event is to be audited.
-enum Plan<'a> {
-    Off,
-    Audit { log: &'a AuditLog, mode: Mode },
+/// Runs `work` in a task of its own and waits for it. A client that
+/// disconnects drops the handler's future; without this, a proof-mode audit
+/// call could commit and its action (or undo) never run. With it, whatever
+/// `work` started is finished.
+async fn to_end<T: Send + 'static>(
+    work: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(work).await {
+        Ok(r) => r,
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal error: {e}"),
+        )),
+    }
 }
 
 impl AppState {
-    fn user_plan(&self) -> Result<Plan<'_>, ApiError> {
-        match (self.user_audit, self.audit.as_deref()) {
-            (UserAudit::Off, _) => Ok(Plan::Off),
-            (UserAudit::Mode(mode), Some(log)) => Ok(Plan::Audit { log, mode }),
+    /// The mode of the user endpoints: `None` when off.
+    fn user_mode(&self) -> Result<Option<Mode>, ApiError> {
+        match (self.user_audit, &self.audit) {
+            (UserAudit::Off, _) => Ok(None),
+            (UserAudit::Mode(mode), Some(_)) => Ok(Some(mode)),
             (UserAudit::Mode(_), None) => Err(ApiError::audit_not_configured()),
         }
     }
-}
 
-impl Plan<'_> {
-    fn proof(&self) -> bool {
-        matches!(self, Plan::Audit { mode, .. } if is_proof(*mode))
+    /// Checks `event` as the log will, so that an event it would refuse stops
+    /// the action before anything is stored.
+    fn check_event(&self, event: &AuditEvent) -> Result<(), ApiError> {
+        let limit = self
+            .audit
+            .as_ref()
+            .map_or(auditwal::DEFAULT_MAX_EVENT_BYTES, |a| {
+                a.config().max_event_bytes
+            });
+        event.validate(limit).map_err(|e| event_refused(&e))
     }
 
-    /// Records `event` after a fire-and-forget action (the action stands
-    /// whatever happens here), or before a proof-mode one (an error then
-    /// stops the action). Returns the response's `audit` field.
-    async fn record(&self, event: &AuditEvent) -> Result<Value, ApiError> {
-        let Plan::Audit { log, mode } = self else {
-            return Ok(Value::Null);
-        };
-        match log.record_with(event, *mode).await {
-            Ok(r) => Ok(receipt_json(*mode, &r)),
-            Err(e) if is_proof(*mode) => Err(ApiError::audit_failed(*mode, event.event_id, &e)),
-            // Counted in AuditStats.failed and logged (rate-limited) by the
-            // AuditLog; the action already happened, so the request stands.
-            Err(e) => Ok(
-                json!({"mode": mode.as_str(), "event_id": event.event_id, "error": e.to_string()}),
-            ),
+    /// Records a user-endpoint event in `mode`; returns the response's
+    /// `audit` field. Proof modes: an error is the caller's (its action must
+    /// not happen). Fire-and-forget modes: never an error, since the action
+    /// already happened; the failure is counted in `AuditStats::failed` and
+    /// logged (rate-limited) by the `AuditLog`, and shown in the field.
+    async fn record_user(&self, mode: Mode, event: &AuditEvent) -> Result<Value, ApiError> {
+        let log = self
+            .audit
+            .as_deref()
+            .ok_or_else(ApiError::audit_not_configured)?;
+        match log.record_with(event, mode).await {
+            Ok(r) => Ok(receipt_json(mode, &r)),
+            Err(e) if is_proof(mode) => Err(ApiError::audit_failed(mode, event.event_id, &e)),
+            Err(e) => Ok(json!({
+                "mode": mode.as_str(),
+                "event_id": event.event_id,
+                "error": e.to_string(),
+            })),
         }
     }
+
+    /// Records an admin event in sync mode, then (only on a receipt) applies
+    /// the action, both to the end even if the client goes away.
+    async fn record_admin(
+        self: Arc<Self>,
+        event: AuditEvent,
+        apply: impl FnOnce(&AppState) + Send + 'static,
+    ) -> Result<Receipt, ApiError> {
+        to_end(async move {
+            let log = self
+                .audit
+                .as_deref()
+                .ok_or_else(ApiError::audit_not_configured)?;
+            let receipt = log
+                .record_with(&event, Mode::Sync)
+                .await
+                .map_err(|e| ApiError::audit_failed(Mode::Sync, event.event_id, &e))?;
+            // Committed: now, and only now, the change.
+            apply(&self);
+            Ok(receipt)
+        })
+        .await
+    }
+}
+
+/// The admin answer: the action's fields plus the audit reference.
+fn admin_answer(mut body: Value, receipt: &Receipt) -> Response {
+    body["audit_id"] = json!(receipt.event_id());
+    body["audit_row_id"] = json!(receipt.row_id().map(|r| r.0));
+    body["audit"] = receipt_json(Mode::Sync, receipt);
+    Json(body).into_response()
 }
 
 // ---------------------------------------------------------------- handlers
@@ -576,6 +620,7 @@ async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// `GET /api/stats`: the `AuditStats` snapshot as JSON, for export.
 async fn stats(State(state): State<Arc<AppState>>) -> Json<Value> {
     let audit = state.audit.as_ref().map(|log| {
         let s = log.stats();
@@ -618,8 +663,23 @@ struct CreateLink {
     url: String,
 }
 
-/// `POST /api/links`: the hot path. Validate, check the user, pick a code,
-/// store, audit (order per the module docs).
+/// `link.create`'s metadata, serialised straight into the event.
+#[derive(Serialize)]
+struct CreateMeta<'a> {
+    url: &'a str,
+    flagged: bool,
+}
+
+#[derive(Serialize)]
+struct Created<'a> {
+    code: &'a str,
+    url: &'a str,
+    flagged: bool,
+    audit: Value,
+}
+
+/// `POST /api/links`: the hot path. Validate, check the user, build and check
+/// the event, store the link, audit (in the order of the module docs).
 async fn create_link(
     State(state): State<Arc<AppState>>,
     client: Client,
@@ -628,7 +688,7 @@ async fn create_link(
     let req: CreateLink = parse_body(&body, &[("user", "string"), ("url", "string")])?;
     check_name("user", &req.user)?;
     check_url("url", &req.url)?;
-    let plan = state.user_plan()?;
+    let mode = state.user_mode()?;
     if state.is_disabled(&req.user) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -636,10 +696,12 @@ async fn create_link(
         ));
     }
     let flagged = is_suspicious(&req.url);
-    let link = Link {
-        url: req.url.clone(),
-        owner: req.user.clone(),
-        visibility: if plan.proof() {
+    let proof = mode.is_some_and(is_proof);
+    let url = req.url.clone();
+    let mut link = Link {
+        url: req.url,
+        owner: req.user,
+        visibility: if proof {
             Visibility::Pending
         } else {
             Visibility::Live
@@ -650,49 +712,68 @@ async fn create_link(
     // The event is built and checked before the link exists, so an event the
     // log would refuse never leaves a link behind, in any mode.
     let mut code = new_code();
-    let event = match plan {
-        Plan::Off => None,
-        Plan::Audit { .. } => {
+    let mut event = match mode {
+        None => None,
+        Some(_) => {
             let event = client
                 .stamp(
                     AuditEvent::new("link.create")
-                        .actor("user", req.user.clone())
-                        .target("link", code.clone())
+                        .actor("user", link.owner.as_str())
+                        .target("link", code.as_str())
                         .outcome(Outcome::Success),
                 )
-                .metadata(&json!({"url": req.url, "flagged": flagged}))
+                .metadata(&CreateMeta {
+                    url: &link.url,
+                    flagged,
+                })
                 .map_err(|e| event_refused(&e))?;
-            event
-                .validate(state.max_event_bytes())
-                .map_err(|e| event_refused(&e))?;
+            state.check_event(&event)?;
             Some(event)
         }
     };
-    let mut event = event;
-    while !state.try_insert_link(&code, &link) {
-        // A collision (about one in 10^14 at a million links): another code,
-        // and the event follows it.
-        code = new_code();
-        if let Some(e) = event.as_mut() {
-            e.target_id = Some(code.clone());
+    loop {
+        match state.try_insert_link(&code, link) {
+            Ok(()) => break,
+            Err(back) => {
+                // A collision (about one in 10^8 at a million links): another
+                // code, and the event follows it.
+                link = back;
+                code = new_code();
+                if let Some(e) = event.as_mut() {
+                    e.target_id = Some(code.clone());
+                }
+            }
         }
     }
-    let audit = match &event {
-        None => Value::Null,
-        Some(event) => match plan.record(event).await {
-            Ok(v) => v,
-            Err(e) => {
-                state.remove_link(&code);
-                return Err(e);
-            }
-        },
+    let audit = match (mode, event) {
+        (Some(mode), Some(event)) if proof => {
+            let state = state.clone();
+            let code = code.clone();
+            to_end(async move {
+                match state.record_user(mode, &event).await {
+                    Ok(audit) => {
+                        state.publish_link(&code);
+                        Ok(audit)
+                    }
+                    Err(e) => {
+                        state.remove_link(&code);
+                        Err(e)
+                    }
+                }
+            })
+            .await?
+        }
+        (Some(mode), Some(event)) => state.record_user(mode, &event).await?,
+        _ => Value::Null,
     };
-    if plan.proof() {
-        state.publish_link(&code);
-    }
     Ok((
         StatusCode::CREATED,
-        Json(json!({"code": code, "url": req.url, "flagged": flagged, "audit": audit})),
+        Json(Created {
+            code: &code,
+            url: &url,
+            flagged,
+            audit,
+        }),
     )
         .into_response())
 }
@@ -704,7 +785,8 @@ struct BulkImport {
 }
 
 /// `POST /api/links/bulk`: each valid URL becomes a link, each invalid one is
-/// reported; one `link.bulk_import` event covers the batch (as in the seed).
+/// reported; one `link.bulk_import` event covers the batch (as in the seed,
+/// with the counts and the created codes in its metadata).
 async fn bulk_import(
     State(state): State<Arc<AppState>>,
     client: Client,
@@ -721,21 +803,23 @@ async fn bulk_import(
             format!("field `urls` has more than {MAX_BULK_URLS} entries"),
         ));
     }
-    let plan = state.user_plan()?;
+    let mode = state.user_mode()?;
     if state.is_disabled(&req.user) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             format!("user {} is disabled", req.user),
         ));
     }
-    // Audited batches are stored pending and published after the audit call:
-    // an event refused by validation (the batch is over `max_event_bytes`,
-    // say) then leaves nothing behind. Not the hot path; one more lock a link.
-    let visibility = match plan {
-        Plan::Off => Visibility::Live,
-        Plan::Audit { .. } => Visibility::Pending,
+    // Audited batches are stored pending and published after the audit call,
+    // whatever the mode: an event refused by validation (a batch over
+    // `max_event_bytes`, say) then leaves nothing behind. One more lock per
+    // link; bulk import is not the hot path.
+    let visibility = match mode {
+        None => Visibility::Live,
+        Some(_) => Visibility::Pending,
     };
     let mut created = Vec::new();
+    let mut codes = Vec::new();
     let mut failed = Vec::new();
     for (i, url) in req.urls.iter().enumerate() {
         let field = format!("urls[{i}]");
@@ -744,26 +828,24 @@ async fn bulk_import(
                 let flagged = is_suspicious(url);
                 let code = state.insert_link(&req.user, url, flagged, visibility);
                 created.push(json!({"code": code, "url": url, "flagged": flagged}));
+                codes.push(code);
             }
             Err(e) => failed.push(json!({"field": field, "error": e.message})),
         }
     }
-    let codes: Vec<String> = created
-        .iter()
-        .filter_map(|c| c["code"].as_str().map(str::to_string))
-        .collect();
     if codes.is_empty() {
         return Err(
             ApiError::field("urls", "no URL in `urls` is valid").with(json!({"failed": failed}))
         );
     }
-    let audit = match plan {
-        Plan::Off => Value::Null,
-        Plan::Audit { .. } => {
+    let audit = match mode {
+        None => Value::Null,
+        Some(mode) => {
             let event = client
                 .stamp(
                     AuditEvent::new("link.bulk_import")
-                        .actor("user", req.user.clone())
+                        .actor("user", req.user.as_str())
+                        .target("link", "bulk")
                         .outcome(Outcome::Success),
                 )
                 .metadata(&json!({
@@ -771,30 +853,36 @@ async fn bulk_import(
                     "created": codes.len(),
                     "failed": failed.len(),
                     "codes": codes,
-                }));
-            let result = match event {
-                Ok(event) => match event.validate(state.max_event_bytes()) {
-                    Ok(()) => plan.record(&event).await,
-                    Err(e) => Err(event_refused(&e)),
-                },
-                Err(e) => Err(event_refused(&e)),
-            };
-            match result {
-                Ok(v) => v,
+                }))
+                .map_err(|e| event_refused(&e))
+                .and_then(|event| state.check_event(&event).map(|()| event));
+            let event = match event {
+                Ok(event) => event,
                 Err(e) => {
-                    for code in &codes {
-                        state.remove_link(code);
-                    }
+                    state.remove_links(&codes);
                     return Err(e);
                 }
+            };
+            let state = state.clone();
+            let work = async move {
+                match state.record_user(mode, &event).await {
+                    Ok(audit) => {
+                        state.publish_links(&codes);
+                        Ok(audit)
+                    }
+                    Err(e) => {
+                        state.remove_links(&codes);
+                        Err(e)
+                    }
+                }
+            };
+            if is_proof(mode) {
+                to_end(work).await?
+            } else {
+                work.await?
             }
         }
     };
-    if visibility == Visibility::Pending {
-        for code in &codes {
-            state.publish_link(code);
-        }
-    }
     Ok((
         StatusCode::CREATED,
         Json(json!({"created": created, "failed": failed, "audit": audit})),
@@ -808,7 +896,8 @@ struct Reorder {
 }
 
 /// `POST /api/bio/{user}/reorder`: the bio page shows `order`, each a code the
-/// user owns. A minor operation: user mode, before/after in the event.
+/// user owns. A minor operation: user mode, the old and new order as the
+/// event's before/after.
 async fn reorder_bio(
     State(state): State<Arc<AppState>>,
     Path(user): Path<String>,
@@ -842,7 +931,7 @@ async fn reorder_bio(
             ));
         }
     }
-    let plan = state.user_plan()?;
+    let mode = state.user_mode()?;
     let before = match state.users.read(&user).get(&user) {
         None => {
             return Err(ApiError::new(
@@ -858,53 +947,46 @@ async fn reorder_bio(
         }
         Some(u) => u.bio.clone(),
     };
-    let event = match plan {
-        Plan::Off => None,
-        Plan::Audit { .. } => Some(
-            client
+    let order = req.order;
+    let audit = match mode {
+        None => {
+            state.set_bio(&user, order.clone());
+            Value::Null
+        }
+        Some(mode) => {
+            let event = client
                 .stamp(
                     AuditEvent::new("bio.links_reordered")
-                        .actor("user", user.clone())
-                        .target("bio", user.clone())
+                        .actor("user", user.as_str())
+                        .target("bio", user.as_str())
                         .outcome(Outcome::Success),
                 )
                 .before(&before)
-                .and_then(|e| e.after(&req.order))
-                .and_then(|e| e.metadata(&json!({"count": req.order.len()})))
-                .map_err(|e| event_refused(&e))?,
-        ),
-    };
-    if let Some(event) = &event {
-        event
-            .validate(state.max_event_bytes())
-            .map_err(|e| event_refused(&e))?;
-    }
-    let set_order = |state: &AppState| {
-        if let Some(u) = state.users.write(&user).get_mut(&user) {
-            u.bio = req.order.clone();
+                .and_then(|e| e.after(&order))
+                .and_then(|e| e.metadata(&json!({"count": order.len()})))
+                .map_err(|e| event_refused(&e))?;
+            state.check_event(&event)?;
+            if is_proof(mode) {
+                // Audited first, applied after, to the end.
+                let (state, user, order) = (state.clone(), user.clone(), order.clone());
+                to_end(async move {
+                    let audit = state.record_user(mode, &event).await?;
+                    state.set_bio(&user, order);
+                    Ok(audit)
+                })
+                .await?
+            } else {
+                state.set_bio(&user, order.clone());
+                state.record_user(mode, &event).await?
+            }
         }
     };
-    let audit = match &event {
-        None => {
-            set_order(&state);
-            Value::Null
-        }
-        // Proof modes: audited first, applied after; otherwise the other way.
-        Some(event) if plan.proof() => {
-            let audit = plan.record(event).await?;
-            set_order(&state);
-            audit
-        }
-        Some(event) => {
-            set_order(&state);
-            plan.record(event).await?
-        }
-    };
-    Ok(Json(json!({"user": user, "order": req.order, "audit": audit})).into_response())
+    Ok(Json(json!({"user": user, "order": order, "audit": audit})).into_response())
 }
 
 /// `GET /{code}`: a redirect. Not audited: visits are analytics, not audit
-/// events (a service that wants them would record `link.visit` in sampled mode).
+/// events (a service that wants them would record `link.visit` in sampled
+/// mode).
 async fn follow_link(State(state): State<Arc<AppState>>, Path(code): Path<String>) -> Response {
     let link = state.links.read(&code).get(&code).cloned();
     match link {
@@ -916,8 +998,7 @@ async fn follow_link(State(state): State<Arc<AppState>>, Path(code): Path<String
                 )
                 .into_response();
             }
-            let disabled = state.is_disabled(&l.owner);
-            if disabled {
+            if state.is_disabled(&l.owner) {
                 return ApiError::new(StatusCode::GONE, "this link's owner is disabled")
                     .into_response();
             }
@@ -944,10 +1025,9 @@ async fn disable_user(
     check_name("admin", &req.admin)?;
     check_reason(&req.reason)?;
     check_name("id", &id)?;
-    let log = state
-        .audit
-        .as_deref()
-        .ok_or_else(ApiError::audit_not_configured)?;
+    if state.audit.is_none() {
+        return Err(ApiError::audit_not_configured());
+    }
     let was_disabled = match state.users.read(&id).get(&id) {
         None => {
             return Err(ApiError::new(
@@ -960,30 +1040,23 @@ async fn disable_user(
     let event = client
         .stamp(
             AuditEvent::new("admin.user.disabled")
-                .actor("admin", req.admin.clone())
-                .target("user", id.clone())
-                .reason(req.reason.clone())
+                .actor("admin", req.admin)
+                .target("user", id.as_str())
+                .reason(req.reason)
                 .outcome(Outcome::Success),
         )
         .before(&json!({"disabled": was_disabled}))
         .and_then(|e| e.after(&json!({"disabled": true})))
         .map_err(|e| event_refused(&e))?;
-    let receipt = log
-        .record_with(&event, Mode::Sync)
-        .await
-        .map_err(|e| ApiError::audit_failed(Mode::Sync, event.event_id, &e))?;
-    // Committed: now, and only now, the change.
-    if let Some(u) = state.users.write(&id).get_mut(&id) {
-        u.disabled = true;
-    }
-    Ok(Json(json!({
-        "user": id,
-        "disabled": true,
-        "audit_id": receipt.event_id(),
-        "audit_row_id": receipt.row_id().map(|r| r.0),
-        "audit": receipt_json(Mode::Sync, &receipt),
-    }))
-    .into_response())
+    state.check_event(&event)?;
+    let target = id.clone();
+    let receipt = state
+        .record_admin(event, move |s| s.set_disabled(&target))
+        .await?;
+    Ok(admin_answer(
+        json!({"user": id, "disabled": true}),
+        &receipt,
+    ))
 }
 
 /// `POST /admin/links/{code}/override`: let a flagged link be followed.
@@ -996,10 +1069,9 @@ async fn override_link(
     let req: AdminAction = parse_body(&body, &[("admin", "string"), ("reason", "string")])?;
     check_name("admin", &req.admin)?;
     check_reason(&req.reason)?;
-    let log = state
-        .audit
-        .as_deref()
-        .ok_or_else(ApiError::audit_not_configured)?;
+    if state.audit.is_none() {
+        return Err(ApiError::audit_not_configured());
+    }
     let (flagged, overridden, url) = match state.links.read(&code).get(&code) {
         Some(l) if l.visibility == Visibility::Live => (l.flagged, l.overridden, l.url.clone()),
         _ => {
@@ -1012,30 +1084,24 @@ async fn override_link(
     let event = client
         .stamp(
             AuditEvent::new("admin.url.safety_override")
-                .actor("admin", req.admin.clone())
-                .target("link", code.clone())
-                .reason(req.reason.clone())
+                .actor("admin", req.admin)
+                .target("link", code.as_str())
+                .reason(req.reason)
                 .outcome(Outcome::Success),
         )
         .before(&json!({"flagged": flagged, "overridden": overridden}))
         .and_then(|e| e.after(&json!({"flagged": flagged, "overridden": true})))
         .and_then(|e| e.metadata(&json!({"url": url})))
         .map_err(|e| event_refused(&e))?;
-    let receipt = log
-        .record_with(&event, Mode::Sync)
-        .await
-        .map_err(|e| ApiError::audit_failed(Mode::Sync, event.event_id, &e))?;
-    if let Some(l) = state.links.write(&code).get_mut(&code) {
-        l.overridden = true;
-    }
-    Ok(Json(json!({
-        "code": code,
-        "overridden": true,
-        "audit_id": receipt.event_id(),
-        "audit_row_id": receipt.row_id().map(|r| r.0),
-        "audit": receipt_json(Mode::Sync, &receipt),
-    }))
-    .into_response())
+    state.check_event(&event)?;
+    let target = code.clone();
+    let receipt = state
+        .record_admin(event, move |s| s.set_overridden(&target))
+        .await?;
+    Ok(admin_answer(
+        json!({"code": code, "overridden": true}),
+        &receipt,
+    ))
 }
 
 // ---------------------------------------------------------------- store
@@ -1045,25 +1111,23 @@ impl AppState {
         self.users.read(user).get(user).is_some_and(|u| u.disabled)
     }
 
-    /// Stores `link` under `code` unless the code is taken; makes sure its
-    /// owner is a known user.
-    fn try_insert_link(&self, code: &str, link: &Link) -> bool {
-        {
-            let mut shard = self.links.write(code);
-            match shard.entry(code.to_string()) {
-                Entry::Occupied(_) => return false,
-                Entry::Vacant(v) => {
-                    v.insert(link.clone());
-                }
-            }
-        }
+    /// Stores `link` under `code` unless the code is taken (then gives the
+    /// link back); makes sure its owner is a known user.
+    fn try_insert_link(&self, code: &str, link: Link) -> Result<(), Link> {
+        // First, and not under the links lock: the two maps are never
+        // locked together.
         self.ensure_user(&link.owner);
-        true
+        let mut shard = self.links.write(code);
+        if shard.contains_key(code) {
+            return Err(link);
+        }
+        shard.insert(code.to_string(), link);
+        Ok(())
     }
 
     /// Stores a new link under a fresh code and returns the code.
     fn insert_link(&self, owner: &str, url: &str, flagged: bool, visibility: Visibility) -> String {
-        let link = Link {
+        let mut link = Link {
             url: url.to_string(),
             owner: owner.to_string(),
             visibility,
@@ -1072,12 +1136,14 @@ impl AppState {
         };
         loop {
             let code = new_code();
-            if self.try_insert_link(&code, &link) {
-                return code;
+            match self.try_insert_link(&code, link) {
+                Ok(()) => return code,
+                Err(back) => link = back,
             }
         }
     }
 
+    /// Registers `user` on its first link (users are known by their links).
     fn ensure_user(&self, user: &str) {
         if !self.users.read(user).contains_key(user) {
             self.users.write(user).entry(user.to_string()).or_default();
@@ -1090,7 +1156,33 @@ impl AppState {
         }
     }
 
+    fn publish_links(&self, codes: &[String]) {
+        codes.iter().for_each(|c| self.publish_link(c));
+    }
+
     fn remove_link(&self, code: &str) {
         self.links.write(code).remove(code);
+    }
+
+    fn remove_links(&self, codes: &[String]) {
+        codes.iter().for_each(|c| self.remove_link(c));
+    }
+
+    fn set_bio(&self, user: &str, order: Vec<String>) {
+        if let Some(u) = self.users.write(user).get_mut(user) {
+            u.bio = order;
+        }
+    }
+
+    fn set_disabled(&self, user: &str) {
+        if let Some(u) = self.users.write(user).get_mut(user) {
+            u.disabled = true;
+        }
+    }
+
+    fn set_overridden(&self, code: &str) {
+        if let Some(l) = self.links.write(code).get_mut(code) {
+            l.overridden = true;
+        }
     }
 }
