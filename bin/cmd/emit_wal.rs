@@ -14,8 +14,9 @@
 //! already printed stays acknowledged. At end of input the writer is closed,
 //! which fsyncs everything written.
 //!
-//! `AUDITWAL_WAL_SEGMENT_SIZE` (bytes) overrides the segment size, for tests and
-//! small devices.
+//! `AUDITWAL_SEGMENT_SIZE` (the library's setting, e.g. `64KiB`) overrides the
+//! segment size, for tests and small devices; `AUDITWAL_WAL_SEGMENT_SIZE` is the
+//! older name of the same thing, still read when the first is unset.
 
 use std::io::{self, BufRead, Write};
 use std::path::Path;
@@ -28,19 +29,21 @@ use auditwal::{AuditEvent, DEFAULT_MAX_EVENT_BYTES};
 
 use super::{CmdResult, Failure, EXIT_FOUND_PROBLEM};
 
-/// Environment override of the segment size.
-const SEGMENT_SIZE_ENV: &str = "AUDITWAL_WAL_SEGMENT_SIZE";
+/// Environment overrides of the segment size: the library's name, then the
+/// name this command read first.
+const SEGMENT_SIZE_ENVS: [&str; 2] = ["AUDITWAL_SEGMENT_SIZE", "AUDITWAL_WAL_SEGMENT_SIZE"];
 
 /// Bound on appended-but-not-yet-durable events queued for the printing thread.
 const DURABLE_PIPELINE: usize = 4096;
 
 pub fn run(wal_dir: &Path, stream: &str, durable: bool) -> CmdResult {
     let mut config = WalConfig::new(wal_dir, stream);
-    if let Ok(text) = std::env::var(SEGMENT_SIZE_ENV) {
-        config.segment_size = text.trim().parse().map_err(|e| {
-            Failure::usage(anyhow::anyhow!(
-                "{SEGMENT_SIZE_ENV}={text:?} is not a byte count: {e}"
-            ))
+    let from_env = SEGMENT_SIZE_ENVS
+        .iter()
+        .find_map(|name| std::env::var(name).ok().map(|text| (name, text)));
+    if let Some((name, text)) = from_env {
+        config.segment_size = auditwal::config::parse_size(&text).map_err(|e| {
+            Failure::usage(anyhow::anyhow!("{name}={text:?} is not a size: {e}"))
         })?;
     }
     let wal = WalWriter::open(config).map_err(|e| {
