@@ -8,18 +8,29 @@
 //! - admin endpoints (disable a user, override a link's safety flag) are always
 //!   [`Mode::Sync`]: the row is committed in PostgreSQL *before* the action takes
 //!   effect and before the response, the response carries the audit id, and if
-//!   the audit fails the action does not happen and the client gets 503.
+//!   the audit fails the action does not happen and the client gets 503;
+//! - `GET /{code}` (the redirect) is not audited: visits are analytics.
 //!
 //! The ordering rule it keeps: in the *proof* modes (sync and durable, whether
-//! chosen for the user endpoints or forced on admin ones) nothing becomes visible
-//! until its audit call returned a receipt; in the *fire-and-forget* modes (async
+//! chosen for the user endpoints or forced on admin ones) nothing becomes
+//! visible until its audit call returned a receipt, and the audit call and the
+//! action (or its undo) run in a task of their own, so a client that hangs up
+//! cannot leave one without the other. In the *fire-and-forget* modes (async
 //! and sampled) the action happens first and the audit call cannot fail the
-//! request (its failure is counted by [`AuditLog`] and reported in the response's
-//! `audit` field). Getting the WAL into PostgreSQL is the loader's job (main.rs
-//! runs one); what each mode can lose is docs/modes.md's.
+//! request: its failure is counted by [`AuditLog`] (`AuditStats::failed`),
+//! logged by it, and shown in the response's `audit` field. Every event is
+//! built and validated before the action, so an event the log would refuse is
+//! a 400 and nothing happens, in every mode. Getting the WAL into PostgreSQL is
+//! the loader's job (main.rs runs one); what each mode can lose is
+//! docs/modes.md's.
 //!
-//! The module is self-contained (only `auditwal`, axum, serde and the standard
-//! library) so that `auditwal bench e2e` can include it with `#[path]`.
+//! `ip` is the first `x-forwarded-for` address when the header is present,
+//! else the peer's: right behind a proxy that sets the header, spoofable
+//! without one (the example serves loopback only).
+//!
+//! The module is self-contained (`auditwal` and crates it already depends on:
+//! axum, serde, tokio, uuid, rand, tracing) so that `auditwal bench e2e` can
+//! include it with `#[path]`.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
