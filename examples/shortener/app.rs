@@ -388,8 +388,9 @@ fn check_reason(value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The host of an absolute http(s) URL, or why it is not one. Deliberately
-/// small: scheme, a non-empty host of URL-safe characters, no whitespace.
+/// Checks that `url` is an absolute http(s) URL, or says why not in a 400
+/// naming `field`. Deliberately small: the scheme, a non-empty host of
+/// characters a host can have, no whitespace, a bounded length.
 fn check_url(field: &str, url: &str) -> Result<(), ApiError> {
     let bad = |why: &str| ApiError::field(field, format!("field `{field}`: {why}"));
     if url.len() > MAX_URL_BYTES {
@@ -1195,5 +1196,64 @@ impl AppState {
         if let Some(l) = self.links.write(code).get_mut(code) {
             l.overridden = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_absolute_http_with_a_host() {
+        for ok in [
+            "https://example.com",
+            "http://example.com:8080/a?b=c#d",
+            "https://user@example.com/x",
+            "http://[2001:db8::1]:80/",
+        ] {
+            assert!(check_url("url", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "example.com",
+            "ftp://example.com",
+            "https://",
+            "https:///path",
+            "https://exa mple.com",
+            "https://ex<ample.com/",
+        ] {
+            let e = check_url("url", bad).expect_err(bad);
+            assert_eq!(e.field.as_deref(), Some("url"), "{bad}");
+        }
+        let long = format!("https://example.com/{}", "a".repeat(MAX_URL_BYTES));
+        assert!(check_url("url", &long).is_err());
+    }
+
+    #[test]
+    fn links_to_bare_ip_addresses_are_flagged() {
+        assert!(is_suspicious("http://192.0.2.7/login"));
+        assert!(is_suspicious("https://[2001:db8::1]:443/"));
+        assert!(is_suspicious("http://u@198.51.100.1:8080"));
+        assert!(!is_suspicious("https://example.com/192.0.2.7"));
+    }
+
+    #[test]
+    fn user_audit_parses_off_and_every_mode() {
+        assert_eq!("off".parse::<UserAudit>(), Ok(UserAudit::Off));
+        assert_eq!(
+            "Async".parse::<UserAudit>(),
+            Ok(UserAudit::Mode(Mode::Async))
+        );
+        for m in Mode::ALL {
+            assert_eq!(m.as_str().parse::<UserAudit>(), Ok(UserAudit::Mode(m)));
+        }
+        assert!("eventually".parse::<UserAudit>().is_err());
+    }
+
+    #[test]
+    fn codes_are_eight_characters_of_the_alphabet() {
+        let c = new_code();
+        assert_eq!(c.len(), CODE_LEN);
+        assert!(c.bytes().all(|b| CODE_ALPHABET.contains(&b)));
+        assert_ne!(new_code(), c);
     }
 }
