@@ -270,7 +270,8 @@ pub struct RunResult {
     /// Open loop only: for each measured request, how long after its scheduled
     /// time it was sent (pacer lateness + waiting for a free connection).
     pub send_delay_ns: Vec<u64>,
-    /// The measured window.
+    /// The measured window. Open loop: from the first scheduled request of the
+    /// window to the last response, at least the window asked for.
     pub window: Duration,
     /// Requests answered with a 2xx status, warm-up included.
     pub ok: u64,
@@ -442,6 +443,13 @@ pub async fn open_loop(
         let tally = t.await.map_err(|e| format!("a load task failed: {e}"))?;
         result.merge(tally);
     }
+    // The window runs until the last of its requests was answered: a service
+    // that falls behind the schedule shows a rate below the target.
+    if let Some(last) = result.last_response {
+        result.window = result
+            .window
+            .max(last.saturating_duration_since(measure_from));
+    }
     // Workers that stopped early dropped nothing the pacer still needs; tell it.
     stop.store(true, Ordering::Relaxed);
     drop(rx);
@@ -609,7 +617,11 @@ mod tests {
 
     /// A minimal keep-alive server answering every request with `status`, closing
     /// the connection after `close_after` responses (0: never).
-    async fn tiny_server(status: u16, close_after: usize) -> (SocketAddr, ServerError) {
+    async fn tiny_server(
+        status: u16,
+        close_after: usize,
+        delay: Duration,
+    ) -> (SocketAddr, ServerError) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a loopback port");
@@ -635,6 +647,7 @@ mod tests {
                                 buf.drain(..h + 4 + len);
                                 served += 1;
                                 let close = close_after > 0 && served % close_after == 0;
+                                tokio::time::sleep(delay).await;
                                 let reply = format!(
                                     "HTTP/1.1 {status} X\r\ncontent-length: 2\r\n{}\r\nok",
                                     if close { "connection: close\r\n" } else { "" }
@@ -676,7 +689,7 @@ mod tests {
 
     #[tokio::test]
     async fn open_loop_sends_the_scheduled_number_of_requests_and_measures_the_window() {
-        let (addr, err) = tiny_server(201, 7).await;
+        let (addr, err) = tiny_server(201, 7, Duration::ZERO).await;
         let r = open_loop(
             addr,
             requests(),
@@ -700,11 +713,42 @@ mod tests {
         assert_eq!(r.latencies_ns.len(), 200);
         assert_eq!(r.send_delay_ns.len(), 200);
         assert!(r.last_response.is_some());
+        assert!(r.window >= Duration::from_millis(400));
+    }
+
+    #[tokio::test]
+    async fn open_loop_charges_queueing_behind_a_slow_server_to_the_latency() {
+        // One connection, 10 ms per response, 200 requests/s wanted: the server
+        // can answer 100/s, so requests queue and wait ever longer.
+        let (addr, _) = tiny_server(201, 0, Duration::from_millis(10)).await;
+        let r = open_loop(
+            addr,
+            requests(),
+            fresh_ids(),
+            200.0,
+            1,
+            Duration::ZERO,
+            Duration::from_millis(500),
+        )
+        .await
+        .expect("open loop");
+        assert_eq!(r.errors, 0, "{:?}", r.first_error);
+        assert_eq!(r.latencies_ns.len(), 100);
+        let worst = r.latencies_ns.iter().copied().max().unwrap_or(0);
+        // The 100th request is due at 0.495 s and answered at about 1 s: a
+        // closed-loop measurement would have said 10 ms.
+        assert!(worst > 400_000_000, "worst latency {worst} ns");
+        assert!(
+            r.window >= Duration::from_millis(900),
+            "window {:?}",
+            r.window
+        );
+        assert!(r.per_sec() < 120.0, "{} req/s", r.per_sec());
     }
 
     #[tokio::test]
     async fn closed_loop_counts_bad_statuses_as_errors_and_stops_early() {
-        let (addr, _) = tiny_server(500, 0).await;
+        let (addr, _) = tiny_server(500, 0, Duration::ZERO).await;
         let r = closed_loop(
             addr,
             requests(),
@@ -727,7 +771,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_loop_reconnects_when_the_server_closes_and_counts_no_error() {
-        let (addr, _) = tiny_server(200, 3).await;
+        let (addr, _) = tiny_server(200, 3, Duration::ZERO).await;
         let r = closed_loop(
             addr,
             requests(),
