@@ -25,6 +25,12 @@
 //! The machine is shared and noisy, so settings are interleaved in rounds (off,
 //! async, durable, sampled, sync, off, ...), each phase after a 1 s warm-up, and
 //! every figure reported is the median over the rounds of that figure.
+//!
+//! Everything shares one machine, as on a small edge host: the service, the
+//! client (in this process, so a stall of the whole process delays its sends too;
+//! `send_delay_p99_us` shows how late requests left), the loader and PostgreSQL.
+//! The saturation figures are therefore the host's, the loader's and the
+//! server's CPU included, not the audit call's alone.
 
 #[path = "../../examples/shortener/app.rs"]
 #[allow(dead_code)] // the bench drives one endpoint of the example service

@@ -55,6 +55,11 @@ def read_lines(paths):
     return cases
 
 
+def thousands():
+    from matplotlib.ticker import FuncFormatter
+    return FuncFormatter(lambda v, _pos: f"{v:,.0f}")
+
+
 def fmt_us(v):
     return f"{v / 1000:.1f} ms" if v >= 1000 else f"{v:.0f} µs"
 
@@ -118,6 +123,7 @@ def plot_e2e_saturation(plt, cases, out):
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["case"].removesuffix("-saturated") for r in rows])
     ax.set_ylabel("requests/s")
+    ax.yaxis.set_major_formatter(thousands())
     conns = rows[0].get("connections")
     ax.set_title("POST /api/links at saturation (closed loop"
                  + (f", {conns} connections)" if conns else ")"))
@@ -146,6 +152,7 @@ def plot_load(plt, cases, out):
     ax.set_xticks([0, 1])
     ax.set_xticklabels(names)
     ax.set_ylabel("rows/s into audit_events")
+    ax.yaxis.set_major_formatter(thousands())
     ratio = loader.get("ratio")
     ax.set_title(f"Loader against the server's ingestion ceiling"
                  + (f"\n{loader['events']:,} events, ratio {ratio:.2f}" if ratio else ""))
