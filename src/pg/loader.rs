@@ -47,7 +47,9 @@ pub struct LoaderConfig {
     pub batch_max_rows: usize,
     /// Most COPY bytes in one batch.
     pub batch_max_bytes: usize,
-    /// Longest spent gathering one batch before sending what there is.
+    /// Longest spent gathering one batch before sending what there is; and, once
+    /// caught up, the least time between two commits of a stream (so a partial
+    /// batch waits up to this long for more rows).
     pub batch_max_delay: Duration,
     /// How often a stream looks for new records when no file event woke it, and how
     /// often the WAL dir is scanned for new streams.
@@ -419,6 +421,7 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
     };
     let mut conn: Option<PgConnection> = None;
     let mut cursor: Option<Cursor> = None;
+    let mut last_commit: Option<Instant> = None;
     let stream_err = |source| LoadError::Stream {
         stream: stream.to_string(),
         source,
@@ -454,7 +457,22 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
         }
         let Some(cur) = cursor.as_mut() else { continue };
 
-        // 3. A batch, up to what the writer has made durable.
+        // 3. A batch, up to what the writer has made durable. Caught up, a stream
+        // commits at most once per `batch_max_delay`: a durable-mode writer moves
+        // its watermark at every fsync (every millisecond under load), and a COPY
+        // transaction per step would cost a PostgreSQL WAL flush each, on the disk
+        // the writer's own fsyncs wait for.
+        if !ctx.config.once && cur.at_end() {
+            if let Some(wait) = last_commit
+                .map(|t| ctx.config.batch_max_delay.saturating_sub(t.elapsed()))
+                .filter(|d| !d.is_zero())
+            {
+                ctx.back_off(wait).await;
+                if ctx.stopping() {
+                    break;
+                }
+            }
+        }
         let limits = crate::pg::cursor::BatchLimits {
             max_rows: ctx.config.batch_max_rows,
             max_bytes: ctx.config.batch_max_bytes,
@@ -489,6 +507,7 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
         .await;
         match result {
             Ok(Ok((outcome, end_lsn))) => {
+                last_commit = Some(Instant::now());
                 link.backoff.reset();
                 if let BatchOutcome::Committed { rows } = outcome {
                     m.rows_loaded.fetch_add(rows, Ordering::Relaxed);
