@@ -91,11 +91,15 @@ pub struct SyncConfig {
     pub partition_check_interval: Duration,
 }
 
+/// `committers` and `extra_commit_step` were chosen with `auditwal bench sync` at
+/// 64 callers on a 2-core host (docs/benchmarks.md): 8 and 1 started a commit
+/// for almost every queued event and spent the CPU on statements (37k events/s);
+/// 4–8 commits admitted in steps of 8–16 all gave 42–48k, 5 and 12 the most.
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            committers: 8,
-            extra_commit_step: 1,
+            committers: 5,
+            extra_commit_step: 12,
             timeout: Duration::from_secs(5),
             migrate: true,
             max_batch: 512,
