@@ -42,9 +42,8 @@ pub fn run(wal_dir: &Path, stream: &str, durable: bool) -> CmdResult {
         .iter()
         .find_map(|name| std::env::var(name).ok().map(|text| (name, text)));
     if let Some((name, text)) = from_env {
-        config.segment_size = auditwal::config::parse_size(&text).map_err(|e| {
-            Failure::usage(anyhow::anyhow!("{name}={text:?} is not a size: {e}"))
-        })?;
+        config.segment_size = auditwal::config::parse_size(&text)
+            .map_err(|e| Failure::usage(anyhow::anyhow!("{name}={text:?} is not a size: {e}")))?;
     }
     let wal = WalWriter::open(config).map_err(|e| {
         let usage = matches!(
