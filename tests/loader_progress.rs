@@ -17,7 +17,6 @@ const SEGMENT_SIZE: &str = "65536";
 
 /// Emits `n` events into `wal_dir/stream` in small segments and returns the ids.
 fn emit(wal_dir: &Path, stream: &str, n: usize) -> Vec<Uuid> {
-    use std::io::Write;
     let lines: String = (0..n)
         .map(|i| {
             format!(
@@ -26,26 +25,13 @@ fn emit(wal_dir: &Path, stream: &str, n: usize) -> Vec<Uuid> {
             )
         })
         .collect();
-    let mut child = Command::new(auditwal_bin())
-        .args(["emit", "--stream", stream, "--wal-dir"])
-        .arg(wal_dir)
-        .env("AUDITWAL_WAL_SEGMENT_SIZE", SEGMENT_SIZE)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn auditwal emit");
-    let mut stdin = child.stdin.take().expect("emit's stdin");
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(lines.as_bytes());
-    });
-    let out = child.wait_with_output().expect("emit output");
-    let _ = feeder.join();
-    assert!(out.status.success(), "emit failed: {:?}", out.status);
-    let ids: Vec<Uuid> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| Uuid::parse_str(l.trim()).expect("emit prints event ids"))
-        .collect();
+    let ids = common::emit_lines_with_env(
+        wal_dir,
+        stream,
+        "async",
+        lines,
+        &[("AUDITWAL_SEGMENT_SIZE", SEGMENT_SIZE)],
+    );
     assert_eq!(ids.len(), n);
     ids
 }

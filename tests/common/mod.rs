@@ -208,11 +208,24 @@ pub fn emit_lines(
     mode: &str,
     lines: String,
 ) -> Vec<uuid::Uuid> {
+    emit_lines_with_env(wal_dir, stream, mode, lines, &[])
+}
+
+/// [`emit_lines`] with extra environment variables for `auditwal emit` (e.g. a
+/// small `AUDITWAL_SEGMENT_SIZE`).
+pub fn emit_lines_with_env(
+    wal_dir: &std::path::Path,
+    stream: &str,
+    mode: &str,
+    lines: String,
+    env: &[(&str, &str)],
+) -> Vec<uuid::Uuid> {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let mut child = Command::new(auditwal_bin())
         .args(["emit", "--mode", mode, "--stream", stream, "--wal-dir"])
         .arg(wal_dir)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
