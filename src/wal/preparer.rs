@@ -3,7 +3,8 @@
 //!
 //! The spare cannot carry its header yet (its first LSN is known only when the
 //! current segment fills), so the thread prepares everything else: create
-//! `spare-<n>.seg.tmp` 0600, fallocate, fdatasync, map. Rotation takes it from the
+//! `spare-<n>.seg.tmp` 0600, fallocate, write zeros over it (unless configured
+//! off), map. Rotation takes it from the
 //! [`SpareSlot`], writes the header and renames it (`Spare::install`). When no
 //! spare is ready (budget exhausted, disk full, or segments filling faster than
 //! they are prepared) rotation creates one inline through the same slot, so the
@@ -35,6 +36,8 @@ pub(crate) struct SpareSlot {
     cv: Condvar,
     dir: Arc<StreamDir>,
     budget: DiskBudget,
+    /// Write zeros over each new spare (see `WalConfig::zero_fill_segments`).
+    zero_fill: bool,
 }
 
 impl SlotState {
@@ -46,12 +49,13 @@ impl SlotState {
 }
 
 impl SpareSlot {
-    pub(crate) fn new(dir: Arc<StreamDir>, budget: DiskBudget) -> SpareSlot {
+    pub(crate) fn new(dir: Arc<StreamDir>, budget: DiskBudget, zero_fill: bool) -> SpareSlot {
         SpareSlot {
             state: Mutex::new(SlotState::default()),
             cv: Condvar::new(),
             dir,
             budget,
+            zero_fill,
         }
     }
 
@@ -93,7 +97,7 @@ impl SpareSlot {
         }
         let path = self.dir.spare_path(n);
         let _span = tracing::debug_span!("create_spare_segment", path = %path.display()).entered();
-        match Spare::create(&path, self.budget.segment_size) {
+        match Spare::create(&path, self.budget.segment_size, self.zero_fill) {
             Ok(spare) => Ok(Ok(spare)),
             Err(SpareError::NoSpace(e)) => Ok(Err(NoRoom::Disk {
                 path,

@@ -136,6 +136,21 @@ impl Segment {
 /// `Spare::create`).
 const WRITTEN_HEAD: usize = 64 * 1024;
 
+/// Writes zeros over `[0, len)` of `file`, 16 KiB per call: small enough that
+/// the page cache keeps small folios (see `Spare::create`), large enough to
+/// halve the system calls of page-sized writes.
+fn write_zeros(file: &File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: [u8; 16 * 1024] = [0; 16 * 1024];
+    let mut off = 0u64;
+    while off < len {
+        let n = (len - off).min(CHUNK.len() as u64) as usize;
+        file.write_all_at(&CHUNK[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
 /// Maps `len` bytes of `file` shared and writable.
 fn map_file(file: &File, len: usize, path: &Path) -> Result<MmapRaw, WalError> {
     MmapOptions::new()
@@ -165,9 +180,10 @@ pub(crate) enum SpareError {
 }
 
 impl Spare {
-    /// Creates `tmp_path` (0600), reserves `len` bytes with fallocate, maps it
-    /// and faults in its first pages (see the comment inside).
-    pub(crate) fn create(tmp_path: &Path, len: u64) -> Result<Spare, SpareError> {
+    /// Creates `tmp_path` (0600), reserves `len` bytes with fallocate, writes
+    /// zeros over them if `zero_fill`, maps it and faults in its first pages (see
+    /// the comments inside).
+    pub(crate) fn create(tmp_path: &Path, len: u64, zero_fill: bool) -> Result<Spare, SpareError> {
         let other = |op, e| SpareError::Other(WalError::io(op, tmp_path, e));
         let ulen = usize::try_from(len).map_err(|_| {
             SpareError::Other(WalError::InvalidConfig {
@@ -197,6 +213,23 @@ impl Spare {
                 }
                 e => other("preallocate spare segment", e.into()),
             });
+        }
+        if zero_fill {
+            // fallocate leaves unwritten extents, whose conversion to written
+            // every later fdatasync has to write as well; written zeros make a
+            // durable fsync about half as long on ext4. Small writes (16 KiB):
+            // zeros written in 1 MiB chunks made a record stored through the map
+            // cost an fdatasync of 900 µs instead of 110 µs in a probe, likely
+            // because large page-cache folios are written back whole. Not fsynced here (see
+            // below); the kernel writes the zeros back in the background.
+            if let Err(e) = write_zeros(&file, len) {
+                drop(spare);
+                return Err(SpareError::Other(WalError::io(
+                    "zero-fill spare segment",
+                    tmp_path,
+                    e,
+                )));
+            }
         }
         let map = match map_file(&file, ulen, tmp_path) {
             Ok(m) => m,

@@ -178,7 +178,11 @@ impl WalWriter {
         let max_frame_len = segment_size - format::SEGMENT_HEADER_LEN - format::EOS_FRAME_LEN;
         let inner = Arc::new(Inner {
             durability: Durability::new(dir.name(), last_lsn),
-            spares: Arc::new(SpareSlot::new(dir.clone(), budget)),
+            spares: Arc::new(SpareSlot::new(
+                dir.clone(),
+                budget,
+                config.zero_fill_segments,
+            )),
             dir,
             state: Mutex::new(AppendState {
                 active: recovered.active,
