@@ -435,14 +435,7 @@ pub async fn open_loop(
             tally
         }));
     }
-    let mut result = RunResult {
-        window,
-        ..RunResult::default()
-    };
-    for t in tasks {
-        let tally = t.await.map_err(|e| format!("a load task failed: {e}"))?;
-        result.merge(tally);
-    }
+    let mut result = gather(tasks, window).await?;
     // The window runs until the last of its requests was answered: a service
     // that falls behind the schedule shows a rate below the target.
     if let Some(last) = result.last_response {
@@ -502,6 +495,14 @@ pub async fn closed_loop(
             tally
         }));
     }
+    gather(tasks, window).await
+}
+
+/// Waits for every connection's task and adds up their tallies.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<WorkerTally>>,
+    window: Duration,
+) -> Result<RunResult, String> {
     let mut result = RunResult {
         window,
         ..RunResult::default()
