@@ -237,6 +237,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "longest wait for space under block",
     },
     Setting {
+        key: "zero_fill_segments",
+        env: "AUDITWAL_ZERO_FILL_SEGMENTS",
+        help: "write zeros over each new segment (off on copy-on-write file systems)",
+    },
+    Setting {
         key: "database_url",
         env: "DATABASE_URL",
         help: "PostgreSQL URL for sync mode",
@@ -302,6 +307,8 @@ pub struct Config {
     pub segment_size: u64,
     pub disk_budget: u64,
     pub full_disk_policy: FullDiskPolicy,
+    /// See [`WalConfig::zero_fill_segments`].
+    pub zero_fill_segments: bool,
     /// `database_url`: required by sync mode. Never printed with its password.
     pub database_url: Option<String>,
     pub sync_timeout: Duration,
@@ -333,6 +340,7 @@ impl Default for Config {
             database_url: None,
             sync_timeout: SyncConfig::default().timeout,
             sync_migrate: true,
+            zero_fill_segments: true,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             origins: BTreeMap::new(),
         }
@@ -358,6 +366,7 @@ impl fmt::Debug for Config {
             )
             .field("sync_timeout", &self.sync_timeout)
             .field("sync_migrate", &self.sync_migrate)
+            .field("zero_fill_segments", &self.zero_fill_segments)
             .field("max_event_bytes", &self.max_event_bytes)
             .finish()
     }
@@ -404,6 +413,10 @@ impl Config {
                 .with_disk_budget(self.disk_budget)
                 .with_full_disk_policy(self.full_disk_policy),
         )
+        .map(|mut c| {
+            c.zero_fill_segments = self.zero_fill_segments;
+            c
+        })
     }
 
     /// The sync writer's settings (its URL is `database_url`).
@@ -603,6 +616,7 @@ struct Layer {
     database_url: Option<String>,
     sync_timeout_ms: Option<Duration>,
     sync_migrate: Option<bool>,
+    zero_fill_segments: Option<bool>,
     max_event_bytes: Option<usize>,
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -710,12 +724,17 @@ impl Layer {
             "block_timeout_ms" => self.block_timeout_ms = Some(millis(text()?)?),
             "database_url" => self.database_url = Some(text()?),
             "sync_timeout_ms" => self.sync_timeout_ms = Some(millis(text()?)?),
-            "sync_migrate" => {
-                self.sync_migrate = Some(match text()?.to_ascii_lowercase().as_str() {
+            "sync_migrate" | "zero_fill_segments" => {
+                let on = match text()?.to_ascii_lowercase().as_str() {
                     "true" | "1" | "yes" | "on" => true,
                     "false" | "0" | "no" | "off" => false,
                     _ => return Err(bad("expected true or false".into())),
-                })
+                };
+                if key == "sync_migrate" {
+                    self.sync_migrate = Some(on);
+                } else {
+                    self.zero_fill_segments = Some(on);
+                }
             }
             "max_event_bytes" => {
                 let n = parse_size(&text()?).map_err(bad)?;
@@ -756,6 +775,7 @@ impl Layer {
             database_url,
             sync_timeout_ms,
             sync_migrate,
+            zero_fill_segments,
             max_event_bytes
         );
         self
@@ -808,6 +828,9 @@ impl Layer {
         }
         if let Some(v) = self.sync_migrate {
             c.sync_migrate = v;
+        }
+        if let Some(v) = self.zero_fill_segments {
+            c.zero_fill_segments = v;
         }
         if let Some(v) = self.max_event_bytes {
             c.max_event_bytes = v;
@@ -967,6 +990,11 @@ impl ConfigBuilder {
 
     pub fn segment_size(self, bytes: u64) -> Self {
         self.set("segment_size", |l| l.segment_size = Some(bytes))
+    }
+
+    /// Sets `zero_fill_segments` (see [`WalConfig::zero_fill_segments`]).
+    pub fn zero_fill_segments(self, on: bool) -> Self {
+        self.set("zero_fill_segments", |l| l.zero_fill_segments = Some(on))
     }
 
     pub fn disk_budget(self, bytes: u64) -> Self {
@@ -1134,7 +1162,7 @@ mod tests {
             "stream" => "s",
             "full_disk_policy" => "fail",
             "database_url" => "postgres://u@localhost/db",
-            "sync_migrate" => "false",
+            "sync_migrate" | "zero_fill_segments" => "false",
             _ => "4096",
         };
         for spec in SETTINGS {

@@ -129,6 +129,7 @@ block_timeout_ms = 250
 database_url = "postgres://auditwal@127.0.0.1:5432/audit"
 sync_timeout_ms = 1500
 sync_migrate = false
+zero_fill_segments = false
 max_event_bytes = "8KiB"
 "#,
         wal(d.path())
@@ -156,6 +157,7 @@ max_event_bytes = "8KiB"
     );
     assert_eq!(c.sync_timeout, Duration::from_millis(1500));
     assert!(!c.sync_migrate);
+    assert!(!c.zero_fill_segments);
     assert_eq!(c.max_event_bytes, 8192);
     // Every setting of the table was covered by this file.
     for s in SETTINGS {
@@ -187,6 +189,7 @@ fn environment_sets_every_setting() {
         ("DATABASE_URL", "postgres://u:pw@127.0.0.1/db"),
         ("AUDITWAL_SYNC_TIMEOUT_MS", "900"),
         ("AUDITWAL_SYNC_MIGRATE", "no"),
+        ("AUDITWAL_ZERO_FILL_SEGMENTS", "off"),
         ("AUDITWAL_MAX_EVENT_BYTES", "4096"),
         ("UNRELATED", "x"),
     ];
@@ -205,6 +208,11 @@ fn environment_sets_every_setting() {
     assert_eq!(c.full_disk_policy, FullDiskPolicy::DropNewest);
     assert_eq!(c.sync_timeout, Duration::from_millis(900));
     assert!(!c.sync_migrate);
+    assert!(!c.zero_fill_segments);
+    assert!(
+        !c.wal_config().expect("wal dir set").zero_fill_segments,
+        "the WAL writer gets the setting"
+    );
     assert_eq!(c.max_event_bytes, 4096);
     for s in SETTINGS {
         assert_eq!(c.origin(s.key), Origin::Env(s.env), "{}", s.key);
