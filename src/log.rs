@@ -32,6 +32,7 @@ use crate::config::{Config, ConfigError, Mode};
 use crate::event::{AuditEvent, EventError};
 use crate::pg::{PgError, RowId, SyncWriter};
 use crate::sampling::{Decision, Sampler};
+use crate::wal::error::chain;
 use crate::wal::{FullDiskPolicy, Lsn, WalError, WalStats, WalWriter};
 
 /// How often an append waiting for disk budget (policy `Block`) tries again.
@@ -695,18 +696,6 @@ fn with_waited(e: WalError, waited: Duration) -> WalError {
         },
         other => other,
     }
-}
-
-/// `e` and its causes joined by ": ", for log lines.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 #[cfg(test)]

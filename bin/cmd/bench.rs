@@ -3,7 +3,10 @@
 //! a comparison `baseline` + `ratio`, ours / baseline, higher is better), otherwise a
 //! readable table. Also percentile helpers shared by every bench.
 
+use anyhow::anyhow;
 use serde::Serialize;
+
+use super::Failure;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
@@ -69,6 +72,47 @@ impl BenchResult {
         };
         self
     }
+}
+
+/// A whole-number knob of a bench from the environment (`AUDITWAL_BENCH_*`),
+/// `default` when unset; anything else is a usage error naming the variable.
+pub fn env_u64(name: &str, default: u64) -> Result<u64, Failure> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| Failure::usage(anyhow!("{name}={v:?} is not a whole number"))),
+        Err(_) => Ok(default),
+    }
+}
+
+/// The median of `v` (the upper one for an even count), `None` when empty.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+/// One line for a case measured over several rounds: the round with the median
+/// throughput gives `events` and `secs`, and each percentile is the median of
+/// the rounds' percentiles.
+pub fn median_of_rounds(
+    bench: &'static str,
+    case: String,
+    per_round: &[BenchResult],
+) -> BenchResult {
+    let mut by_rate: Vec<&BenchResult> = per_round.iter().collect();
+    by_rate.sort_by(|a, b| a.events_per_sec.total_cmp(&b.events_per_sec));
+    let Some(mid) = by_rate.get(by_rate.len() / 2) else {
+        return BenchResult::new(bench, case, 0, 0.0);
+    };
+    let mut out = BenchResult::new(bench, case, mid.events, mid.secs);
+    out.p50_us = median(per_round.iter().filter_map(|r| r.p50_us).collect());
+    out.p99_us = median(per_round.iter().filter_map(|r| r.p99_us).collect());
+    out.p999_us = median(per_round.iter().filter_map(|r| r.p999_us).collect());
+    out
 }
 
 /// The `p`th percentile of sorted samples (nearest rank).

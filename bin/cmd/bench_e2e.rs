@@ -49,7 +49,7 @@ use auditwal::pg::{Cluster, ClusterOptions};
 use auditwal::{AuditLog, AuditStats, Config, Mode, SampleKey};
 use sqlx::{Connection, PgConnection};
 
-use super::bench::{report, BenchResult};
+use super::bench::{median, median_of_rounds, report, BenchResult};
 use super::loadgen::{self, RequestSource, RunResult};
 use super::{CmdResult, Failure};
 use shortener_app::{AppState, UserAudit};
@@ -836,14 +836,6 @@ fn run_setting(bench: &Bench, setting: Setting, round: usize) -> Result<SettingR
     Ok(phases)
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
-}
-
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
@@ -869,15 +861,7 @@ fn summarize_case(
             .with_latencies_ns(&mut lat)
         })
         .collect();
-    let mut by_rate: Vec<&BenchResult> = per_round.iter().collect();
-    by_rate.sort_by(|a, b| a.events_per_sec.total_cmp(&b.events_per_sec));
-    let Some(mid) = by_rate.get(by_rate.len() / 2) else {
-        return BenchResult::new("e2e", case, 0, 0.0);
-    };
-    let mut out = BenchResult::new("e2e", case, mid.events, mid.secs);
-    out.p50_us = median(per_round.iter().filter_map(|r| r.p50_us).collect());
-    out.p99_us = median(per_round.iter().filter_map(|r| r.p99_us).collect());
-    out.p999_us = median(per_round.iter().filter_map(|r| r.p999_us).collect());
+    let mut out = median_of_rounds("e2e", case, &per_round);
     let x = &mut out.extra;
     x.insert("rounds".into(), serde_json::json!(per_round.len()));
     x.insert("connections".into(), serde_json::json!(connections));

@@ -33,19 +33,10 @@ use auditwal::wal::{WalConfig, WalWriter};
 use auditwal::{AuditEvent, Outcome};
 use sqlx::{Connection, Executor, PgConnection};
 
-use super::bench::{percentile, report, BenchResult};
+use super::bench::{env_u64, median, percentile, report, BenchResult};
 use super::{CmdResult, Failure};
 
 const STREAM: &str = "bench";
-
-fn env_u64(name: &str, default: u64) -> Result<u64, Failure> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| Failure::usage(anyhow!("{name}={v:?} is not a whole number"))),
-        Err(_) => Ok(default),
-    }
-}
 
 /// A ~300-byte event (its WAL payload), like a URL shortener's audit row.
 fn bench_event(i: u64) -> AuditEvent {
@@ -131,12 +122,17 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
         lag_secs,
     ))?;
 
-    let psql = BenchResult::new("load", "psql-copy-binary", events, median(&mut psql_runs));
-    let mut loader =
-        BenchResult::new("load", "loader", events, median(&mut loader_runs)).against(&psql);
+    let psql = BenchResult::new(
+        "load",
+        "psql-copy-binary",
+        events,
+        median(psql_runs).unwrap_or(0.0),
+    );
+    let mut loader = BenchResult::new("load", "loader", events, median(loader_runs).unwrap_or(0.0))
+        .against(&psql);
     loader.extra.insert(
         "peak_rss_mb".into(),
-        serde_json::json!(round2(median(&mut rss_1m))),
+        serde_json::json!(round2(median(rss_1m).unwrap_or(0.0))),
     );
     loader
         .extra
@@ -150,11 +146,6 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
 
 fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Appends `n` events to a fresh WAL under `wal` and closes it (fsynced).

@@ -28,7 +28,7 @@ use auditwal::pg::{self, Cluster, ClusterOptions, SyncConfig, SyncWriter};
 use auditwal::{AuditEvent, Outcome};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use super::bench::{report, BenchResult};
+use super::bench::{env_u64, median_of_rounds, report, BenchResult};
 use super::{CmdResult, Failure};
 
 const LEVELS: [usize; 3] = [1, 8, 64];
@@ -54,15 +54,6 @@ struct Run {
     events: u64,
     secs: f64,
     latencies_ns: Vec<u64>,
-}
-
-fn env_u64(name: &str, default: u64) -> Result<u64, Failure> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| Failure::usage(anyhow!("{name}={v:?} is not a whole number"))),
-        Err(_) => Ok(default),
-    }
 }
 
 pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
@@ -188,14 +179,6 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
-}
-
 /// The median run by throughput gives events/secs; each percentile is the median
 /// of the runs' percentiles.
 fn summarize(case: String, mut runs: Vec<Run>) -> BenchResult {
@@ -206,15 +189,7 @@ fn summarize(case: String, mut runs: Vec<Run>) -> BenchResult {
                 .with_latencies_ns(&mut r.latencies_ns)
         })
         .collect();
-    let mut by_rate: Vec<&BenchResult> = per_run.iter().collect();
-    by_rate.sort_by(|a, b| a.events_per_sec.total_cmp(&b.events_per_sec));
-    let Some(mid) = by_rate.get(by_rate.len() / 2) else {
-        return BenchResult::new("sync", case, 0, 0.0);
-    };
-    let mut out = BenchResult::new("sync", case, mid.events, mid.secs);
-    out.p50_us = median(per_run.iter().filter_map(|r| r.p50_us).collect());
-    out.p99_us = median(per_run.iter().filter_map(|r| r.p99_us).collect());
-    out.p999_us = median(per_run.iter().filter_map(|r| r.p999_us).collect());
+    let mut out = median_of_rounds("sync", case, &per_run);
     out.extra
         .insert("runs".into(), serde_json::json!(per_run.len()));
     out.extra.insert(

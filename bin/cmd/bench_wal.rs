@@ -39,7 +39,7 @@ use anyhow::{anyhow, Context};
 use auditwal::wal::{format, payload, RecordKind, WalConfig, WalWriter};
 use auditwal::{AuditEvent, Outcome};
 
-use super::bench::{percentile, report, BenchResult};
+use super::bench::{env_u64, percentile, report, BenchResult};
 use super::{CmdResult, Failure};
 
 const BENCH: &str = "wal";
@@ -49,16 +49,6 @@ const POOL: usize = 1024;
 const FSYNC_INTERVAL: Duration = Duration::from_millis(100);
 const DURABLE_THREADS: usize = 64;
 const TMPFS_MAGIC: u64 = 0x0102_1994;
-
-fn env_u64(name: &str, default: u64) -> Result<u64, Failure> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| Failure::usage(anyhow!("{name}={v:?} is not a whole number"))),
-        Err(_) => Ok(default),
-    }
-}
 
 /// One timed run of one case.
 struct Run {

@@ -15,8 +15,8 @@
 //! written after the fsync, never before, so it can lag the data but never run
 //! ahead of it; it is not fsynced on its own, except at open and close.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use super::error::WalError;
 use super::format::{self, Lsn};
-use super::stream_dir::FILE_MODE;
+use super::stream_dir;
 
 /// What async waiters observe.
 #[derive(Debug, Clone, Default)]
@@ -253,13 +253,7 @@ impl Sidecar {
     /// Opens (creating 0600) the sidecar and returns it with the LSN it holds
     /// (`None` when it is new, short or fails its CRC).
     pub(crate) fn open(path: &Path) -> Result<(Sidecar, Option<Lsn>), WalError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(path)
+        let file = stream_dir::open_or_create(path)
             .map_err(|e| WalError::io("open the durable watermark", path, e))?;
         let mut buf = [0u8; format::DURABLE_LSN_LEN];
         let n = read_at_most(&file, &mut buf)

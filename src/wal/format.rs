@@ -149,6 +149,22 @@ pub enum FormatError {
     DurableLsnReservedNotZero,
 }
 
+impl FormatError {
+    /// True for header errors that make the whole file unreadable as a segment
+    /// (too short, not ours, a version or layout we cannot parse): its frames are
+    /// not scanned. A header whose checksum or reserved bytes are wrong still has
+    /// a usable layout, so its frames are.
+    pub fn makes_segment_unreadable(&self) -> bool {
+        matches!(
+            self,
+            FormatError::SegmentTooShort { .. }
+                | FormatError::BadMagic { .. }
+                | FormatError::UnsupportedVersion { .. }
+                | FormatError::BadHeaderLength { .. }
+        )
+    }
+}
+
 fn u16_at(bytes: &[u8], at: usize) -> u16 {
     let mut b = [0u8; 2];
     b.copy_from_slice(&bytes[at..at + 2]);
@@ -808,14 +824,7 @@ impl<'a> Iterator for SegmentScan<'a> {
                         self.next()
                     }
                     Err(error) => {
-                        let fatal = matches!(
-                            error,
-                            FormatError::SegmentTooShort { .. }
-                                | FormatError::BadMagic { .. }
-                                | FormatError::UnsupportedVersion { .. }
-                                | FormatError::BadHeaderLength { .. }
-                        );
-                        if fatal {
+                        if error.makes_segment_unreadable() {
                             self.phase = Phase::Done;
                         }
                         Some(ScanItem::BadHeader { error })

@@ -51,7 +51,7 @@ pub mod writer;
 mod budget;
 mod config;
 mod durable;
-mod error;
+pub(crate) mod error;
 mod flusher;
 mod preparer;
 mod segment;

@@ -562,13 +562,7 @@ impl StreamReader {
         let header = match SegmentHeader::decode(seg.bytes()) {
             Ok(h) => h,
             Err(error) => {
-                let fatal = matches!(
-                    error,
-                    FormatError::SegmentTooShort { .. }
-                        | FormatError::BadMagic { .. }
-                        | FormatError::UnsupportedVersion { .. }
-                        | FormatError::BadHeaderLength { .. }
-                );
+                let fatal = error.makes_segment_unreadable();
                 seg.finished = fatal;
                 seg.skipped = fatal;
                 self.pending.push_back(ReadItem::BadHeader {

@@ -21,6 +21,18 @@ pub(crate) const DIR_MODE: u32 = 0o700;
 /// Mode of every file in a stream directory.
 pub(crate) const FILE_MODE: u32 = 0o600;
 
+/// Opens `path` for reading and writing, creating it with [`FILE_MODE`] if it
+/// does not exist, keeping its contents if it does (the lock and watermark files).
+pub(crate) fn open_or_create(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
 /// The writer's lock file: flock'd by the one writer of the stream.
 pub(crate) const LOCK_FILE: &str = "LOCK";
 /// Suffix of a segment being created; readers ignore it, recovery removes it.
@@ -114,13 +126,7 @@ impl StreamDir {
     /// same process is refused exactly like another process.
     pub(crate) fn lock(&self) -> Result<StreamLock, WalError> {
         let path = self.lock_path();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(&path)
+        let file = open_or_create(&path)
             .map_err(|e| WalError::io("open the stream lock file", &path, e))?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(StreamLock { _file: file }),
