@@ -288,20 +288,7 @@ async fn loader_restarted_after_sigkill_mid_load_loads_nothing_twice() {
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit(wal.path(), "s", 60_000, "async");
     for round in 0..3 {
-        let mut child = Command::new(auditwal_bin())
-            .args([
-                "load",
-                "--metrics-addr",
-                "off",
-                "--batch-rows",
-                "2000",
-                "--wal-dir",
-            ])
-            .arg(wal.path())
-            .args(["--database-url", db.url()])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn loader");
+        let mut child = common::spawn_loader(wal.path(), db.url(), 2000);
         // Let it get into the middle of the backlog, then SIGKILL.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -324,20 +311,7 @@ async fn sigterm_stops_the_loader_cleanly_with_exit_0() {
     let db = TestDb::new().await;
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit(wal.path(), "s", 20_000, "async");
-    let child = Command::new(auditwal_bin())
-        .args([
-            "load",
-            "--metrics-addr",
-            "off",
-            "--batch-rows",
-            "1000",
-            "--wal-dir",
-        ])
-        .arg(wal.path())
-        .args(["--database-url", db.url()])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn loader");
+    let child = common::spawn_loader(wal.path(), db.url(), 1000);
     tokio::time::sleep(Duration::from_millis(300)).await;
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),

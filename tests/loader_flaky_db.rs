@@ -24,22 +24,7 @@ fn emit_all(wal_dir: &Path, stream: &str, n: usize) -> Vec<Uuid> {
 }
 
 fn spawn_loader(wal_dir: &Path, url: &str) -> ChildGuard {
-    let child = Command::new(auditwal_bin())
-        .args([
-            "load",
-            "--metrics-addr",
-            "off",
-            "--batch-rows",
-            "2000",
-            "--wal-dir",
-        ])
-        .arg(wal_dir)
-        .args(["--database-url", url])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn loader");
-    ChildGuard::new(child)
+    ChildGuard::new(common::spawn_loader(wal_dir, url, 2000))
 }
 
 fn stop(guard: ChildGuard) {

@@ -53,17 +53,11 @@ fn make_input(run: u64) -> (Vec<String>, Vec<AuditEvent>) {
 /// Events and the last LSN on disk, read with the pure scanner. A torn tail is
 /// allowed only at the very end of the last segment.
 fn read_back(stream_dir: &Path) -> (Vec<(Lsn, AuditEvent)>, Lsn) {
-    let mut paths: Vec<PathBuf> = fs::read_dir(stream_dir)
+    let paths: Vec<PathBuf> = auditwal::wal::list_segments(stream_dir)
         .expect("list")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(format::parse_segment_file_name)
-                .is_some()
-        })
+        .into_iter()
+        .map(|s| s.path)
         .collect();
-    paths.sort();
     let mut events = Vec::new();
     let mut last_lsn = 0;
     for (i, path) in paths.iter().enumerate() {

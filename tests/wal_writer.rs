@@ -63,18 +63,11 @@ struct ReadRecord {
 }
 
 fn segment_paths(stream_dir: &Path) -> Vec<PathBuf> {
-    let mut paths: Vec<PathBuf> = fs::read_dir(stream_dir)
+    auditwal::wal::list_segments(stream_dir)
         .expect("list stream dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .and_then(format::parse_segment_file_name)
-                .is_some()
-        })
-        .collect();
-    paths.sort();
-    paths
+        .into_iter()
+        .map(|s| s.path)
+        .collect()
 }
 
 /// Every record of every segment, asserting the scan finds no damage.

@@ -109,61 +109,6 @@ fn read_failure(e: ReadError) -> Failure {
     }
 }
 
-/// One line of the damage report: what, where, and what it means.
-fn describe_damage(item: &ReadItem) -> Option<String> {
-    Some(match item {
-        ReadItem::Skipped {
-            segment,
-            start,
-            end,
-            error,
-        } => format!(
-            "{}: bytes [{start}, {end}): corrupt, skipped ({error}); records after it were read",
-            segment.display()
-        ),
-        ReadItem::TornTail {
-            segment,
-            offset,
-            error,
-        } => format!(
-            "{}: bytes [{offset}, end): torn tail ({error}); if a writer is still appending to this segment, this may be a record being written",
-            segment.display()
-        ),
-        ReadItem::BadHeader {
-            segment,
-            problem,
-            skipped,
-        } => format!(
-            "{}: bytes [0, 64): bad segment header ({problem}){}",
-            segment.display(),
-            if *skipped {
-                "; segment not read"
-            } else {
-                "; its records were still read"
-            }
-        ),
-        ReadItem::Gap {
-            segment,
-            expected,
-            found,
-        } => format!(
-            "{}: LSNs {expected}..{} missing (next record found is LSN {found})",
-            segment.display(),
-            found - 1
-        ),
-        ReadItem::Undecodable {
-            segment,
-            offset,
-            lsn,
-            error,
-        } => format!(
-            "{}: byte {offset}: record LSN {lsn} has a valid checksum but its payload does not decode ({error})",
-            segment.display()
-        ),
-        ReadItem::Event { .. } | ReadItem::SegmentConsumed { .. } => return None,
-    })
-}
-
 /// An event record as `inspect --json` prints it: `lsn`, `kind`, every event
 /// field by its schema name, `sample_rate`.
 #[derive(Serialize)]
@@ -329,7 +274,7 @@ pub fn run_inspect(args: InspectArgs) -> CmdResult {
                 }
             }
             other => {
-                if let Some(text) = describe_damage(other) {
+                if let Some(text) = other.damage_report() {
                     // Keep stdout and stderr in order for a reader of both.
                     out.flush()?;
                     eprintln!("damage: {text}");
@@ -362,7 +307,7 @@ pub fn run_verify(args: VerifyArgs) -> CmdResult {
     let stdout = io::stdout();
     let mut out = stdout.lock();
     let tally = read_all(&mut targets, |stream, item| {
-        if let Some(text) = describe_damage(item) {
+        if let Some(text) = item.damage_report() {
             match stream {
                 Some(s) => writeln!(out, "damage: stream {s}: {text}")?,
                 None => writeln!(out, "damage: {text}")?,

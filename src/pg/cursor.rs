@@ -165,7 +165,11 @@ impl Cursor {
                 self.consumed
                     .push((segment, last_lsn.unwrap_or(first_lsn.saturating_sub(1))));
             }
-            damage => out.skipped.push(describe(&damage)),
+            damage => out.skipped.push(
+                damage
+                    .damage_report()
+                    .unwrap_or_else(|| format!("{damage:?}")),
+            ),
         }
     }
 
@@ -211,42 +215,5 @@ impl Cursor {
             .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
             .unwrap_or(0.0);
         m.set_lag_seconds(secs);
-    }
-}
-
-fn describe(item: &ReadItem) -> String {
-    match item {
-        ReadItem::Skipped {
-            segment,
-            start,
-            end,
-            error,
-        } => format!(
-            "{}: bytes [{start}, {end}) skipped: {error}",
-            segment.display()
-        ),
-        ReadItem::TornTail {
-            segment,
-            offset,
-            error,
-        } => format!("{}: torn tail at byte {offset}: {error}", segment.display()),
-        ReadItem::BadHeader {
-            segment, problem, ..
-        } => format!("{}: bad segment header: {problem}", segment.display()),
-        ReadItem::Gap {
-            segment,
-            expected,
-            found,
-        } => format!("{}: LSNs {expected}..{found} missing", segment.display()),
-        ReadItem::Undecodable {
-            segment,
-            offset,
-            lsn,
-            error,
-        } => format!(
-            "{}: record LSN {lsn} at byte {offset} does not decode: {error}",
-            segment.display()
-        ),
-        other => format!("{other:?}"),
     }
 }

@@ -149,6 +149,62 @@ impl ReadItem {
             ReadItem::Event { .. } | ReadItem::SegmentConsumed { .. }
         )
     }
+
+    /// One line for a damage report (`verify`, the loader's log): what, where,
+    /// and what it means; `None` for an event or a consumed segment.
+    pub fn damage_report(&self) -> Option<String> {
+        Some(match self {
+            ReadItem::Skipped {
+                segment,
+                start,
+                end,
+                error,
+            } => format!(
+                "{}: bytes [{start}, {end}): corrupt, skipped ({error}); records after it were read",
+                segment.display()
+            ),
+            ReadItem::TornTail {
+                segment,
+                offset,
+                error,
+            } => format!(
+                "{}: bytes [{offset}, end): torn tail ({error}); if a writer is still appending to this segment, this may be a record being written",
+                segment.display()
+            ),
+            ReadItem::BadHeader {
+                segment,
+                problem,
+                skipped,
+            } => format!(
+                "{}: bytes [0, 64): bad segment header ({problem}){}",
+                segment.display(),
+                if *skipped {
+                    "; segment not read"
+                } else {
+                    "; its records were still read"
+                }
+            ),
+            ReadItem::Gap {
+                segment,
+                expected,
+                found,
+            } => format!(
+                "{}: LSNs {expected}..{} missing (next record found is LSN {found})",
+                segment.display(),
+                found - 1
+            ),
+            ReadItem::Undecodable {
+                segment,
+                offset,
+                lsn,
+                error,
+            } => format!(
+                "{}: byte {offset}: record LSN {lsn} has a valid checksum but its payload does not decode ({error})",
+                segment.display()
+            ),
+            ReadItem::Event { .. } | ReadItem::SegmentConsumed { .. } => return None,
+        })
+    }
 }
 
 /// Whether the stream may still be written while it is read.

@@ -245,6 +245,21 @@ pub fn emit_lines_with_env(
         .collect()
 }
 
+/// Starts `auditwal load` tailing `wal_dir` into `url` (metrics off, batches of
+/// at most `batch_rows`, stderr discarded); the caller stops it.
+pub fn spawn_loader(wal_dir: &std::path::Path, url: &str, batch_rows: u32) -> std::process::Child {
+    std::process::Command::new(auditwal_bin())
+        .args(["load", "--metrics-addr", "off", "--batch-rows"])
+        .arg(batch_rows.to_string())
+        .arg("--wal-dir")
+        .arg(wal_dir)
+        .args(["--database-url", url])
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn auditwal load")
+}
+
 /// Asserts that a finished `auditwal` command succeeded, showing its stderr if not.
 pub fn assert_ok(out: &std::process::Output) {
     assert!(
