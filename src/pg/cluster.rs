@@ -368,6 +368,10 @@ impl Cluster {
             .arg("--no-sync");
         run(initdb, "initdb")?;
         let onoff = |b: bool| if b { "on" } else { "off" };
+        // max_wal_size and checkpoint_timeout as a server tuned for ingest would
+        // have them: with the 1 GB default a bench writing 50k rows/s crossed a
+        // checkpoint every half minute, and the full-page writes after each one
+        // landed on whichever case happened to be running.
         let conf = format!(
             "\n# auditwal throwaway cluster\n\
              listen_addresses = '127.0.0.1'\n\
@@ -377,7 +381,8 @@ impl Cluster {
              synchronous_commit = on\n\
              max_connections = {maxconn}\n\
              shared_buffers = {shared}MB\n\
-             max_wal_size = 1GB\n\
+             max_wal_size = 8GB\n\
+             checkpoint_timeout = 30min\n\
              huge_pages = off\n\
              logging_collector = off\n",
             sock = sock.display(),

@@ -113,9 +113,9 @@ pub(crate) fn classify(err: &sqlx::Error, stage: Stage, event_id: Option<Uuid>) 
             }
             if code == "23505" {
                 if let Some(event_id) = event_id {
-                    // The only unique constraints on audit_events are the primary key
-                    // (id, occurred_at), filled by a sequence, and (event_id,
-                    // occurred_at): a violation is a duplicate event.
+                    // The only unique constraint on audit_events is (event_id,
+                    // occurred_at) (migration 0005 dropped the (id, occurred_at)
+                    // key): a violation is a duplicate event.
                     if db.constraint().is_none_or(|c| c.contains("event_id")) {
                         return PgError::Duplicate { event_id };
                     }
