@@ -396,6 +396,76 @@ struct Phase {
     events_per_fsync: Option<f64>,
     /// Events kept / requests answered (sampled).
     kept_fraction: Option<f64>,
+    /// CPU time per answered request, by whom (set after `settle`).
+    cpu: Option<CpuPerRequest>,
+}
+
+/// CPU time per answered request of one phase (warm-up included), in µs: the
+/// service's runtime threads (request handling, and the audit call made in it),
+/// the audit log's own threads (WAL flusher, segment preparation) and the loader
+/// process, counted until the loader has caught up. PostgreSQL's is not counted.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuPerRequest {
+    service_us: f64,
+    wal_threads_us: f64,
+    loader_us: f64,
+}
+
+/// CPU time run so far, in ns, from the schedstat files of /proc.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSnapshot {
+    service_ns: u64,
+    wal_threads_ns: u64,
+    loader_ns: u64,
+}
+
+impl CpuSnapshot {
+    fn take(loader_pid: Option<u32>) -> CpuSnapshot {
+        let mut snap = CpuSnapshot::default();
+        for (name, ns) in tasks_cpu_ns("/proc/self/task") {
+            if name == "e2e-service" {
+                snap.service_ns += ns;
+            } else if name.starts_with("wal-") {
+                snap.wal_threads_ns += ns;
+            }
+        }
+        if let Some(pid) = loader_pid {
+            snap.loader_ns = tasks_cpu_ns(&format!("/proc/{pid}/task"))
+                .into_iter()
+                .map(|(_, ns)| ns)
+                .sum();
+        }
+        snap
+    }
+
+    fn per_request(self, before: CpuSnapshot, requests: u64) -> CpuPerRequest {
+        let per = |after: u64, before: u64| {
+            after.saturating_sub(before) as f64 / 1000.0 / requests.max(1) as f64
+        };
+        CpuPerRequest {
+            service_us: per(self.service_ns, before.service_ns),
+            wal_threads_us: per(self.wal_threads_ns, before.wal_threads_ns),
+            loader_us: per(self.loader_ns, before.loader_ns),
+        }
+    }
+}
+
+/// (thread name, ns on CPU) of every task under `dir` (`/proc/<pid>/task`).
+/// The first field of `schedstat` is the time run, in ns. Tasks that end
+/// between the listing and the read are skipped; a missing /proc gives nothing.
+fn tasks_cpu_ns(dir: &str) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(path.join("schedstat")).ok()?;
+            let ns = stat.split_whitespace().next()?.parse().ok()?;
+            Some((name.trim_end().to_string(), ns))
+        })
+        .collect()
 }
 
 struct SettingRun {
@@ -494,6 +564,10 @@ impl LoaderChild {
             .spawn()
             .with_context(|| format!("cannot start the loader ({} load)", exe.display()))?;
         Ok(LoaderChild { child: Some(child) })
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// An error if the loader has exited (it runs until told to stop).
@@ -608,6 +682,7 @@ impl Sink {
                 rows: None,
                 events_per_fsync: None,
                 kept_fraction: None,
+                cpu: None,
             });
         };
         let kept = stats.recorded.get(mode);
@@ -665,6 +740,7 @@ impl Sink {
             rows: Some(phase_rows),
             events_per_fsync,
             kept_fraction,
+            cpu: None,
         })
     }
 
@@ -788,6 +864,8 @@ fn run_setting(bench: &Bench, setting: Setting, round: usize) -> Result<SettingR
             .await
             .context("connecting to PostgreSQL to watch the loader")?;
         quiesce(&mut pg).await?;
+        let loader_pid = loader.as_ref().and_then(|l| l.pid());
+        let cpu_before = CpuSnapshot::take(loader_pid);
         let before = sink.stats();
         let run = loadgen::open_loop(
             service.addr,
@@ -800,7 +878,8 @@ fn run_setting(bench: &Bench, setting: Setting, round: usize) -> Result<SettingR
         )
         .await
         .map_err(|e| Failure::runtime(anyhow!("{} at the fixed rate: {e}", setting.name())))?;
-        let fixed = sink.settle(&mut pg, loader.as_mut(), run, before).await?;
+        let mut fixed = sink.settle(&mut pg, loader.as_mut(), run, before).await?;
+        fixed.cpu = Some(CpuSnapshot::take(loader_pid).per_request(cpu_before, fixed.run.ok));
 
         let before = sink.stats();
         let run = loadgen::closed_loop(
@@ -928,6 +1007,19 @@ fn summarize_case(
     if let Some(k) = median(phases.iter().filter_map(|ph| ph.kept_fraction).collect()) {
         x.insert("kept_fraction".into(), serde_json::json!(round3(k)));
     }
+    let cpu: Vec<CpuPerRequest> = phases.iter().filter_map(|ph| ph.cpu).collect();
+    for (key, get) in [
+        (
+            "service_cpu_us_per_request",
+            (|c| c.service_us) as fn(&CpuPerRequest) -> f64,
+        ),
+        ("wal_threads_cpu_us_per_request", |c| c.wal_threads_us),
+        ("loader_cpu_us_per_request", |c| c.loader_us),
+    ] {
+        if let Some(v) = median(cpu.iter().map(get).collect()) {
+            x.insert(key.into(), serde_json::json!(round3(v)));
+        }
+    }
     out
 }
 
@@ -1042,7 +1134,42 @@ mod tests {
             rows,
             events_per_fsync: None,
             kept_fraction: None,
+            cpu: None,
         }
+    }
+
+    #[test]
+    fn cpu_accounting_charges_a_busy_service_thread_to_the_service_only() {
+        use std::sync::mpsc;
+        let before = CpuSnapshot::take(None);
+        let (spun_tx, spun_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        // Named like the service runtime's threads; it stays alive (blocked)
+        // while the second snapshot is taken, since an ended thread is no
+        // longer listed under /proc/self/task.
+        let busy = std::thread::Builder::new()
+            .name("e2e-service".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let mut x = 0u64;
+                while t.elapsed() < Duration::from_millis(30) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+                spun_tx.send(()).expect("report");
+                let _ = release_rx.recv();
+            })
+            .expect("spawn");
+        spun_rx.recv().expect("the thread spun");
+        let cpu = CpuSnapshot::take(None).per_request(before, 1);
+        release_tx.send(()).expect("release");
+        busy.join().expect("join");
+        assert!(
+            cpu.service_us >= 20_000.0,
+            "30 ms of spinning counted as {} µs",
+            cpu.service_us
+        );
+        assert_eq!(cpu.wal_threads_us, 0.0);
+        assert_eq!(cpu.loader_us, 0.0);
     }
 
     #[test]
