@@ -70,6 +70,29 @@ fn bar_marks(bytes: &[u8]) -> Vec<&'static str> {
         .collect()
 }
 
+/// No bar drawn in `bytes` (some other output is fine).
+fn assert_no_bar(bytes: &[u8]) {
+    assert_eq!(
+        bar_marks(bytes),
+        Vec::<&str>::new(),
+        "bar output where none belongs:\n{:?}",
+        String::from_utf8_lossy(bytes)
+    );
+}
+
+/// `replay --from-lsn 1` of `wal` into `url`.
+fn replay_args<'a>(wal: &'a str, url: &'a str) -> [&'a str; 7] {
+    [
+        "replay",
+        "--wal-dir",
+        wal,
+        "--database-url",
+        url,
+        "--from-lsn",
+        "1",
+    ]
+}
+
 fn load_args<'a>(wal: &'a str, url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "load",
@@ -148,12 +171,8 @@ async fn load_once_with_stderr_piped_writes_no_bar_at_all() {
         .expect("run auditwal load --once");
     assert_ok(&out);
     assert_exactly(&db, &ids).await;
+    assert_no_bar(&out.stderr);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        bar_marks(&out.stderr),
-        Vec::<&str>::new(),
-        "bar output on a piped stderr:\n{stderr:?}"
-    );
     assert!(!stderr.contains('\r'), "{stderr:?}");
     // Stderr was written to (the logs), one whole line at a time.
     assert!(
@@ -173,15 +192,7 @@ async fn replay_on_a_terminal_draws_a_bar_and_keeps_its_summary_line() {
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit(wal.path(), "s1", 3000);
     let wal_s = wal.path().to_str().expect("utf-8 temp path");
-    let out = on_terminal(&shell_line(&[
-        "replay",
-        "--wal-dir",
-        wal_s,
-        "--database-url",
-        db.url(),
-        "--from-lsn",
-        "1",
-    ]));
+    let out = on_terminal(&shell_line(&replay_args(wal_s, db.url())));
     let shown = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         bar_marks(&out.stdout),
@@ -209,16 +220,17 @@ async fn replay_with_stderr_piped_prints_only_its_logs_and_summary() {
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit(wal.path(), "s1", 2000);
     let out = Command::new(auditwal_bin())
-        .args(["replay", "--from-lsn", "1", "--wal-dir"])
-        .arg(wal.path())
-        .args(["--database-url", db.url()])
+        .args(replay_args(
+            wal.path().to_str().expect("utf-8 temp path"),
+            db.url(),
+        ))
         .stdin(Stdio::null())
         .output()
         .expect("run auditwal replay");
     assert_ok(&out);
     assert_exactly(&db, &ids).await;
+    assert_no_bar(&out.stderr);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(bar_marks(&out.stderr), Vec::<&str>::new(), "{stderr:?}");
     assert!(!stderr.contains('\r'), "{stderr:?}");
     assert!(
         stderr.ends_with("replay: 2000 rows sent, 0 already present, 2000 new\n"),
@@ -238,31 +250,13 @@ async fn a_terminal_gets_no_bar_with_no_progress_or_when_stderr_goes_elsewhere()
     let stderr_file = wal.path().join("stderr.txt");
     let line = format!(
         "{} 2>'{}'",
-        shell_line(&[
-            "replay",
-            "--wal-dir",
-            wal_s,
-            "--database-url",
-            db.url(),
-            "--from-lsn",
-            "1",
-        ]),
+        shell_line(&replay_args(wal_s, db.url())),
         stderr_file.display()
     );
     let out = on_terminal(&line);
     let stderr = std::fs::read(&stderr_file).expect("stderr file");
-    assert_eq!(
-        bar_marks(&out.stdout),
-        Vec::<&str>::new(),
-        "{:?}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert_eq!(
-        bar_marks(&stderr),
-        Vec::<&str>::new(),
-        "{:?}",
-        String::from_utf8_lossy(&stderr)
-    );
+    assert_no_bar(&out.stdout);
+    assert_no_bar(&stderr);
     let stderr = String::from_utf8_lossy(&stderr);
     assert!(
         stderr.ends_with("replay: 1500 rows sent, 0 already present, 1500 new\n"),
@@ -272,8 +266,8 @@ async fn a_terminal_gets_no_bar_with_no_progress_or_when_stderr_goes_elsewhere()
     // A terminal, but --no-progress (the replay left nothing for load to do; it
     // still logs).
     let out = on_terminal(&shell_line(&load_args(wal_s, db.url(), &["--no-progress"])));
+    assert_no_bar(&out.stdout);
     let shown = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(bar_marks(&out.stdout), Vec::<&str>::new(), "{shown:?}");
     assert!(shown.contains("loader stopped"), "{shown}");
 
     assert_exactly(&db, &ids).await;

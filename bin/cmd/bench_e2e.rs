@@ -39,6 +39,7 @@
 #[allow(dead_code)] // the bench drives one endpoint of the example service
 mod shortener_app;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -411,61 +412,63 @@ struct CpuPerRequest {
     loader_us: f64,
 }
 
-/// CPU time run so far, in ns, from the schedstat files of /proc.
-#[derive(Debug, Clone, Copy, Default)]
-struct CpuSnapshot {
-    service_ns: u64,
-    wal_threads_ns: u64,
-    loader_ns: u64,
-}
+/// Each task's CPU time so far, in ns, from the schedstat files of /proc:
+/// (pid, tid) → (thread name, ns). Keyed by task so that a thread which ends
+/// during a phase (an idle blocking-pool thread, say) only loses its own
+/// share of the phase instead of taking its whole lifetime off the total.
+#[derive(Debug, Clone, Default)]
+struct CpuSnapshot(HashMap<(u32, u32), (String, u64)>);
 
 impl CpuSnapshot {
     fn take(loader_pid: Option<u32>) -> CpuSnapshot {
-        let mut snap = CpuSnapshot::default();
-        for (name, ns) in tasks_cpu_ns("/proc/self/task") {
-            if name == "e2e-service" {
-                snap.service_ns += ns;
-            } else if name.starts_with("wal-") {
-                snap.wal_threads_ns += ns;
+        let mut tasks = HashMap::new();
+        for pid in std::iter::once(std::process::id()).chain(loader_pid) {
+            let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for path in entries.filter_map(|e| Some(e.ok()?.path())) {
+                // A task that ends between the listing and the reads is skipped.
+                let read = || -> Option<(u32, String, u64)> {
+                    let tid = path.file_name()?.to_str()?.parse().ok()?;
+                    let name = std::fs::read_to_string(path.join("comm")).ok()?;
+                    // The first field of schedstat is the time run, in ns.
+                    let stat = std::fs::read_to_string(path.join("schedstat")).ok()?;
+                    let ns = stat.split_whitespace().next()?.parse().ok()?;
+                    Some((tid, name.trim_end().to_string(), ns))
+                };
+                if let Some((tid, name, ns)) = read() {
+                    tasks.insert((pid, tid), (name, ns));
+                }
             }
         }
-        if let Some(pid) = loader_pid {
-            snap.loader_ns = tasks_cpu_ns(&format!("/proc/{pid}/task"))
-                .into_iter()
-                .map(|(_, ns)| ns)
-                .sum();
-        }
-        snap
+        CpuSnapshot(tasks)
     }
 
-    fn per_request(self, before: CpuSnapshot, requests: u64) -> CpuPerRequest {
-        let per = |after: u64, before: u64| {
-            after.saturating_sub(before) as f64 / 1000.0 / requests.max(1) as f64
-        };
+    /// CPU run since `before` by the tasks alive now, per request: the
+    /// service's runtime threads and the log's threads of this process, and
+    /// every thread of the loader.
+    fn per_request(&self, before: &CpuSnapshot, requests: u64) -> CpuPerRequest {
+        let mut ns = [0u64; 3];
+        for (task, (name, now)) in &self.0 {
+            let ran = now.saturating_sub(before.0.get(task).map_or(0, |(_, b)| *b));
+            let slot = if task.0 != std::process::id() {
+                2
+            } else if name == "e2e-service" {
+                0
+            } else if name.starts_with("wal-") {
+                1
+            } else {
+                continue;
+            };
+            ns[slot] += ran;
+        }
+        let per = |ns: u64| ns as f64 / 1000.0 / requests.max(1) as f64;
         CpuPerRequest {
-            service_us: per(self.service_ns, before.service_ns),
-            wal_threads_us: per(self.wal_threads_ns, before.wal_threads_ns),
-            loader_us: per(self.loader_ns, before.loader_ns),
+            service_us: per(ns[0]),
+            wal_threads_us: per(ns[1]),
+            loader_us: per(ns[2]),
         }
     }
-}
-
-/// (thread name, ns on CPU) of every task under `dir` (`/proc/<pid>/task`).
-/// The first field of `schedstat` is the time run, in ns. Tasks that end
-/// between the listing and the read are skipped; a missing /proc gives nothing.
-fn tasks_cpu_ns(dir: &str) -> Vec<(String, u64)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| {
-            let path = e.ok()?.path();
-            let name = std::fs::read_to_string(path.join("comm")).ok()?;
-            let stat = std::fs::read_to_string(path.join("schedstat")).ok()?;
-            let ns = stat.split_whitespace().next()?.parse().ok()?;
-            Some((name.trim_end().to_string(), ns))
-        })
-        .collect()
 }
 
 struct SettingRun {
@@ -879,7 +882,7 @@ fn run_setting(bench: &Bench, setting: Setting, round: usize) -> Result<SettingR
         .await
         .map_err(|e| Failure::runtime(anyhow!("{} at the fixed rate: {e}", setting.name())))?;
         let mut fixed = sink.settle(&mut pg, loader.as_mut(), run, before).await?;
-        fixed.cpu = Some(CpuSnapshot::take(loader_pid).per_request(cpu_before, fixed.run.ok));
+        fixed.cpu = Some(CpuSnapshot::take(loader_pid).per_request(&cpu_before, fixed.run.ok));
 
         let before = sink.stats();
         let run = loadgen::closed_loop(
@@ -1008,18 +1011,14 @@ fn summarize_case(
         x.insert("kept_fraction".into(), serde_json::json!(round3(k)));
     }
     let cpu: Vec<CpuPerRequest> = phases.iter().filter_map(|ph| ph.cpu).collect();
-    for (key, get) in [
-        (
-            "service_cpu_us_per_request",
-            (|c| c.service_us) as fn(&CpuPerRequest) -> f64,
-        ),
-        ("wal_threads_cpu_us_per_request", |c| c.wal_threads_us),
-        ("loader_cpu_us_per_request", |c| c.loader_us),
-    ] {
-        if let Some(v) = median(cpu.iter().map(get).collect()) {
+    let mut cpu_median = |key: &str, field: fn(&CpuPerRequest) -> f64| {
+        if let Some(v) = median(cpu.iter().map(field).collect()) {
             x.insert(key.into(), serde_json::json!(round3(v)));
         }
-    }
+    };
+    cpu_median("service_cpu_us_per_request", |c| c.service_us);
+    cpu_median("wal_threads_cpu_us_per_request", |c| c.wal_threads_us);
+    cpu_median("loader_cpu_us_per_request", |c| c.loader_us);
     out
 }
 
@@ -1138,38 +1137,53 @@ mod tests {
         }
     }
 
-    #[test]
-    fn cpu_accounting_charges_a_busy_service_thread_to_the_service_only() {
-        use std::sync::mpsc;
-        let before = CpuSnapshot::take(None);
-        let (spun_tx, spun_rx) = mpsc::channel();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        // Named like the service runtime's threads; it stays alive (blocked)
-        // while the second snapshot is taken, since an ended thread is no
-        // longer listed under /proc/self/task.
-        let busy = std::thread::Builder::new()
+    /// A thread named like the service runtime's that spins for `ms`, then
+    /// stays alive (an ended thread is no longer listed under /proc) until
+    /// the returned closure is called, which ends and joins it.
+    fn busy_service_thread(ms: u64) -> impl FnOnce() {
+        let (spun_tx, spun_rx) = std::sync::mpsc::channel();
+        let (end_tx, end_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("e2e-service".into())
             .spawn(move || {
                 let t = Instant::now();
-                let mut x = 0u64;
-                while t.elapsed() < Duration::from_millis(30) {
-                    x = std::hint::black_box(x.wrapping_add(1));
+                while t.elapsed() < Duration::from_millis(ms) {
+                    std::hint::black_box(0u64);
                 }
                 spun_tx.send(()).expect("report");
-                let _ = release_rx.recv();
+                let _ = end_rx.recv();
             })
             .expect("spawn");
         spun_rx.recv().expect("the thread spun");
-        let cpu = CpuSnapshot::take(None).per_request(before, 1);
-        release_tx.send(()).expect("release");
-        busy.join().expect("join");
-        assert!(
-            cpu.service_us >= 20_000.0,
-            "30 ms of spinning counted as {} µs",
-            cpu.service_us
-        );
-        assert_eq!(cpu.wal_threads_us, 0.0);
-        assert_eq!(cpu.loader_us, 0.0);
+        move || {
+            end_tx.send(()).expect("end");
+            thread.join().expect("join");
+        }
+    }
+
+    #[test]
+    fn cpu_accounting_charges_a_busy_service_thread_to_the_service_not_the_wal_threads() {
+        let before = CpuSnapshot::take(None);
+        let end = busy_service_thread(30);
+        let cpu = CpuSnapshot::take(None).per_request(&before, 1);
+        end();
+        assert!(cpu.service_us >= 20_000.0, "30 ms of spinning: {cpu:?}");
+        // Other tests of this binary may run WAL threads meanwhile, but none
+        // of them spins for 20 ms.
+        assert!(cpu.wal_threads_us < 20_000.0, "{cpu:?}");
+    }
+
+    #[test]
+    fn a_thread_that_ends_during_a_phase_takes_nothing_off_the_others() {
+        // Alive at the first snapshot with 30 ms behind it, gone at the
+        // second: a plain sum over threads would come out negative.
+        let end_old = busy_service_thread(30);
+        let before = CpuSnapshot::take(None);
+        end_old();
+        let end = busy_service_thread(15);
+        let cpu = CpuSnapshot::take(None).per_request(&before, 1);
+        end();
+        assert!(cpu.service_us >= 10_000.0, "15 ms of spinning: {cpu:?}");
     }
 
     #[test]

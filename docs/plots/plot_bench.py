@@ -64,6 +64,15 @@ def fmt_us(v):
     return f"{v / 1000:.1f} ms" if v >= 1000 else f"{v:.0f} µs"
 
 
+def save(plt, fig, out, name):
+    """Writes `fig` as out/name (PNG), closes it and returns the path."""
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_e2e_latency(plt, cases, out):
     rows = [cases[("e2e", m)] for m in E2E_ORDER if ("e2e", m) in cases]
     if not rows:
@@ -97,11 +106,7 @@ def plot_e2e_latency(plt, cases, out):
     ymax = max((r.get("p999_us") or 0) for r in rows)
     if ymax > 0:
         ax.set_ylim(top=ymax * 4)
-    fig.tight_layout()
-    path = os.path.join(out, "e2e_latency.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(plt, fig, out, "e2e_latency.png")
 
 
 def plot_e2e_saturation(plt, cases, out):
@@ -129,11 +134,7 @@ def plot_e2e_saturation(plt, cases, out):
                  + (f", {conns} connections)" if conns else ")"))
     ax.set_ylim(top=max(ys) * 1.3 if ys else 1)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(out, "e2e_saturation.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(plt, fig, out, "e2e_saturation.png")
 
 
 def plot_load(plt, cases, out):
@@ -158,11 +159,7 @@ def plot_load(plt, cases, out):
                  + (f"\n{loader['events']:,} events, ratio {ratio:.2f}" if ratio else ""))
     ax.set_ylim(top=max(ys) * 1.2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(out, "load_throughput.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(plt, fig, out, "load_throughput.png")
 
 
 def main():

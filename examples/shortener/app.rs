@@ -1026,6 +1026,34 @@ struct AdminAction {
     reason: String,
 }
 
+impl AdminAction {
+    /// The body every admin endpoint takes, checked.
+    fn parse(body: &Bytes) -> Result<AdminAction, ApiError> {
+        let req: AdminAction = parse_body(body, &[("admin", "string"), ("reason", "string")])?;
+        check_name("admin", &req.admin)?;
+        check_reason(&req.reason)?;
+        Ok(req)
+    }
+
+    /// The event an admin endpoint records: this admin did `action` to the
+    /// target, for this reason, from this client.
+    fn event(
+        self,
+        client: &Client,
+        action: &str,
+        target_type: &str,
+        target_id: &str,
+    ) -> AuditEvent {
+        client.stamp(
+            AuditEvent::new(action)
+                .actor("admin", self.admin)
+                .target(target_type, target_id)
+                .reason(self.reason)
+                .outcome(Outcome::Success),
+        )
+    }
+}
+
 /// `POST /admin/users/{id}/disable`: sync audit first, then the change.
 async fn disable_user(
     State(state): State<Arc<AppState>>,
@@ -1033,9 +1061,7 @@ async fn disable_user(
     client: Client,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: AdminAction = parse_body(&body, &[("admin", "string"), ("reason", "string")])?;
-    check_name("admin", &req.admin)?;
-    check_reason(&req.reason)?;
+    let req = AdminAction::parse(&body)?;
     check_name("id", &id)?;
     if state.audit.is_none() {
         return Err(ApiError::audit_not_configured());
@@ -1049,14 +1075,8 @@ async fn disable_user(
         }
         Some(u) => u.disabled,
     };
-    let event = client
-        .stamp(
-            AuditEvent::new("admin.user.disabled")
-                .actor("admin", req.admin)
-                .target("user", id.as_str())
-                .reason(req.reason)
-                .outcome(Outcome::Success),
-        )
+    let event = req
+        .event(&client, "admin.user.disabled", "user", &id)
         .before(&json!({"disabled": was_disabled}))
         .and_then(|e| e.after(&json!({"disabled": true})))
         .map_err(|e| event_refused(&e))?;
@@ -1078,9 +1098,7 @@ async fn override_link(
     client: Client,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let req: AdminAction = parse_body(&body, &[("admin", "string"), ("reason", "string")])?;
-    check_name("admin", &req.admin)?;
-    check_reason(&req.reason)?;
+    let req = AdminAction::parse(&body)?;
     if state.audit.is_none() {
         return Err(ApiError::audit_not_configured());
     }
@@ -1093,14 +1111,8 @@ async fn override_link(
             ))
         }
     };
-    let event = client
-        .stamp(
-            AuditEvent::new("admin.url.safety_override")
-                .actor("admin", req.admin)
-                .target("link", code.as_str())
-                .reason(req.reason)
-                .outcome(Outcome::Success),
-        )
+    let event = req
+        .event(&client, "admin.url.safety_override", "link", &code)
         .before(&json!({"flagged": flagged, "overridden": overridden}))
         .and_then(|e| e.after(&json!({"flagged": flagged, "overridden": true})))
         .and_then(|e| e.metadata(&json!({"url": url})))
