@@ -1333,6 +1333,44 @@ mod tests {
     }
 
     #[test]
+    fn with_the_loader_paused_the_wal_cases_are_marked_and_the_target_is_not_judged() {
+        let args = E2eArgs {
+            settings: Some(vec!["async".into(), "sync".into()]),
+            pause_loader: true,
+            ..E2eArgs::default()
+        };
+        let Ok(params) = Params::from_args(&args) else {
+            panic!("valid arguments refused")
+        };
+        let run = |us: u64, lag: Option<u64>| SettingRun {
+            fixed: phase(&[us; 10], lag, Some(10)),
+            saturated: phase(&[us; 10], lag, Some(10)),
+        };
+        let mut runs: Vec<Vec<SettingRun>> = Setting::REPORT.iter().map(|_| Vec::new()).collect();
+        runs[Setting::Off.index()].push(run(100, None));
+        runs[Setting::Async.index()].push(run(104, Some(5)));
+        runs[Setting::Sync.index()].push(run(500, None));
+        let results = summarize(&runs, &params);
+        let marked = |name: &str| {
+            let r = results.iter().find(|r| r.case == name).expect(name);
+            r.extra.get("loader_paused").cloned()
+        };
+        assert_eq!(marked("async"), Some(serde_json::json!(true)));
+        for unmarked in ["off", "sync", "async-saturated"] {
+            assert_eq!(marked(unmarked), None, "{unmarked}");
+        }
+
+        let paused = verdict(&results, true);
+        assert!(paused.contains("--pause-loader"), "{paused}");
+        assert!(
+            !paused.contains("met") && !paused.contains("MISSED"),
+            "{paused}"
+        );
+        let live = verdict(&results, false);
+        assert!(live.contains("1.040 — met"), "{live}");
+    }
+
+    #[test]
     fn comparison_lines_name_off_and_carry_the_p99_ratio() {
         let off = summarize_case("off".into(), &[&phase(&[100; 10], None, None)], Some(10), 8);
         let sync = summarize_case(
