@@ -309,6 +309,7 @@ pub fn run(args: E2eArgs, json: bool, dir: Option<PathBuf>) -> CmdResult {
         .enable_all()
         .build()
         .context("cannot start the service's runtime")?;
+    remove_scratch_on_signal(&service, scratch.path());
     client.block_on(migrate(&database_url))?;
 
     let per_case = WARMUP * 2 + params.secs + params.saturation_secs;
@@ -395,6 +396,37 @@ fn warn_if_tmpfs(path: &Path) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = path;
+}
+
+/// Ended by SIGINT or SIGTERM, the bench would run no destructors and leave
+/// its scratch directory (the WAL segments of the setting under way) behind:
+/// this removes it and exits with 128 + the signal's number. The loader ends
+/// with the bench (its parent-death signal) and the private cluster's guardian
+/// stops and removes the cluster.
+fn remove_scratch_on_signal(rt: &tokio::runtime::Runtime, scratch: &Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let streams = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        ))
+    });
+    let (mut int, mut term) = match streams {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bench e2e: cannot watch for SIGINT/SIGTERM ({e}); a signal leaves the scratch directory behind");
+            return;
+        }
+    };
+    let scratch = scratch.to_path_buf();
+    rt.spawn(async move {
+        let code = tokio::select! {
+            _ = int.recv() => 128 + 2,
+            _ = term.recv() => 128 + 15,
+        };
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::process::exit(code);
+    });
 }
 
 /// What one phase of one setting in one round measured.
