@@ -411,12 +411,9 @@ impl Config {
                 .with_segment_size(self.segment_size)
                 .with_fsync_interval(self.fsync_interval)
                 .with_disk_budget(self.disk_budget)
-                .with_full_disk_policy(self.full_disk_policy),
+                .with_full_disk_policy(self.full_disk_policy)
+                .with_zero_fill_segments(self.zero_fill_segments),
         )
-        .map(|mut c| {
-            c.zero_fill_segments = self.zero_fill_segments;
-            c
-        })
     }
 
     /// The sync writer's settings (its URL is `database_url`).
@@ -668,6 +665,11 @@ impl Layer {
                 .map(Duration::from_millis)
                 .map_err(|_| bad("expected a whole number of milliseconds".into()))
         };
+        let flag = |t: String| match t.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(bad("expected true or false".into())),
+        };
         match key {
             "audit_mode" => {
                 self.audit_mode = Some(
@@ -724,18 +726,8 @@ impl Layer {
             "block_timeout_ms" => self.block_timeout_ms = Some(millis(text()?)?),
             "database_url" => self.database_url = Some(text()?),
             "sync_timeout_ms" => self.sync_timeout_ms = Some(millis(text()?)?),
-            "sync_migrate" | "zero_fill_segments" => {
-                let on = match text()?.to_ascii_lowercase().as_str() {
-                    "true" | "1" | "yes" | "on" => true,
-                    "false" | "0" | "no" | "off" => false,
-                    _ => return Err(bad("expected true or false".into())),
-                };
-                if key == "sync_migrate" {
-                    self.sync_migrate = Some(on);
-                } else {
-                    self.zero_fill_segments = Some(on);
-                }
-            }
+            "sync_migrate" => self.sync_migrate = Some(flag(text()?)?),
+            "zero_fill_segments" => self.zero_fill_segments = Some(flag(text()?)?),
             "max_event_bytes" => {
                 let n = parse_size(&text()?).map_err(bad)?;
                 self.max_event_bytes =

@@ -1132,27 +1132,23 @@ fn summarize(runs: &[Vec<SettingRun>], params: &Params) -> Vec<BenchResult> {
         }
         let f: Vec<&Phase> = rs.iter().map(|r| &r.fixed).collect();
         let s: Vec<&Phase> = rs.iter().map(|r| &r.saturated).collect();
-        fixed.push(summarize_case(
+        let mut case = summarize_case(
             setting.name().into(),
             &f,
             Some(params.rate),
             params.connections,
-        ));
+        );
+        if params.pause_loader && setting.uses_wal() {
+            case.extra
+                .insert("loader_paused".into(), serde_json::Value::Bool(true));
+        }
+        fixed.push(case);
         saturated.push(summarize_case(
             format!("{}-saturated", setting.name()),
             &s,
             None,
             params.connections,
         ));
-    }
-    if params.pause_loader {
-        for r in fixed
-            .iter_mut()
-            .filter(|r| r.case != "off" && r.case != "sync")
-        {
-            r.extra
-                .insert("loader_paused".into(), serde_json::Value::Bool(true));
-        }
     }
     let mut out = Vec::new();
     for group in [fixed, saturated] {

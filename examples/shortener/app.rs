@@ -508,61 +508,24 @@ impl Client {
 
 // ---------------------------------------------------------------- audit
 
-/// The `audit` field of a response: `mode` and `event_id`, then what the
-/// receipt holds (`row_id`; `lsn`, with `sample_rate` when appended;
-/// `sampled_out`), or the `error` of a fire-and-forget call that failed.
-/// Serialized straight into the body, without a `serde_json::Value` tree (a
-/// map, its keys, its drop) on every audited request.
-#[derive(Debug, Serialize)]
-struct AuditView {
-    mode: &'static str,
-    event_id: uuid::Uuid,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    row_id: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lsn: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sample_rate: Option<f64>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    sampled_out: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
-impl AuditView {
-    fn of(mode: Mode, r: &Receipt) -> AuditView {
-        let mut v = AuditView {
-            mode: mode.as_str(),
-            event_id: r.event_id(),
-            row_id: None,
-            lsn: None,
-            sample_rate: None,
-            sampled_out: false,
-            error: None,
-        };
-        match *r {
-            Receipt::Committed { row_id, .. } => v.row_id = Some(row_id.0),
-            Receipt::Durable { lsn, .. } => v.lsn = Some(lsn),
-            Receipt::Appended {
-                lsn, sample_rate, ..
-            } => {
-                v.lsn = Some(lsn);
-                v.sample_rate = Some(sample_rate);
-            }
-            Receipt::SampledOut { .. } => v.sampled_out = true,
+/// A receipt as the response shows it.
+fn receipt_json(mode: Mode, r: &Receipt) -> Value {
+    match *r {
+        Receipt::Committed { event_id, row_id } => {
+            json!({"mode": mode.as_str(), "event_id": event_id, "row_id": row_id.0})
         }
-        v
-    }
-
-    fn failed(mode: Mode, event_id: uuid::Uuid, e: &AuditError) -> AuditView {
-        AuditView {
-            mode: mode.as_str(),
+        Receipt::Durable { event_id, lsn } => {
+            json!({"mode": mode.as_str(), "event_id": event_id, "lsn": lsn})
+        }
+        Receipt::Appended {
             event_id,
-            row_id: None,
-            lsn: None,
-            sample_rate: None,
-            sampled_out: false,
-            error: Some(e.to_string()),
+            lsn,
+            sample_rate,
+        } => {
+            json!({"mode": mode.as_str(), "event_id": event_id, "lsn": lsn, "sample_rate": sample_rate})
+        }
+        Receipt::SampledOut { event_id } => {
+            json!({"mode": mode.as_str(), "event_id": event_id, "sampled_out": true})
         }
     }
 }
@@ -615,15 +578,19 @@ impl AppState {
     /// not happen). Fire-and-forget modes: never an error, since the action
     /// already happened; the failure is counted in `AuditStats::failed` and
     /// logged (rate-limited) by the `AuditLog`, and shown in the field.
-    async fn record_user(&self, mode: Mode, event: &AuditEvent) -> Result<AuditView, ApiError> {
+    async fn record_user(&self, mode: Mode, event: &AuditEvent) -> Result<Value, ApiError> {
         let log = self
             .audit
             .as_deref()
             .ok_or_else(ApiError::audit_not_configured)?;
         match log.record_with(event, mode).await {
-            Ok(r) => Ok(AuditView::of(mode, &r)),
+            Ok(r) => Ok(receipt_json(mode, &r)),
             Err(e) if is_proof(mode) => Err(ApiError::audit_failed(mode, event.event_id, &e)),
-            Err(e) => Ok(AuditView::failed(mode, event.event_id, &e)),
+            Err(e) => Ok(json!({
+                "mode": mode.as_str(),
+                "event_id": event.event_id,
+                "error": e.to_string(),
+            })),
         }
     }
 
@@ -655,7 +622,7 @@ impl AppState {
 fn admin_answer(mut body: Value, receipt: &Receipt) -> Response {
     body["audit_id"] = json!(receipt.event_id());
     body["audit_row_id"] = json!(receipt.row_id().map(|r| r.0));
-    body["audit"] = json!(AuditView::of(Mode::Sync, receipt));
+    body["audit"] = receipt_json(Mode::Sync, receipt);
     Json(body).into_response()
 }
 
@@ -720,8 +687,7 @@ struct Created<'a> {
     code: &'a str,
     url: &'a str,
     flagged: bool,
-    /// `null` when the user endpoints are not audited.
-    audit: Option<AuditView>,
+    audit: Value,
 }
 
 /// `POST /api/links`: the hot path. Validate, check the user, build and check
@@ -799,7 +765,7 @@ async fn create_link(
                 match state.record_user(mode, &event).await {
                     Ok(audit) => {
                         state.publish_link(&code);
-                        Ok(Some(audit))
+                        Ok(audit)
                     }
                     Err(e) => {
                         state.remove_link(&code);
@@ -809,8 +775,8 @@ async fn create_link(
             })
             .await?
         }
-        (Some(mode), Some(event)) => Some(state.record_user(mode, &event).await?),
-        _ => None,
+        (Some(mode), Some(event)) => state.record_user(mode, &event).await?,
+        _ => Value::Null,
     };
     Ok((
         StatusCode::CREATED,
@@ -885,7 +851,7 @@ async fn bulk_import(
         );
     }
     let audit = match mode {
-        None => None,
+        None => Value::Null,
         Some(mode) => {
             let event = client
                 .stamp(
@@ -922,11 +888,11 @@ async fn bulk_import(
                     }
                 }
             };
-            Some(if is_proof(mode) {
+            if is_proof(mode) {
                 to_end(work).await?
             } else {
                 work.await?
-            })
+            }
         }
     };
     Ok((
@@ -997,7 +963,7 @@ async fn reorder_bio(
     let audit = match mode {
         None => {
             state.set_bio(&user, order.clone());
-            None
+            Value::Null
         }
         Some(mode) => {
             let event = client
@@ -1012,7 +978,7 @@ async fn reorder_bio(
                 .and_then(|e| e.metadata(&json!({"count": order.len()})))
                 .map_err(|e| event_refused(&e))?;
             state.check_event(&event)?;
-            Some(if is_proof(mode) {
+            if is_proof(mode) {
                 // Audited first, applied after, to the end.
                 let (state, user, order) = (state.clone(), user.clone(), order.clone());
                 to_end(async move {
@@ -1024,7 +990,7 @@ async fn reorder_bio(
             } else {
                 state.set_bio(&user, order.clone());
                 state.record_user(mode, &event).await?
-            })
+            }
         }
     };
     Ok(Json(json!({"user": user, "order": order, "audit": audit})).into_response())
@@ -1298,47 +1264,42 @@ mod tests {
     #[test]
     fn the_audit_field_carries_exactly_what_each_receipt_holds() {
         let id = uuid::Uuid::now_v7();
-        let view = |mode, r: Receipt| serde_json::to_value(AuditView::of(mode, &r)).expect("json");
-        assert_eq!(
-            view(
+        let row_id = auditwal::pg::RowId(42);
+        let cases = [
+            (
                 Mode::Sync,
                 Receipt::Committed {
                     event_id: id,
-                    row_id: auditwal::pg::RowId(42)
-                }
+                    row_id,
+                },
+                json!({"mode": "sync", "event_id": id, "row_id": 42}),
             ),
-            json!({"mode": "sync", "event_id": id, "row_id": 42})
-        );
-        assert_eq!(
-            view(
+            (
                 Mode::Durable,
                 Receipt::Durable {
                     event_id: id,
-                    lsn: 7
-                }
+                    lsn: 7,
+                },
+                json!({"mode": "durable", "event_id": id, "lsn": 7}),
             ),
-            json!({"mode": "durable", "event_id": id, "lsn": 7})
-        );
-        assert_eq!(
-            view(
+            (
                 Mode::Sampled,
                 Receipt::Appended {
                     event_id: id,
                     lsn: 8,
-                    sample_rate: 0.25
-                }
+                    sample_rate: 0.25,
+                },
+                json!({"mode": "sampled", "event_id": id, "lsn": 8, "sample_rate": 0.25}),
             ),
-            json!({"mode": "sampled", "event_id": id, "lsn": 8, "sample_rate": 0.25})
-        );
-        assert_eq!(
-            view(Mode::Sampled, Receipt::SampledOut { event_id: id }),
-            json!({"mode": "sampled", "event_id": id, "sampled_out": true})
-        );
-        let failed = AuditView::failed(Mode::Async, id, &AuditError::Closed);
-        assert_eq!(
-            serde_json::to_value(failed).expect("json"),
-            json!({"mode": "async", "event_id": id, "error": AuditError::Closed.to_string()})
-        );
+            (
+                Mode::Sampled,
+                Receipt::SampledOut { event_id: id },
+                json!({"mode": "sampled", "event_id": id, "sampled_out": true}),
+            ),
+        ];
+        for (mode, receipt, want) in cases {
+            assert_eq!(receipt_json(mode, &receipt), want, "{receipt:?}");
+        }
     }
 
     #[test]

@@ -131,6 +131,11 @@ impl WalConfig {
         self
     }
 
+    pub fn with_zero_fill_segments(mut self, on: bool) -> Self {
+        self.zero_fill_segments = on;
+        self
+    }
+
     /// Checks every setting, naming the first one out of range.
     pub fn validate(&self) -> Result<(), WalError> {
         let bad = |setting, reason: String| Err(WalError::InvalidConfig { setting, reason });
