@@ -488,6 +488,46 @@ async fn a_stopped_cluster_gives_a_typed_error_within_the_timeout_and_writes_res
 }
 
 #[tokio::test]
+async fn a_connection_left_idle_in_the_pool_before_a_crash_is_checked_before_the_insert() {
+    let cluster = common::private_cluster();
+    let db = TestDb::on_cluster(&cluster).await;
+    // A pool that, like the writer's own, does not test connections on
+    // acquire, holding one idle connection opened before the crash.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .test_before_acquire(false)
+        .connect(db.url())
+        .await
+        .expect("pool");
+    drop(pool.acquire().await.expect("a connection"));
+    let timeout = Duration::from_secs(2);
+    let w = SyncWriter::from_pool(pool, config(timeout))
+        .await
+        .expect("writer");
+    // Once the writer's start-up work (migrations, partition upkeep) has
+    // handed its connections back, every connection of the pool is idle.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.pool().num_idle() == 0 || w.pool().num_idle() != w.pool().size() as usize {
+        assert!(Instant::now() < deadline, "the pool never went idle");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    cluster.stop_immediate().expect("stop");
+    // The committer has no connection of its own yet and is fresh (never idle),
+    // so only the check of what it takes from the pool finds the dead one.
+    let err = w.record(&event(1)).await.expect_err("database is down");
+    assert!(
+        matches!(err, PgError::DatabaseUnavailable { .. }),
+        "the INSERT was sent into a dead connection: {err:?}"
+    );
+
+    cluster.start_again().expect("start again");
+    let e = event(2);
+    let id = w.record(&e).await.expect("after the restart");
+    assert_eq!(stored_id(&db, e.event_id).await, Some(id.0));
+}
+
+#[tokio::test]
 async fn emit_sync_prints_event_id_and_row_id_per_committed_line_in_input_order() {
     let db = TestDb::new().await;
     let mut input = String::new();

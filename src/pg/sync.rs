@@ -274,8 +274,9 @@ impl SyncWriter {
             .max_connections(u32::try_from(config.committers + 1).unwrap_or(u32::MAX))
             .min_connections(0)
             .acquire_timeout(config.timeout)
-            // Our committers ping connections that sat idle instead (see
-            // PING_AFTER_IDLE): a ping per batch would double a lone caller's latency.
+            // The committers check connections themselves (`ready_connection`):
+            // those they hold only after PING_AFTER_IDLE, since a ping per batch
+            // would double a lone caller's latency.
             .test_before_acquire(false)
             .connect_lazy_with(options);
         SyncWriter::from_pool(pool, config).await
@@ -576,28 +577,36 @@ impl Committer {
         }
     }
 
-    /// Makes sure `self.conn` holds a live connection, by `deadline`.
+    /// Makes sure `self.conn` holds a live connection, by `deadline`. A held
+    /// connection idle for [`PING_AFTER_IDLE`] is pinged first, and so is any
+    /// connection taken from the pool: it may have sat there idle since before a
+    /// server restart (the pool does not test it), and sending the INSERT into it
+    /// would turn "not sent" into "outcome unknown". A dead one is dropped and
+    /// the next one tried; with none idle the pool opens a new connection, which
+    /// fails at once when the server is down.
     async fn ready_connection(&mut self, deadline: Instant) -> Result<(), String> {
-        if self.conn.is_some() && self.last_used.elapsed() >= PING_AFTER_IDLE {
-            let alive = match self.conn.as_mut() {
-                Some(c) => matches!(timeout_at(deadline, c.ping()).await, Ok(Ok(()))),
-                None => false,
-            };
-            if !alive {
-                self.discard_connection();
-            }
-        }
-        if self.conn.is_none() {
-            match timeout_at(deadline, self.pool.acquire()).await {
-                Ok(Ok(c)) => self.conn = Some(c),
-                Ok(Err(e)) => {
-                    return Err(match classify(&e, Stage::BeforeSend, None) {
-                        PgError::DatabaseUnavailable { reason } => reason,
-                        other => other.to_string(),
-                    })
+        let mut check = self.last_used.elapsed() >= PING_AFTER_IDLE;
+        loop {
+            if self.conn.is_none() {
+                match timeout_at(deadline, self.pool.acquire()).await {
+                    Ok(Ok(c)) => self.conn = Some(c),
+                    Ok(Err(e)) => {
+                        return Err(match classify(&e, Stage::BeforeSend, None) {
+                            PgError::DatabaseUnavailable { reason } => reason,
+                            other => other.to_string(),
+                        })
+                    }
+                    Err(_) => return Err(PgError::timed_out("connecting", self.timeout)),
                 }
-                Err(_) => return Err(PgError::timed_out("connecting", self.timeout)),
+                check = true;
             }
+            let Some(c) = self.conn.as_mut() else {
+                continue;
+            };
+            if !check || matches!(timeout_at(deadline, c.ping()).await, Ok(Ok(()))) {
+                break;
+            }
+            self.discard_connection();
         }
         self.last_used = Instant::now();
         Ok(())
