@@ -3,7 +3,7 @@
 //! a comparison `baseline` + `ratio`, ours / baseline, higher is better), otherwise a
 //! readable table. Also percentile helpers shared by every bench.
 
-use anyhow::anyhow;
+use anyhow::{anyhow, Context};
 use serde::Serialize;
 
 use super::Failure;
@@ -168,4 +168,22 @@ pub fn report(results: &[BenchResult], json: bool) {
             println!("{:<8} {:<22} {k} = {v}", "", "");
         }
     }
+}
+
+/// Leaves PostgreSQL with no maintenance owed before a case: the rows of the
+/// cases before it would otherwise start autovacuum (insert-driven since
+/// PostgreSQL 13) or a checkpoint inside whichever case came next, on the cores
+/// the bench shares, and charge it to the wrong case. VACUUM ANALYZE does that
+/// work now; CHECKPOINT makes every case start from the same state (its first
+/// writes of each page carry a full-page image). CHECKPOINT needs superuser or
+/// pg_checkpoint: with a `DATABASE_URL` role that has neither, it is skipped.
+pub async fn quiesce(pg: &mut sqlx::PgConnection) -> Result<(), Failure> {
+    sqlx::query("VACUUM (ANALYZE) audit_events")
+        .execute(&mut *pg)
+        .await
+        .context("VACUUM ANALYZE audit_events before a case")?;
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(&mut *pg).await {
+        tracing::debug!(error = %e, "CHECKPOINT before a case skipped");
+    }
+    Ok(())
 }

@@ -26,7 +26,7 @@
 //! The machine is shared and noisy, so settings are interleaved in rounds (off,
 //! async, durable, sampled, sync, off, ...), each phase after a 1 s warm-up, and
 //! every figure reported is the median over the rounds of that figure. Before
-//! each setting the bench runs VACUUM ANALYZE and CHECKPOINT ([`quiesce`]), so
+//! each setting the bench runs VACUUM ANALYZE and CHECKPOINT ([`super::bench::quiesce`]), so
 //! the database work one setting leaves owing is not paid inside the next one.
 //!
 //! Everything shares one machine, as on a small edge host: the service, the
@@ -944,7 +944,7 @@ fn run_setting(bench: &Bench, setting: Setting, round: usize) -> Result<SettingR
         let mut pg = PgConnection::connect(&bench.database_url)
             .await
             .context("connecting to PostgreSQL to watch the loader")?;
-        quiesce(&mut pg).await?;
+        super::bench::quiesce(&mut pg).await?;
         let loader_pid = loader.as_ref().and_then(|l| l.pid());
         let cpu_before = CpuSnapshot::take(loader_pid);
         let before = sink.stats();
@@ -1004,25 +1004,6 @@ fn run_setting(bench: &Bench, setting: Setting, round: usize) -> Result<SettingR
     // Segments of finished settings would only fill the disk.
     let _ = std::fs::remove_dir_all(&wal_dir);
     Ok(phases)
-}
-
-/// Leaves PostgreSQL with no maintenance owed before a setting's phases: the
-/// previous settings' rows would otherwise start autovacuum (insert-driven
-/// since PostgreSQL 13) or a checkpoint inside whichever phase came next, on
-/// the cores the service shares, and charge it to the wrong setting. VACUUM
-/// ANALYZE does that work now; CHECKPOINT makes every phase start from the same
-/// state (its first writes of each page carry a full-page image). CHECKPOINT
-/// needs superuser or pg_checkpoint: with a `DATABASE_URL` role that has
-/// neither, it is skipped.
-async fn quiesce(pg: &mut PgConnection) -> Result<(), Failure> {
-    sqlx::query("VACUUM (ANALYZE) audit_events")
-        .execute(&mut *pg)
-        .await
-        .context("VACUUM ANALYZE audit_events before a setting's phases")?;
-    if let Err(e) = sqlx::query("CHECKPOINT").execute(&mut *pg).await {
-        tracing::debug!(error = %e, "CHECKPOINT before a setting's phases skipped");
-    }
-    Ok(())
 }
 
 fn round3(x: f64) -> f64 {

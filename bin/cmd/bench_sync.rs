@@ -10,7 +10,9 @@
 //!
 //! Every call's latency is recorded. Rounds interleave the cases (naive and ours
 //! alternate which goes first) so drift in the machine hits both sides; each case's
-//! figures are the medians over the rounds. Each coalesced case names its naive
+//! figures are the medians over the rounds. Before each case the bench runs VACUUM
+//! ANALYZE and CHECKPOINT, so the maintenance the previous case's rows made due
+//! does not run inside it. Each coalesced case names its naive
 //! baseline, the throughput ratio (higher is better) and `p50_vs_baseline` (ours /
 //! naive p50 latency, lower is better).
 //!
@@ -27,8 +29,9 @@ use anyhow::{anyhow, Context};
 use auditwal::pg::{self, Cluster, ClusterOptions, SyncConfig, SyncWriter};
 use auditwal::{AuditEvent, Outcome};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
 
-use super::bench::{env_u64, median_of_rounds, report, BenchResult};
+use super::bench::{env_u64, median_of_rounds, quiesce, report, BenchResult};
 use super::{CmdResult, Failure};
 
 const LEVELS: [usize; 3] = [1, 8, 64];
@@ -144,6 +147,7 @@ async fn bench(cluster: &Cluster, settings: &Settings) -> Result<Vec<BenchResult
                 [Kind::Coalesced, Kind::Naive]
             };
             for kind in order {
+                quiesce_before_case(&options).await?;
                 let run = run_case(&url, &options, kind, level, settings).await?;
                 eprintln!(
                     "bench sync: round {} {:<13} {:>9.0} events/s",
@@ -173,6 +177,18 @@ async fn bench(cluster: &Cluster, settings: &Settings) -> Result<Vec<BenchResult
         results.push(ours);
     }
     Ok(results)
+}
+
+/// VACUUM ANALYZE and CHECKPOINT before each case ([`quiesce`]): a case
+/// writes 30k-250k rows, and without this the autovacuum they make due ran
+/// inside whichever case came next, alternately charging naive and ours.
+async fn quiesce_before_case(options: &PgConnectOptions) -> Result<(), Failure> {
+    let mut pg = PgConnection::connect_with(options)
+        .await
+        .context("connecting to PostgreSQL before a case")?;
+    quiesce(&mut pg).await?;
+    let _ = pg.close().await;
+    Ok(())
 }
 
 fn round3(x: f64) -> f64 {
