@@ -21,7 +21,8 @@
 //! finished takes whatever is queued; and each further concurrent commit starts
 //! only when the queue holds enough events to be worth a statement of its own
 //! (`extra_commit_step` more for each commit already beyond the eager ones), up to
-//! `committers`.
+//! `committers`. The default `committers` is the eager count, so that last rule
+//! is off unless configured (why: [`SyncConfig::default`]).
 //!
 //! Invariants:
 //! - the INSERT never runs in the caller's transaction (the writer has its own
@@ -91,14 +92,19 @@ pub struct SyncConfig {
     pub partition_check_interval: Duration,
 }
 
-/// `committers` and `extra_commit_step` were chosen with `auditwal bench sync` at
-/// 64 callers on a 2-core host (docs/benchmarks.md): 8 and 1 started a commit
-/// for almost every queued event and spent the CPU on statements (37k events/s);
-/// 4–8 commits admitted in steps of 8–16 all gave 42–48k, 5 and 12 the most.
+/// `committers` was chosen with `auditwal bench sync` at 64 callers on a 2-core
+/// host (docs/benchmarks.md). 16 committers in steps of 2 spent the CPU on
+/// statements (40k events/s); 4–8 in steps of 4–16 gave 42–48k. Once the bench
+/// vacuumed between cases, 2 committers (the eager ones only, so the step is
+/// unused) beat 5 in steps of 12 in six alternating runs out of six: ratio to
+/// naive 4.9–5.8 (mean 5.6) against 4.6–5.2 (mean 4.95), with a lower p50. Every
+/// commit is a WAL flush, and on that host a flush stalls both cores, so fewer,
+/// larger batches win. With the database across a network a commit also waits
+/// on the round trip, and more commits in flight may pay there (not measured).
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
-            committers: 5,
+            committers: 2,
             extra_commit_step: 12,
             timeout: Duration::from_secs(5),
             migrate: true,
