@@ -47,9 +47,8 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
@@ -72,9 +71,8 @@ impl std::fmt::Display for RowId {
 /// Settings of a [`SyncWriter`]. Defaults in [`SyncConfig::default`].
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
-    /// Committer tasks, each with its own connection: the most commits in flight
-    /// at once. The pool made by [`SyncWriter::connect`] has one more connection,
-    /// for partition upkeep.
+    /// Committer tasks, each with its own connection (opened by the committer,
+    /// not taken from the pool): the most commits in flight at once.
     pub committers: usize,
     /// Beyond [`EAGER_COMMITS`] commits in flight, another one starts only when the
     /// queue holds at least `extra_commit_step` × (commits in flight − 1) events.
@@ -276,24 +274,23 @@ impl SyncWriter {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e: sqlx::Error| PgError::Config(format!("database URL: {e}")))?;
+        // For migrations, partition upkeep and `pool()` readers; the committers
+        // open their own connections.
         let pool = PgPoolOptions::new()
-            .max_connections(u32::try_from(config.committers + 1).unwrap_or(u32::MAX))
+            .max_connections(2)
             .min_connections(0)
             .acquire_timeout(config.timeout)
-            // The committers check connections themselves (`ready_connection`):
-            // those they hold only after PING_AFTER_IDLE, since a ping per batch
-            // would double a lone caller's latency.
-            .test_before_acquire(false)
             .connect_lazy_with(options);
         SyncWriter::from_pool(pool, config).await
     }
 
-    /// Uses an existing pool (it should allow `config.committers` connections, plus
-    /// one for partition upkeep).
+    /// Uses an existing pool for migrations and partition upkeep. The committers
+    /// open their own connections with the pool's connect options.
     pub async fn from_pool(pool: PgPool, config: SyncConfig) -> Result<SyncWriter, PgError> {
         config.check()?;
         if config.migrate {
-            match tokio::time::timeout(config.timeout, schema::migrate(&pool)).await {
+            match tokio::time::timeout(config.timeout, migrate_once(&pool.connect_options())).await
+            {
                 Ok(r) => r?,
                 Err(_) => {
                     return Err(PgError::DatabaseUnavailable {
@@ -314,7 +311,7 @@ impl SyncWriter {
         });
         for _ in 0..config.committers {
             let committer = Committer {
-                pool: pool.clone(),
+                options: pool.connect_options(),
                 conn: None,
                 last_used: Instant::now(),
                 timeout: config.timeout,
@@ -401,6 +398,20 @@ impl SyncWriter {
     }
 }
 
+/// Applies the migrations on a connection of its own, opened in one attempt:
+/// with the server down, opening fails at once instead of waiting out the
+/// timeout (a pool's acquire would retry the refused connect until then).
+async fn migrate_once(options: &PgConnectOptions) -> Result<(), PgError> {
+    let mut conn = PgConnection::connect_with(options)
+        .await
+        .map_err(|e| classify(&e, Stage::BeforeSend, None))?;
+    let result = schema::migrate_connection(&mut conn).await;
+    // Ending the session also releases the advisory lock sqlx may leave held
+    // when a migration fails.
+    let _ = conn.close().await;
+    result
+}
+
 /// Keeps the monthly partitions ahead in existence while the writer lives, so rows
 /// of a new month never pile up in the default partition.
 async fn partition_upkeep(pool: PgPool, every: Duration, check_now: bool) {
@@ -429,8 +440,8 @@ async fn partition_upkeep(pool: PgPool, every: Duration, check_now: bool) {
 }
 
 struct Committer {
-    pool: PgPool,
-    conn: Option<PoolConnection<Postgres>>,
+    options: Arc<PgConnectOptions>,
+    conn: Option<PgConnection>,
     last_used: Instant,
     timeout: Duration,
 }
@@ -584,45 +595,41 @@ impl Committer {
     }
 
     /// Makes sure `self.conn` holds a live connection, by `deadline`. A held
-    /// connection idle for [`PING_AFTER_IDLE`] is pinged first, and so is any
-    /// connection taken from the pool: it may have sat there idle since before a
-    /// server restart (the pool does not test it), and sending the INSERT into it
-    /// would turn "not sent" into "outcome unknown". A dead one is dropped and
-    /// the next one tried; with none idle the pool opens a new connection, which
-    /// fails at once when the server is down.
+    /// connection idle for [`PING_AFTER_IDLE`] is pinged first (a ping per batch
+    /// would double a lone caller's latency): it may have died with a server
+    /// restart, and sending the INSERT into it would turn "not sent" into
+    /// "outcome unknown". A dead one is dropped and a new one opened, in one
+    /// attempt: a refused connect is the answer at once. (A pool's acquire would
+    /// retry a refused connect until its timeout, holding every caller for the
+    /// whole of it while the server is down.)
     async fn ready_connection(&mut self, deadline: Instant) -> Result<(), String> {
-        let mut check = self.last_used.elapsed() >= PING_AFTER_IDLE;
-        loop {
-            if self.conn.is_none() {
-                match timeout_at(deadline, self.pool.acquire()).await {
-                    Ok(Ok(c)) => self.conn = Some(c),
-                    Ok(Err(e)) => {
-                        return Err(match classify(&e, Stage::BeforeSend, None) {
-                            PgError::DatabaseUnavailable { reason } => reason,
-                            other => other.to_string(),
-                        })
-                    }
-                    Err(_) => return Err(PgError::timed_out("connecting", self.timeout)),
+        if self.last_used.elapsed() >= PING_AFTER_IDLE {
+            if let Some(c) = self.conn.as_mut() {
+                if !matches!(timeout_at(deadline, c.ping()).await, Ok(Ok(()))) {
+                    self.discard_connection();
                 }
-                check = true;
             }
-            let Some(c) = self.conn.as_mut() else {
-                continue;
-            };
-            if !check || matches!(timeout_at(deadline, c.ping()).await, Ok(Ok(()))) {
-                break;
+        }
+        if self.conn.is_none() {
+            match timeout_at(deadline, PgConnection::connect_with(&self.options)).await {
+                Ok(Ok(c)) => self.conn = Some(c),
+                Ok(Err(e)) => {
+                    return Err(match classify(&e, Stage::BeforeSend, None) {
+                        PgError::DatabaseUnavailable { reason } => reason,
+                        other => other.to_string(),
+                    })
+                }
+                Err(_) => return Err(PgError::timed_out("connecting", self.timeout)),
             }
-            self.discard_connection();
         }
         self.last_used = Instant::now();
         Ok(())
     }
 
+    /// Drops the connection, whose state is unknown; a new one is opened for
+    /// the next batch.
     fn discard_connection(&mut self) {
-        if let Some(mut c) = self.conn.take() {
-            // Never hand a connection in an unknown state back to the pool.
-            c.close_on_drop();
-        }
+        self.conn = None;
     }
 }
 
