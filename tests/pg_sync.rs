@@ -7,6 +7,8 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use auditwal::pg::{PgError, RowId, SyncConfig, SyncWriter};
@@ -531,6 +533,90 @@ async fn with_the_server_down_a_call_fails_at_once_instead_of_waiting_out_the_ti
     let e = event(5);
     let id = w.record(&e).await.expect("after the restart");
     assert_eq!(stored_id(&db, e.event_id).await, Some(id.0));
+}
+
+/// A TCP proxy to `target_port` on loopback that can be switched into a black
+/// hole: while it is, new connections are accepted and held without a byte
+/// either way, which is how a link that drops packets looks to a client.
+async fn proxy_to(target_port: u16) -> (u16, Arc<AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let port = listener.local_addr().expect("proxy address").port();
+    let black_hole = Arc::new(AtomicBool::new(false));
+    let holes = black_hole.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut client, _)) = listener.accept().await {
+            if holes.load(Ordering::SeqCst) {
+                held.push(client);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut server) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (port, black_hole)
+}
+
+#[tokio::test]
+async fn after_a_connect_that_got_no_answer_calls_fail_at_once_until_the_link_answers_again() {
+    let cluster = common::private_cluster();
+    let db = TestDb::on_cluster(&cluster).await;
+    let (port, black_hole) = proxy_to(cluster.port()).await;
+    let url = db
+        .url()
+        .replace(&format!(":{}/", cluster.port()), &format!(":{port}/"));
+    assert_ne!(url, db.url(), "the writer must go through the proxy");
+    black_hole.store(true, Ordering::SeqCst);
+    let timeout = Duration::from_secs(1);
+    let w = SyncWriter::connect(
+        &url,
+        SyncConfig {
+            migrate: false,
+            ..config(timeout)
+        },
+    )
+    .await
+    .expect("a lazy writer");
+
+    // The first call waits for an answer that never comes.
+    let started = Instant::now();
+    let err = w.record(&event(1)).await.expect_err("no answer");
+    assert!(
+        matches!(err, PgError::DatabaseUnavailable { .. }),
+        "{err:?}"
+    );
+    assert!(started.elapsed() >= timeout - Duration::from_millis(100));
+    // The next ones do not wait for the same silence: they fail at once, saying why.
+    for i in 2..5 {
+        let started = Instant::now();
+        let err = w.record(&event(i)).await.expect_err("paused");
+        assert!(
+            matches!(&err, PgError::DatabaseUnavailable { reason } if reason.contains("no answer")),
+            "{err:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    // The link answers again: after the pause, the next call connects.
+    black_hole.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let e = event(5);
+    let id = w.record(&e).await.expect("through the link again");
+    assert_eq!(stored_id(&db, e.event_id).await, Some(id.0));
+    for i in 1..5 {
+        assert_eq!(stored_id(&db, event(i).event_id).await, None, "event {i}");
+    }
 }
 
 #[tokio::test]

@@ -35,7 +35,10 @@
 //!   database that is down gives [`PgError::DatabaseUnavailable`] (the event was not
 //!   sent), a statement that got no answer gives [`PgError::OutcomeUnknown`]. Each
 //!   request carries a claim flag that either the committer (about to send it) or
-//!   the caller (giving up) sets first, so that distinction is exact.
+//!   the caller (giving up) sets first, so that distinction is exact. A refused
+//!   connect fails the batch at once, and after a connect that got no answer
+//!   the next batches fail at once for a moment instead of waiting on the same
+//!   silence ([`Reconnect`]).
 //!
 //! Sync rows have `stream_id` and `lsn` NULL and `sample_rate` 1.0 unless the caller
 //! passes one ([`SyncWriter::record_sampled`]). The WAL, the loader and the COPY
@@ -137,6 +140,76 @@ const GRACE: Duration = Duration::from_millis(100);
 /// restart it is dead, and finding that out by sending an INSERT would turn "not
 /// sent" into "outcome unknown".
 const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// After a connect got no answer, how long batches that need a connection
+/// fail at once before a committer tries again ([`Reconnect`]).
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Whether opening a connection is worth trying, shared by the committers.
+///
+/// A connect that gets no answer before its batch's deadline (a link that drops
+/// packets, a server that accepts and hangs) would hold every later caller for
+/// its whole timeout too, on the same dead link. So after one, batches that need
+/// a connection fail at once for [`RECONNECT_PAUSE`]; then one committer tries
+/// again (the probe, bounded by its batch's deadline) while the others go on
+/// failing at once, until the probe ends. A connect that fails quickly (refused)
+/// pauses nothing: trying costs no one a wait. A committer that still holds a
+/// live connection goes on using it whatever the state.
+#[derive(Debug, Default)]
+struct Reconnect(std::sync::Mutex<LinkState>);
+
+#[derive(Debug, Default)]
+enum LinkState {
+    #[default]
+    Up,
+    /// The last connect got no answer (`reason`); none is tried before `until`.
+    Paused { until: Instant, reason: String },
+    /// A committer is trying again after a pause.
+    Probing { reason: String },
+}
+
+impl Reconnect {
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        // The state is one assignment away from consistent at any point.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `Ok` if this committer may connect now (it is then the probe, if the
+    /// link was paused), or why not.
+    fn may_connect(&self, now: Instant) -> Result<(), String> {
+        let mut st = self.lock();
+        match &*st {
+            LinkState::Up => Ok(()),
+            LinkState::Paused { until, reason } if now < *until => Err(format!(
+                "{reason} on the last attempt; the next one is due within {RECONNECT_PAUSE:?}"
+            )),
+            LinkState::Paused { reason, .. } => {
+                *st = LinkState::Probing {
+                    reason: reason.clone(),
+                };
+                Ok(())
+            }
+            LinkState::Probing { reason } => Err(format!(
+                "{reason} on the last attempt; another attempt is under way"
+            )),
+        }
+    }
+
+    /// A connect ended with an answer (a connection, or a quick refusal).
+    fn answered(&self) {
+        *self.lock() = LinkState::Up;
+    }
+
+    /// A connect got no answer before its deadline.
+    fn no_answer(&self, now: Instant, reason: String) {
+        *self.lock() = LinkState::Paused {
+            until: now + RECONNECT_PAUSE,
+            reason,
+        };
+    }
+}
 
 const QUEUED: u8 = 0;
 const SENT: u8 = 1;
@@ -309,9 +382,11 @@ impl SyncWriter {
             max_batch: config.max_batch,
             step: config.extra_commit_step.max(1),
         });
+        let reconnect = Arc::new(Reconnect::default());
         for _ in 0..config.committers {
             let committer = Committer {
                 options: pool.connect_options(),
+                reconnect: reconnect.clone(),
                 conn: None,
                 last_used: Instant::now(),
                 timeout: config.timeout,
@@ -441,6 +516,7 @@ async fn partition_upkeep(pool: PgPool, every: Duration, check_now: bool) {
 
 struct Committer {
     options: Arc<PgConnectOptions>,
+    reconnect: Arc<Reconnect>,
     conn: Option<PgConnection>,
     last_used: Instant,
     timeout: Duration,
@@ -601,7 +677,8 @@ impl Committer {
     /// "outcome unknown". A dead one is dropped and a new one opened, in one
     /// attempt: a refused connect is the answer at once. (A pool's acquire would
     /// retry a refused connect until its timeout, holding every caller for the
-    /// whole of it while the server is down.)
+    /// whole of it while the server is down.) After a connect that got no answer,
+    /// [`Reconnect`] decides when the next is tried.
     async fn ready_connection(&mut self, deadline: Instant) -> Result<(), String> {
         if self.last_used.elapsed() >= PING_AFTER_IDLE {
             if let Some(c) = self.conn.as_mut() {
@@ -611,15 +688,25 @@ impl Committer {
             }
         }
         if self.conn.is_none() {
-            match timeout_at(deadline, PgConnection::connect_with(&self.options)).await {
-                Ok(Ok(c)) => self.conn = Some(c),
+            self.reconnect.may_connect(Instant::now())?;
+            let attempt = timeout_at(deadline, PgConnection::connect_with(&self.options)).await;
+            match attempt {
+                Ok(Ok(c)) => {
+                    self.reconnect.answered();
+                    self.conn = Some(c);
+                }
                 Ok(Err(e)) => {
+                    self.reconnect.answered();
                     return Err(match classify(&e, Stage::BeforeSend, None) {
                         PgError::DatabaseUnavailable { reason } => reason,
                         other => other.to_string(),
-                    })
+                    });
                 }
-                Err(_) => return Err(PgError::timed_out("connecting", self.timeout)),
+                Err(_) => {
+                    let reason = PgError::timed_out("connecting", self.timeout);
+                    self.reconnect.no_answer(Instant::now(), reason.clone());
+                    return Err(reason);
+                }
             }
         }
         self.last_used = Instant::now();
@@ -781,6 +868,33 @@ async fn insert_many(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_a_connect_without_answer_one_probe_goes_out_after_the_pause_and_the_rest_fail_at_once()
+    {
+        let r = Reconnect::default();
+        let t0 = Instant::now();
+        assert!(r.may_connect(t0).is_ok(), "up: anyone may connect");
+        r.no_answer(t0, PgError::timed_out("connecting", Duration::from_secs(1)));
+        let err = r
+            .may_connect(t0 + Duration::from_millis(10))
+            .expect_err("paused");
+        assert!(
+            err.contains("no answer") && err.contains("due within"),
+            "{err}"
+        );
+        let after = t0 + RECONNECT_PAUSE;
+        assert!(r.may_connect(after).is_ok(), "the probe");
+        let err = r.may_connect(after).expect_err("one probe at a time");
+        assert!(err.contains("under way"), "{err}");
+        r.no_answer(after, "connecting: no answer within 1s".into());
+        assert!(r.may_connect(after).is_err(), "a failed probe pauses again");
+        let later = after + RECONNECT_PAUSE;
+        assert!(r.may_connect(later).is_ok(), "the next probe");
+        r.answered();
+        assert!(r.may_connect(later).is_ok());
+        assert!(r.may_connect(later).is_ok(), "up again: anyone may connect");
+    }
 
     fn queue(step: usize) -> Queue {
         Queue {
