@@ -26,6 +26,19 @@ fn config(timeout: Duration) -> SyncConfig {
     }
 }
 
+/// A writer that does not migrate, so it opens without reaching the server.
+async fn lazy_writer(url: &str, timeout: Duration) -> SyncWriter {
+    SyncWriter::connect(
+        url,
+        SyncConfig {
+            migrate: false,
+            ..config(timeout)
+        },
+    )
+    .await
+    .expect("a lazy writer")
+}
+
 async fn writer(db: &TestDb) -> SyncWriter {
     SyncWriter::connect(db.url(), config(Duration::from_secs(10)))
         .await
@@ -382,15 +395,7 @@ async fn a_port_with_nothing_listening_gives_database_unavailable_at_once_not_af
         started.elapsed()
     );
 
-    let w = SyncWriter::connect(
-        &url,
-        SyncConfig {
-            migrate: false,
-            ..config(timeout)
-        },
-    )
-    .await
-    .expect("a lazy writer");
+    let w = lazy_writer(&url, timeout).await;
     let started = Instant::now();
     let err = w.record(&event(1)).await.expect_err("record must fail");
     assert!(
@@ -419,15 +424,7 @@ async fn a_server_that_accepts_but_never_answers_gives_database_unavailable_with
     });
     let url = format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
     let timeout = Duration::from_millis(800);
-    let w = SyncWriter::connect(
-        &url,
-        SyncConfig {
-            migrate: false,
-            ..config(timeout)
-        },
-    )
-    .await
-    .expect("a lazy writer");
+    let w = lazy_writer(&url, timeout).await;
     let started = Instant::now();
     let results = futures_join_all((0..8).map(|i| {
         let w = w.clone();
@@ -575,15 +572,7 @@ async fn after_a_connect_that_got_no_answer_calls_fail_at_once_until_the_link_an
     assert_ne!(url, db.url(), "the writer must go through the proxy");
     black_hole.store(true, Ordering::SeqCst);
     let timeout = Duration::from_secs(1);
-    let w = SyncWriter::connect(
-        &url,
-        SyncConfig {
-            migrate: false,
-            ..config(timeout)
-        },
-    )
-    .await
-    .expect("a lazy writer");
+    let w = lazy_writer(&url, timeout).await;
 
     // The first call waits for an answer that never comes.
     let started = Instant::now();
