@@ -460,11 +460,14 @@ where
 }
 
 #[tokio::test]
-async fn a_stopped_cluster_gives_a_typed_error_within_the_timeout_and_writes_resume_after_restart()
-{
+async fn a_stopped_cluster_gives_a_typed_error_at_once_and_writes_resume_after_restart() {
     let cluster = common::private_cluster();
     let db = TestDb::on_cluster(&cluster).await;
-    let timeout = Duration::from_secs(2);
+    // Long, so that "at once" below is not "within the timeout": a service on
+    // a flaky link must not hold each request for the whole of it to learn
+    // that the server is gone.
+    let timeout = Duration::from_secs(10);
+    let at_once = Duration::from_secs(2);
     let w = SyncWriter::connect(db.url(), config(timeout))
         .await
         .expect("writer");
@@ -473,46 +476,16 @@ async fn a_stopped_cluster_gives_a_typed_error_within_the_timeout_and_writes_res
     cluster.stop_immediate().expect("stop");
     // Right after the crash the committer's connection is dead but not yet known to
     // be: the INSERT may be sent into it, and the honest answer is then "outcome
-    // unknown". Either way: a typed, transient error within the timeout.
+    // unknown". Either way: a typed, transient error, as soon as the socket closes.
     let started = Instant::now();
     let err = w.record(&event(2)).await.expect_err("database is down");
     assert!(err.is_transient(), "{err:?}");
-    assert!(started.elapsed() < timeout + Duration::from_millis(500));
-    // Once the connection has been idle, it is checked before use: "not sent".
+    assert!(started.elapsed() < at_once, "took {:?}", started.elapsed());
+    // Past PING_AFTER_IDLE every held connection is checked before use, found
+    // dead and dropped, so each call has to connect, and nothing listens: the
+    // refusal is the answer ("not sent").
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let started = Instant::now();
-    let err = w.record(&event(3)).await.expect_err("database is down");
-    assert!(
-        matches!(err, PgError::DatabaseUnavailable { .. }),
-        "{err:?}"
-    );
-    assert!(started.elapsed() < timeout + Duration::from_millis(500));
-
-    cluster.start_again().expect("start again");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let e = event(4);
-    let id = w.record(&e).await.expect("after the restart");
-    assert_eq!(stored_id(&db, e.event_id).await, Some(id.0));
-    assert_eq!(stored_id(&db, event(3).event_id).await, None);
-}
-
-#[tokio::test]
-async fn with_the_server_down_a_call_fails_at_once_instead_of_waiting_out_the_timeout() {
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
-    let timeout = Duration::from_secs(10);
-    let w = SyncWriter::connect(db.url(), config(timeout))
-        .await
-        .expect("writer");
-    w.record(&event(1)).await.expect("before the stop");
-
-    cluster.stop_immediate().expect("stop");
-    // Past PING_AFTER_IDLE every held connection is checked, found dead and
-    // dropped, so each call below has to connect, and nothing listens: the
-    // refusal is the answer. A service on a flaky link must not hold each
-    // request for the whole timeout to learn that.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    for i in 2..5 {
+    for i in 3..6 {
         let started = Instant::now();
         let err = w.record(&event(i)).await.expect_err("database is down");
         assert!(
@@ -520,16 +493,19 @@ async fn with_the_server_down_a_call_fails_at_once_instead_of_waiting_out_the_ti
             "{err:?}"
         );
         assert!(
-            started.elapsed() < Duration::from_secs(2),
+            started.elapsed() < at_once,
             "a refused connect took {:?} to report (timeout {timeout:?}): {err}",
             started.elapsed()
         );
     }
 
     cluster.start_again().expect("start again");
-    let e = event(5);
+    let e = event(6);
     let id = w.record(&e).await.expect("after the restart");
     assert_eq!(stored_id(&db, e.event_id).await, Some(id.0));
+    for i in 3..6 {
+        assert_eq!(stored_id(&db, event(i).event_id).await, None, "event {i}");
+    }
 }
 
 /// A TCP proxy to `target_port` on loopback that can be switched into a black
