@@ -30,6 +30,7 @@ use uuid::Uuid;
 
 use crate::config::{Config, ConfigError, Mode};
 use crate::event::{AuditEvent, EventError};
+use crate::pg::sync::Reconnect;
 use crate::pg::{PgError, RowId, SyncWriter};
 use crate::sampling::{Decision, Sampler};
 use crate::wal::error::chain;
@@ -258,6 +259,8 @@ struct Inner {
     wal: Option<Arc<WalWriter>>,
     /// Connected on open when possible, else on the first sync call.
     sync: tokio::sync::OnceCell<SyncWriter>,
+    /// When to try connecting `sync` again after an attempt got no answer.
+    sync_reconnect: Reconnect,
     /// `Some` under policy `Block`: the wait this module carries out.
     block_timeout: Option<Duration>,
     closed: AtomicBool,
@@ -331,6 +334,7 @@ impl AuditLog {
                 sampler,
                 wal,
                 sync: tokio::sync::OnceCell::new(),
+                sync_reconnect: Reconnect::default(),
                 block_timeout,
                 closed: AtomicBool::new(false),
                 counters: Counters::default(),
@@ -540,18 +544,35 @@ impl AuditLog {
         }
         let config = self.inner.config.sync_config();
         let timeout = config.timeout;
-        // An init cancelled by the timeout leaves the cell empty: the next call
-        // tries again.
-        let connect = self
-            .inner
-            .sync
-            .get_or_try_init(|| SyncWriter::connect(url, config));
+        let reconnect = &self.inner.sync_reconnect;
+        // A failed or timed-out init leaves the cell empty: a later call tries
+        // again, unless the last attempt got no answer a moment ago (`Reconnect`,
+        // as for the writer's own connections). The check is inside the init, so
+        // a call that waited behind a failed attempt does not start another at
+        // once.
+        let connect = self.inner.sync.get_or_try_init(|| async {
+            let attempt = reconnect
+                .attempt(tokio::time::Instant::now())
+                .map_err(|reason| PgError::DatabaseUnavailable { reason })?;
+            let started = tokio::time::Instant::now();
+            let result = SyncWriter::connect(url, config).await;
+            match &result {
+                // Connecting bounds its own waits by the same timeout.
+                Err(e) if e.is_transient() && started.elapsed() >= timeout => {
+                    attempt.no_answer(tokio::time::Instant::now(), e.to_string())
+                }
+                _ => attempt.answered(),
+            }
+            result
+        });
         match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(w)) => Ok(w),
             Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(AuditError::Sync(PgError::DatabaseUnavailable {
-                reason: format!("connecting sync mode: no answer within {timeout:?}"),
-            })),
+            Err(_) => {
+                let reason = format!("connecting sync mode: no answer within {timeout:?}");
+                reconnect.no_answer(tokio::time::Instant::now(), reason.clone());
+                Err(AuditError::Sync(PgError::DatabaseUnavailable { reason }))
+            }
         }
     }
 

@@ -7,8 +7,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use auditwal::pg::{PgError, RowId, SyncConfig, SyncWriter};
@@ -508,40 +507,11 @@ async fn a_stopped_cluster_gives_a_typed_error_at_once_and_writes_resume_after_r
     }
 }
 
-/// A TCP proxy to `target_port` on loopback that can be switched into a black
-/// hole: while it is, new connections are accepted and held without a byte
-/// either way, which is how a link that drops packets looks to a client.
-async fn proxy_to(target_port: u16) -> (u16, Arc<AtomicBool>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the proxy");
-    let port = listener.local_addr().expect("proxy address").port();
-    let black_hole = Arc::new(AtomicBool::new(false));
-    let holes = black_hole.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut client, _)) = listener.accept().await {
-            if holes.load(Ordering::SeqCst) {
-                held.push(client);
-                continue;
-            }
-            tokio::spawn(async move {
-                if let Ok(mut server) =
-                    tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
-                {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                }
-            });
-        }
-    });
-    (port, black_hole)
-}
-
 #[tokio::test]
 async fn after_a_connect_that_got_no_answer_calls_fail_at_once_until_the_link_answers_again() {
     let cluster = common::private_cluster();
     let db = TestDb::on_cluster(&cluster).await;
-    let (port, black_hole) = proxy_to(cluster.port()).await;
+    let (port, black_hole) = common::black_hole_proxy(cluster.port()).await;
     let url = db
         .url()
         .replace(&format!(":{}/", cluster.port()), &format!(":{port}/"));

@@ -154,9 +154,10 @@ const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 /// again (the probe, bounded by its batch's deadline) while the others go on
 /// failing at once, until the probe ends. A connect that fails quickly (refused)
 /// pauses nothing: trying costs no one a wait. A committer that still holds a
-/// live connection goes on using it whatever the state.
+/// live connection goes on using it whatever the state. The audit log applies
+/// the same rule to starting the writer (`AuditLog`'s sync mode).
 #[derive(Debug, Default)]
-struct Reconnect(std::sync::Mutex<LinkState>);
+pub(crate) struct Reconnect(std::sync::Mutex<LinkState>);
 
 #[derive(Debug, Default)]
 enum LinkState {
@@ -176,12 +177,18 @@ impl Reconnect {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// `Ok` if this committer may connect now (it is then the probe, if the
-    /// link was paused), or why not.
-    fn may_connect(&self, now: Instant) -> Result<(), String> {
+    /// The attempt to report on, if the caller may connect now (it is then
+    /// the probe, if the link was paused), or why not.
+    pub(crate) fn attempt(&self, now: Instant) -> Result<Attempt<'_>, String> {
         let mut st = self.lock();
+        // Made only on the way out: dropped unreported under the lock held
+        // here, its Drop would lock again.
+        let attempt = || Attempt {
+            reconnect: self,
+            reported: false,
+        };
         match &*st {
-            LinkState::Up => Ok(()),
+            LinkState::Up => Ok(attempt()),
             LinkState::Paused { until, reason } if now < *until => Err(format!(
                 "{reason} on the last attempt; the next one is due within {RECONNECT_PAUSE:?}"
             )),
@@ -189,7 +196,7 @@ impl Reconnect {
                 *st = LinkState::Probing {
                     reason: reason.clone(),
                 };
-                Ok(())
+                Ok(attempt())
             }
             LinkState::Probing { reason } => Err(format!(
                 "{reason} on the last attempt; another attempt is under way"
@@ -197,17 +204,50 @@ impl Reconnect {
         }
     }
 
-    /// A connect ended with an answer (a connection, or a quick refusal).
-    fn answered(&self) {
-        *self.lock() = LinkState::Up;
-    }
-
-    /// A connect got no answer before its deadline.
-    fn no_answer(&self, now: Instant, reason: String) {
+    /// A connect got no answer before its deadline (also for a caller that
+    /// gave up waiting for one before its attempt could report).
+    pub(crate) fn no_answer(&self, now: Instant, reason: String) {
         *self.lock() = LinkState::Paused {
             until: now + RECONNECT_PAUSE,
             reason,
         };
+    }
+}
+
+/// One connect attempt allowed by [`Reconnect::attempt`]. Report how it ended;
+/// an attempt dropped unreported (its caller cancelled) lets the next caller
+/// probe at once rather than leave the others failing "under way" forever.
+pub(crate) struct Attempt<'a> {
+    reconnect: &'a Reconnect,
+    reported: bool,
+}
+
+impl Attempt<'_> {
+    /// The connect ended with an answer (a connection, or a quick refusal).
+    pub(crate) fn answered(mut self) {
+        self.reported = true;
+        *self.reconnect.lock() = LinkState::Up;
+    }
+
+    /// The connect got no answer before its deadline.
+    pub(crate) fn no_answer(mut self, now: Instant, reason: String) {
+        self.reported = true;
+        self.reconnect.no_answer(now, reason);
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.reported {
+            return;
+        }
+        let mut st = self.reconnect.lock();
+        if let LinkState::Probing { reason } = &*st {
+            *st = LinkState::Paused {
+                until: Instant::now(),
+                reason: reason.clone(),
+            };
+        }
     }
 }
 
@@ -688,15 +728,14 @@ impl Committer {
             }
         }
         if self.conn.is_none() {
-            self.reconnect.may_connect(Instant::now())?;
-            let attempt = timeout_at(deadline, PgConnection::connect_with(&self.options)).await;
-            match attempt {
+            let attempt = self.reconnect.attempt(Instant::now())?;
+            match timeout_at(deadline, PgConnection::connect_with(&self.options)).await {
                 Ok(Ok(c)) => {
-                    self.reconnect.answered();
+                    attempt.answered();
                     self.conn = Some(c);
                 }
                 Ok(Err(e)) => {
-                    self.reconnect.answered();
+                    attempt.answered();
                     return Err(match classify(&e, Stage::BeforeSend, None) {
                         PgError::DatabaseUnavailable { reason } => reason,
                         other => other.to_string(),
@@ -704,7 +743,7 @@ impl Committer {
                 }
                 Err(_) => {
                     let reason = PgError::timed_out("connecting", self.timeout);
-                    self.reconnect.no_answer(Instant::now(), reason.clone());
+                    attempt.no_answer(Instant::now(), reason.clone());
                     return Err(reason);
                 }
             }
@@ -874,26 +913,41 @@ mod tests {
     {
         let r = Reconnect::default();
         let t0 = Instant::now();
-        assert!(r.may_connect(t0).is_ok(), "up: anyone may connect");
-        r.no_answer(t0, PgError::timed_out("connecting", Duration::from_secs(1)));
+        let first = r.attempt(t0).expect("up: anyone may connect");
+        first.no_answer(t0, PgError::timed_out("connecting", Duration::from_secs(1)));
         let err = r
-            .may_connect(t0 + Duration::from_millis(10))
-            .expect_err("paused");
+            .attempt(t0 + Duration::from_millis(10))
+            .err()
+            .expect("paused");
         assert!(
             err.contains("no answer") && err.contains("due within"),
             "{err}"
         );
         let after = t0 + RECONNECT_PAUSE;
-        assert!(r.may_connect(after).is_ok(), "the probe");
-        let err = r.may_connect(after).expect_err("one probe at a time");
+        let probe = r.attempt(after).expect("the probe");
+        let err = r.attempt(after).err().expect("one probe at a time");
         assert!(err.contains("under way"), "{err}");
-        r.no_answer(after, "connecting: no answer within 1s".into());
-        assert!(r.may_connect(after).is_err(), "a failed probe pauses again");
+        probe.no_answer(after, "connecting: no answer within 1s".into());
+        assert!(r.attempt(after).is_err(), "a failed probe pauses again");
         let later = after + RECONNECT_PAUSE;
-        assert!(r.may_connect(later).is_ok(), "the next probe");
-        r.answered();
-        assert!(r.may_connect(later).is_ok());
-        assert!(r.may_connect(later).is_ok(), "up again: anyone may connect");
+        r.attempt(later).expect("the next probe").answered();
+        assert!(r.attempt(later).is_ok());
+        assert!(r.attempt(later).is_ok(), "up again: anyone may connect");
+    }
+
+    #[test]
+    fn a_probe_dropped_without_a_report_lets_the_next_caller_probe_at_once() {
+        let r = Reconnect::default();
+        let t0 = Instant::now();
+        r.no_answer(t0, "connecting: no answer within 1s".into());
+        let after = t0 + RECONNECT_PAUSE;
+        drop(r.attempt(after).expect("the probe"));
+        let next = r.attempt(Instant::now()).expect("not stuck 'under way'");
+        assert!(
+            r.attempt(Instant::now()).is_err(),
+            "and it is the probe now"
+        );
+        next.answered();
     }
 
     fn queue(step: usize) -> Queue {

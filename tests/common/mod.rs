@@ -13,7 +13,8 @@
 //! [`TestDb::on_cluster`].
 #![allow(dead_code)] // each test file uses its own subset of these helpers
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use auditwal::pg::{Cluster, ClusterOptions};
@@ -288,4 +289,33 @@ pub async fn assert_exactly(db: &TestDb, expected: &[uuid::Uuid]) {
         set.len(),
         want.len()
     );
+}
+
+/// A TCP proxy to `target_port` on loopback that can be switched into a black
+/// hole: while it is, new connections are accepted and held without a byte
+/// either way, which is how a link that drops packets looks to a client.
+pub async fn black_hole_proxy(target_port: u16) -> (u16, Arc<AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let port = listener.local_addr().expect("proxy address").port();
+    let black_hole = Arc::new(AtomicBool::new(false));
+    let holes = black_hole.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut client, _)) = listener.accept().await {
+            if holes.load(Ordering::SeqCst) {
+                held.push(client);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut server) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (port, black_hole)
 }
