@@ -559,7 +559,11 @@ impl AuditLog {
             match &result {
                 // Connecting bounds its own waits by the same timeout.
                 Err(e) if e.is_transient() && started.elapsed() >= timeout => {
-                    attempt.no_answer(tokio::time::Instant::now(), e.to_string())
+                    let reason = match e {
+                        PgError::DatabaseUnavailable { reason } => reason.clone(),
+                        other => other.to_string(),
+                    };
+                    attempt.no_answer(tokio::time::Instant::now(), reason)
                 }
                 _ => attempt.answered(),
             }

@@ -165,7 +165,8 @@ enum LinkState {
     Up,
     /// The last connect got no answer (`reason`); none is tried before `until`.
     Paused { until: Instant, reason: String },
-    /// A committer is trying again after a pause.
+    /// A caller (a committer, or the log starting the writer) is trying again
+    /// after a pause.
     Probing { reason: String },
 }
 
