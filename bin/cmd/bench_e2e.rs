@@ -26,8 +26,9 @@
 //! The machine is shared and noisy, so settings are interleaved in rounds (off,
 //! async, durable, sampled, sync, off, ...), each phase after a 1 s warm-up, and
 //! every figure reported is the median over the rounds of that figure. Before
-//! each setting the bench runs VACUUM ANALYZE and CHECKPOINT ([`super::bench::quiesce`]), so
-//! the database work one setting leaves owing is not paid inside the next one.
+//! each setting the bench runs VACUUM ANALYZE and CHECKPOINT
+//! ([`super::bench::quiesce`]), so the database work one setting leaves owing is
+//! not paid inside the next one.
 //!
 //! Everything shares one machine, as on a small edge host: the service, the
 //! client (in this process, so a stall of the whole process delays its sends too;

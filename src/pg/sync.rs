@@ -388,8 +388,8 @@ impl SyncWriter {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e: sqlx::Error| PgError::Config(format!("database URL: {e}")))?;
-        // For migrations, partition upkeep and `pool()` readers; the committers
-        // open their own connections.
+        // For partition upkeep and `pool()` readers: migrations and the
+        // committers open connections of their own.
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .min_connections(0)
@@ -398,8 +398,8 @@ impl SyncWriter {
         SyncWriter::from_pool(pool, config).await
     }
 
-    /// Uses an existing pool for migrations and partition upkeep. The committers
-    /// open their own connections with the pool's connect options.
+    /// Uses an existing pool for partition upkeep. Migrations and the committers
+    /// open connections of their own, with the pool's connect options.
     pub async fn from_pool(pool: PgPool, config: SyncConfig) -> Result<SyncWriter, PgError> {
         config.check()?;
         if config.migrate {

@@ -291,31 +291,75 @@ pub async fn assert_exactly(db: &TestDb, expected: &[uuid::Uuid]) {
     );
 }
 
-/// A TCP proxy to `target_port` on loopback that can be switched into a black
-/// hole: while it is, new connections are accepted and held without a byte
-/// either way, which is how a link that drops packets looks to a client.
-pub async fn black_hole_proxy(target_port: u16) -> (u16, Arc<AtomicBool>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the proxy");
-    let port = listener.local_addr().expect("proxy address").port();
-    let black_hole = Arc::new(AtomicBool::new(false));
-    let holes = black_hole.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut client, _)) = listener.accept().await {
-            if holes.load(Ordering::SeqCst) {
-                held.push(client);
-                continue;
-            }
-            tokio::spawn(async move {
-                if let Ok(mut server) =
-                    tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
-                {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+/// A TCP proxy on loopback in front of a test database that can be switched
+/// into a black hole: while it is, new connections are accepted and held
+/// without a byte either way, which is how a link that drops packets looks to
+/// a client. Connections made while it passes traffic are forwarded.
+pub struct BlackHoleProxy {
+    url: String,
+    silent: Arc<AtomicBool>,
+}
+
+impl BlackHoleProxy {
+    /// A proxy to `db` on `cluster`, silent from the start.
+    pub async fn silent(cluster: &Cluster, db: &TestDb) -> BlackHoleProxy {
+        let target = cluster.port();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let url = db
+            .url()
+            .replace(&format!(":{target}/"), &format!(":{port}/"));
+        assert_ne!(url, db.url(), "the proxy's URL must lead through it");
+        let silent = Arc::new(AtomicBool::new(true));
+        let holes = silent.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                if holes.load(Ordering::SeqCst) {
+                    held.push(client);
+                    continue;
                 }
-            });
+                tokio::spawn(async move {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        BlackHoleProxy { url, silent }
+    }
+
+    /// The database's URL through the proxy.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// From now on, new connections reach the database.
+    pub fn answer(&self) {
+        self.silent.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Awaits `call`, asserts that it failed within `limit`, and returns its error.
+pub async fn fails_within<T: std::fmt::Debug, E: std::fmt::Display>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> E {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    let took = started.elapsed();
+    match result {
+        Ok(v) => panic!("expected a failure, got {v:?}"),
+        Err(e) => {
+            assert!(
+                took < limit,
+                "failed after {took:?}, not within {limit:?}: {e}"
+            );
+            e
         }
-    });
-    (port, black_hole)
+    }
 }
