@@ -642,3 +642,124 @@ async fn emit_sync_prints_event_id_and_row_id_per_committed_line_in_input_order(
         assert!(stored.contains(p), "printed {p:?} is not in the table");
     }
 }
+
+/// A BEFORE INSERT trigger that sleeps inside the INSERT: `test.lone` rows for
+/// `lone_secs` every time, `test.slow` rows for `slow_secs` the first time only
+/// (a sequence, which a rolled-back statement does not undo).
+async fn install_sleeping_trigger(db: &TestDb, lone_secs: f64, slow_secs: f64) {
+    let sql = format!(
+        "CREATE SEQUENCE slow_once;
+         CREATE FUNCTION sleep_on_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.action = 'test.lone' THEN PERFORM pg_sleep({lone_secs}); END IF;
+           IF NEW.action = 'test.slow' AND nextval('slow_once') = 1 THEN
+             PERFORM pg_sleep({slow_secs});
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER sleep_on_insert BEFORE INSERT ON audit_events
+           FOR EACH ROW EXECUTE FUNCTION sleep_on_insert();"
+    );
+    db.pool()
+        .execute(sql.as_str())
+        .await
+        .expect("installing the test trigger");
+}
+
+#[tokio::test]
+async fn in_the_retry_of_a_refused_batch_an_event_whose_time_ran_out_is_not_sent() {
+    let db = TestDb::new().await;
+    let timeout = Duration::from_secs(3);
+    let w = SyncWriter::connect(
+        db.url(),
+        SyncConfig {
+            committers: 1,
+            ..config(timeout)
+        },
+    )
+    .await
+    .expect("writer");
+    let original = event(0);
+    w.record(&original).await.expect("the original");
+    install_sleeping_trigger(&db, 1.0, 2.5).await;
+
+    // t=0: a lone event holds the one committer for 1 s. t≈0.05: `late` queues
+    // (deadline ≈ 3.05 s). t≈0.9: `slow` and a duplicate of the original queue
+    // (deadlines ≈ 3.9 s). At t≈1 the three go out as one batch; `slow` sleeps
+    // 2.5 s, then the duplicate refuses the statement at t≈3.5: past `late`'s
+    // deadline, before the others'.
+    let spawn = |e: AuditEvent| {
+        let w = w.clone();
+        tokio::spawn(async move { w.record(&e).await })
+    };
+    let lone = spawn(AuditEvent::new("test.lone"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let late_event = event(1);
+    let late = spawn(late_event.clone());
+    tokio::time::sleep(Duration::from_millis(850)).await;
+    let slow_event = AuditEvent::new("test.slow");
+    let slow = spawn(slow_event.clone());
+    let dup = spawn(original.clone());
+
+    lone.await.expect("task").expect("the lone event");
+    match late.await.expect("task") {
+        Err(PgError::OutcomeUnknown { .. }) => {} // its own timer: it was sent once
+        other => panic!("the late event's caller: {other:?}"),
+    }
+    let slow_id = slow
+        .await
+        .expect("task")
+        .expect("the slow event, retried alone");
+    match dup.await.expect("task") {
+        Err(PgError::Duplicate { event_id }) => assert_eq!(event_id, original.event_id),
+        other => panic!("the duplicate: {other:?}"),
+    }
+    // Not sent in the retry (before the fix it went out with a 1 ms limit: it
+    // was stored, or the limit dropped the connection and `slow` failed).
+    assert_eq!(stored_id(&db, late_event.event_id).await, None);
+    assert_eq!(stored_id(&db, slow_event.event_id).await, Some(slow_id.0));
+}
+
+#[test]
+fn a_committer_that_stops_after_sending_answers_outcome_unknown_not_closed() {
+    // The writer's committers run on `writers_rt`; the caller and the test's
+    // own connections on `test_rt`. Shutting `writers_rt` down mid-INSERT drops
+    // the committer and the reply it owed.
+    let test_rt = tokio::runtime::Runtime::new().expect("runtime");
+    let writers_rt = tokio::runtime::Runtime::new().expect("runtime");
+    // Connections dropped by a failing assertion need a runtime to drop on.
+    let _in_test_rt = test_rt.enter();
+    let db = test_rt.block_on(TestDb::new());
+    let w = writers_rt
+        .block_on(SyncWriter::connect(
+            db.url(),
+            config(Duration::from_secs(20)),
+        ))
+        .expect("writer");
+    let e = event(7);
+    let locker = test_rt.block_on(async {
+        let mut locker = db.pool().begin().await.expect("locker");
+        locker
+            .execute("LOCK TABLE audit_events IN EXCLUSIVE MODE")
+            .await
+            .expect("lock");
+        locker
+    });
+    let call = {
+        let (w, e) = (w.clone(), e.clone());
+        test_rt.spawn(async move { w.record(&e).await })
+    };
+    // The INSERT is now on the server, waiting for the lock.
+    std::thread::sleep(Duration::from_millis(500));
+    writers_rt.shutdown_background();
+    match test_rt.block_on(call).expect("task") {
+        Err(PgError::OutcomeUnknown { .. }) => {}
+        other => panic!("expected OutcomeUnknown, got {other:?}"),
+    }
+    // Whether the row commits is now up to the server (the INSERT waits for the
+    // lock on a connection the client has closed): "not stored" would be a guess.
+    test_rt
+        .block_on(locker.rollback())
+        .expect("release the lock");
+    drop(w);
+}

@@ -484,7 +484,16 @@ impl SyncWriter {
         })?;
         match timeout_at(deadline + GRACE, answer).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(PgError::Closed),
+            // The committer went away without answering (its runtime shut down).
+            // Whether the event may be stored depends on whether it was claimed
+            // for sending: a statement already on the wire can still commit.
+            Ok(Err(_)) => match claim.load(Ordering::Acquire) {
+                SENT => Err(PgError::OutcomeUnknown {
+                    reason: "the sync writer stopped after sending the INSERT, before its answer"
+                        .into(),
+                }),
+                _ => Err(PgError::Closed),
+            },
             Err(_) => {
                 if claim
                     .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
@@ -630,6 +639,13 @@ impl Committer {
             return;
         };
         let Some(conn) = self.conn.as_mut() else {
+            // Unreachable (ready_connection just succeeded), but answered rather
+            // than dropped: a dropped claimed request reads as "outcome unknown".
+            for r in sending {
+                r.answer(Err(PgError::DatabaseUnavailable {
+                    reason: "no connection to send on".into(),
+                }));
+            }
             return;
         };
         let result = match sending.as_slice() {
@@ -679,17 +695,29 @@ impl Committer {
         }
     }
 
+    /// Retries each event of a refused batch alone. The refused statement stored
+    /// nothing, so an event whose deadline has passed by its turn is answered "not
+    /// stored" without being sent: sending it anyway, with no time left, could
+    /// commit a row its caller was told nothing definite about and would drop a
+    /// healthy connection on the timeout.
     async fn one_by_one(&mut self, sending: Vec<Request>) {
         for r in sending {
+            if Instant::now() >= r.deadline {
+                r.answer(Err(PgError::DatabaseUnavailable {
+                    reason: format!(
+                        "not stored: its batch was refused because of another event, and its \
+                         {:?} ran out before it could be sent alone",
+                        self.timeout
+                    ),
+                }));
+                continue;
+            }
             let result = match self.conn.as_mut() {
                 None => Err(PgError::DatabaseUnavailable {
                     reason: "connection lost while retrying a refused batch".into(),
                 }),
                 Some(conn) => {
-                    // A caller whose deadline passed gets the "sent, no answer" error
-                    // from its own timer; bound this statement by the batch timeout.
-                    let deadline = r.deadline.max(Instant::now() + Duration::from_millis(1));
-                    match timeout_at(deadline, insert_one(conn, &r.event, r.sample_rate)).await {
+                    match timeout_at(r.deadline, insert_one(conn, &r.event, r.sample_rate)).await {
                         Ok(Ok(id)) => Ok(id),
                         Ok(Err(e)) => {
                             if is_connection_error(&e) {
