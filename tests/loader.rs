@@ -334,6 +334,60 @@ async fn sigterm_stops_the_loader_cleanly_with_exit_0() {
 }
 
 #[tokio::test]
+async fn a_loader_started_before_its_service_waits_for_the_wal_dir_and_then_loads() {
+    let db = TestDb::new().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    let wal_dir = root.path().join("not-yet");
+    let child = ChildGuard::new(common::spawn_loader(&wal_dir, db.url(), 1000));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut child = child.take();
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the loader exited instead of waiting for the WAL dir"
+    );
+    assert!(
+        !wal_dir.exists(),
+        "the loader must not create the service's dir"
+    );
+    let child = ChildGuard::new(child);
+    // The service starts: its first emit creates the directory.
+    let ids = emit(&wal_dir, "s1", 500, "async");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while db.count().await < ids.len() as i64 {
+        assert!(Instant::now() < deadline, "the waiting loader never loaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_exactly(&db, &ids).await;
+    // SIGTERM ends it cleanly, also while it waits (here: while it loads).
+    let child = child.take();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    // With --once a missing dir is still a usage error.
+    let out = load_once(&root.path().join("typo"), db.url(), &[]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn sigterm_ends_a_loader_waiting_for_its_wal_dir_with_exit_0() {
+    let db = TestDb::new().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    let child = common::spawn_loader(&root.path().join("not-yet"), db.url(), 1000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "exit status {:?}", out.status);
+}
+
+#[tokio::test]
 async fn metrics_endpoint_reports_rows_and_lag_per_stream() {
     use std::io::Read;
     let db = TestDb::new().await;

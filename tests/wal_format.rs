@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use auditwal::wal::format::{
-    decode_frame, encode_frame, frame_len, scan_segment, segment_file_name, FormatError,
-    FrameOutcome, Lsn, RecordKind, ScanItem, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+    decode_frame, encode_durable_lsn, encode_frame, frame_len, scan_segment, segment_file_name,
+    FormatError, FrameOutcome, Lsn, RecordKind, ScanItem, SegmentHeader, DURABLE_LSN_FILE,
+    FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use auditwal::wal::payload::{decode_event, encode_event, WalEvent};
 use auditwal::wal::reader::{Follow, ReadItem, StreamReader};
@@ -766,6 +767,31 @@ fn verify_exits_2_for_a_missing_path_or_a_file_that_is_not_a_segment() {
     std::fs::create_dir(&empty).expect("mkdir");
     let (code, _, err) = auditwal(&["inspect", path_str(&empty)]);
     assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn a_stream_killed_before_its_first_segment_is_an_empty_log_not_a_usage_error() {
+    // What a writer SIGKILLed between taking its lock and renaming its first
+    // segment into place leaves: LOCK, durable.lsn and a half-made spare.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("s1");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::write(dir.join("LOCK"), b"").expect("LOCK");
+    std::fs::write(dir.join(DURABLE_LSN_FILE), encode_durable_lsn(0)).expect("durable.lsn");
+    std::fs::write(dir.join("spare-0.seg.tmp"), vec![0u8; 4096]).expect("spare");
+    for path in [&dir, &tmp.path().to_path_buf()] {
+        let (code, out, err) = auditwal(&["verify", path_str(path)]);
+        assert_eq!(
+            code,
+            0,
+            "verify {}: stdout {out} stderr {err}",
+            path.display()
+        );
+        assert!(out.contains("0 record(s) in 0 segment(s): clean"), "{out}");
+        let (code, out, err) = auditwal(&["inspect", "--json", path_str(path)]);
+        assert_eq!(code, 0, "inspect {}: stderr {err}", path.display());
+        assert_eq!(out, "", "no records");
+    }
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! append in progress). `inspect` prints the records (one JSON object a line with
 //! `--json`) and reports damage on stderr; `verify` prints only a damage report.
 //! Exit codes follow the contract: 0 clean, 1 damage found, 2 a path that does
-//! not exist or holds no segment, 3 an I/O failure.
+//! not exist or is no stream (no segment, no `LOCK`, no `durable.lsn`), 3 an I/O
+//! failure. A stream with no segment yet is an empty log: 0 records, exit 0.
 
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use anyhow::Context;
 use auditwal::wal::format::Lsn;
 use auditwal::wal::payload::WalEvent;
 use auditwal::wal::reader::{
-    list_segments, list_streams, Follow, ReadError, ReadItem, StreamReader,
+    is_stream_dir, list_segments, list_streams, Follow, ReadError, ReadItem, StreamReader,
 };
 use auditwal::AuditEvent;
 use chrono::SecondsFormat;
@@ -76,8 +77,10 @@ fn targets(path: &Path, from_lsn: Lsn) -> Result<Vec<Target>, Failure> {
             reader,
         }]);
     }
+    // A stream whose writer stopped before its first segment (only LOCK and
+    // durable.lsn) is an empty log: it reads as 0 records, not as a wrong path.
     let segments = list_segments(path).map_err(read_failure)?;
-    if !segments.is_empty() {
+    if !segments.is_empty() || is_stream_dir(path) {
         return Ok(vec![Target {
             stream: None,
             reader: StreamReader::open(path, from_lsn, Follow::AtRest),
@@ -86,7 +89,7 @@ fn targets(path: &Path, from_lsn: Lsn) -> Result<Vec<Target>, Failure> {
     let mut out = Vec::new();
     for stream in list_streams(path).map_err(read_failure)? {
         let dir = path.join(&stream);
-        if !list_segments(&dir).map_err(read_failure)?.is_empty() {
+        if is_stream_dir(&dir) || !list_segments(&dir).map_err(read_failure)?.is_empty() {
             out.push(Target {
                 stream: Some(stream),
                 reader: StreamReader::open(&dir, from_lsn, Follow::AtRest),
@@ -95,7 +98,8 @@ fn targets(path: &Path, from_lsn: Lsn) -> Result<Vec<Target>, Failure> {
     }
     if out.is_empty() {
         return Err(Failure::usage(anyhow::anyhow!(
-            "{}: no segment files (<20-digit LSN>.seg) here or in its stream directories",
+            "{}: not a stream: no segment files (<20-digit LSN>.seg), LOCK or durable.lsn \
+             here or in its stream directories",
             path.display()
         )));
     }

@@ -99,7 +99,10 @@ pub fn run_load(args: LoadArgs) -> CmdResult {
             ))
         })?),
     };
-    if !args.wal_dir.is_dir() {
+    // A WAL dir that does not exist yet is waited for (the loader may start
+    // before its service); with --once there is nothing to load from it.
+    let exists = args.wal_dir.exists();
+    if (exists && !args.wal_dir.is_dir()) || (!exists && args.once) {
         return Err(Failure::usage(anyhow::anyhow!(
             "--wal-dir {} is not a directory",
             args.wal_dir.display()

@@ -184,6 +184,9 @@ impl Loader {
             tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "metrics endpoint listening");
             tokio::spawn(crate::pg::metrics::serve(listener, self.metrics.clone()));
         }
+        if !self.wait_for_wal_dir().await {
+            return Ok(LoadSummary::default());
+        }
         let _watcher = self.watch_files();
         let ctx = Arc::new(StreamCtx {
             config: self.config.clone(),
@@ -231,6 +234,35 @@ impl Loader {
             dead_lettered: self.metrics.dead_lettered(),
             streams: started.len(),
         })
+    }
+
+    /// A loader started before its service (systemd ordering, a fresh host) finds
+    /// no WAL directory yet: it waits for the service to create it rather than
+    /// failing, and does not create it itself (the service's user must own it,
+    /// mode 0700). With `once` there is nothing present to load, so a missing
+    /// directory is the caller's error and is left to the listing to report.
+    /// Returns false when stopped while waiting.
+    async fn wait_for_wal_dir(&self) -> bool {
+        let dir = &self.config.wal_dir;
+        if self.config.once || dir.exists() {
+            return true;
+        }
+        tracing::warn!(
+            wal_dir = %dir.display(),
+            "the WAL directory does not exist yet; waiting for the service to create it"
+        );
+        let mut shutdown = self.shutdown.subscribe();
+        while !dir.exists() {
+            if *shutdown.borrow_and_update() {
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.poll_interval.max(Duration::from_millis(200))) => {}
+                _ = shutdown.changed() => return false,
+            }
+        }
+        tracing::info!(wal_dir = %dir.display(), "the WAL directory appeared; loading");
+        true
     }
 
     /// Wakes the stream tasks on any change under the WAL dir. Polling stays on as

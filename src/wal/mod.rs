@@ -65,8 +65,8 @@ pub use error::WalError;
 pub use format::{FormatError, Lsn, RecordKind};
 pub use payload::{PayloadError, WalEvent};
 pub use reader::{
-    list_segments, list_streams, read_durable_lsn, Follow, ReadError, ReadItem, SegmentFile,
-    StreamReader,
+    is_stream_dir, list_segments, list_streams, read_durable_lsn, Follow, ReadError, ReadItem,
+    SegmentFile, StreamReader,
 };
 pub use recovery::RecoveryReport;
 pub use writer::{WalStats, WalWriter};

@@ -249,6 +249,15 @@ pub fn list_streams(wal_dir: &Path) -> Result<Vec<String>, ReadError> {
     Ok(streams)
 }
 
+/// True when `dir` is a stream directory: it holds the writer's `LOCK` or the
+/// `durable.lsn` watermark, which a writer creates before its first segment. A
+/// stream directory without segments is an empty stream (its writer stopped
+/// before the first segment was in place), not a mistaken path.
+pub fn is_stream_dir(dir: &Path) -> bool {
+    dir.join(super::stream_dir::LOCK_FILE).is_file()
+        || dir.join(super::format::DURABLE_LSN_FILE).is_file()
+}
+
 /// The segment files of a stream directory in LSN order. `*.seg.tmp` files (being
 /// created), `LOCK`, `durable.lsn` and anything else are ignored.
 pub fn list_segments(stream_dir: &Path) -> Result<Vec<SegmentFile>, ReadError> {
