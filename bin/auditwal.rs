@@ -70,6 +70,7 @@ enum BenchKind {
     Sync,
     Load,
     E2e,
+    Record,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +92,7 @@ fn main() -> ExitCode {
             (BenchKind::Wal, None) => cmd::bench_wal::run(a.json, a.dir),
             (BenchKind::Sync, None) => cmd::bench_sync::run(a.json, a.dir),
             (BenchKind::Load, None) => cmd::bench_load::run(a.json, a.dir),
+            (BenchKind::Record, None) => cmd::bench_record::run(a.json, a.dir),
         },
     };
     match result {

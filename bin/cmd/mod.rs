@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_e2e;
 pub mod bench_load;
+pub mod bench_record;
 pub mod bench_sync;
 pub mod bench_wal;
 pub mod demo;

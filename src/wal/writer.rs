@@ -275,6 +275,15 @@ impl WalWriter {
         })
     }
 
+    /// Appends a payload already encoded by [`payload::encode_event`]: the
+    /// append alone, for benches that compare a whole audit call with it. The
+    /// bytes are not checked; a payload that does not decode is skipped as
+    /// damage by readers.
+    #[doc(hidden)]
+    pub fn append_encoded(&self, payload: &[u8]) -> Result<Lsn, WalError> {
+        self.inner.append_payload(payload)
+    }
+
     /// Appends `event` and returns once an fdatasync covering it completed.
     /// Concurrent durable appends share fsyncs (group commit). Blocks the thread:
     /// from async code use [`append_durable_async`](Self::append_durable_async).
