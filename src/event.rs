@@ -117,10 +117,20 @@ impl JsonText {
     /// rejects. Cheap in the common case: only text containing a `\u0000` escape
     /// (the only way JSON can carry a NUL) is parsed.
     fn contains_nul(&self) -> bool {
+        // One memchr pass for the backslash that every escape starts with; most
+        // audit JSON has none, and this runs on every call.
         let bytes = self.0.as_bytes();
-        let maybe = bytes
-            .windows(6)
-            .any(|w| w[0] == b'\\' && (w[1] == b'u' || w[1] == b'U') && &w[2..] == b"0000");
+        let mut from = 0;
+        let mut maybe = false;
+        while let Some(i) = self.0[from..].find('\\') {
+            let at = from + i;
+            let esc = &bytes[at + 1..bytes.len().min(at + 6)];
+            if esc.len() == 5 && (esc[0] == b'u' || esc[0] == b'U') && &esc[1..] == b"0000" {
+                maybe = true;
+                break;
+            }
+            from = at + 1;
+        }
         if !maybe {
             return false;
         }
@@ -449,6 +459,8 @@ impl AuditEvent {
     }
 
     /// Checks everything PostgreSQL would refuse, naming the field at fault.
+    /// Runs on every audit call, in every mode, so it walks each field once:
+    /// the NUL check and the size count in the same pass.
     pub fn validate(&self, max_event_bytes: usize) -> Result<(), EventError> {
         if self.action.is_empty() {
             return Err(EventError::MissingField { field: "action" });
@@ -460,24 +472,28 @@ impl AuditEvent {
                 limit: MAX_ACTION_BYTES,
             });
         }
+        let mut size = 0;
         for (field, value) in self.text_fields() {
-            if value.is_some_and(|v| v.as_bytes().contains(&0)) {
-                return Err(EventError::NulByte { field });
+            if let Some(v) = value {
+                size += v.len();
+                if v.as_bytes().contains(&0) {
+                    return Err(EventError::NulByte { field });
+                }
             }
         }
         for (field, value) in self.json_fields() {
-            if value.is_some_and(JsonText::contains_nul) {
-                return Err(EventError::NulByte { field });
+            if let Some(j) = value {
+                size += j.as_str().len();
+                if j.contains_nul() {
+                    return Err(EventError::NulByte { field });
+                }
             }
         }
-        // PostgreSQL's timestamptz spans 4713 BC to 294276 AD.
-        let year = self.occurred_at.year();
-        if !(-4712..=294_275).contains(&year) {
+        if !timestamp_in_range(&self.occurred_at) {
             return Err(EventError::TimestampOutOfRange {
                 value: self.occurred_at.to_rfc3339(),
             });
         }
-        let size = self.content_len();
         if size > max_event_bytes {
             return Err(EventError::TooLarge {
                 size,
@@ -485,6 +501,23 @@ impl AuditEvent {
             });
         }
         Ok(())
+    }
+}
+
+/// True when PostgreSQL's timestamptz can hold `t`: from 4713 BC (year -4712)
+/// on. Its upper end, 294276 AD, lies beyond chrono's own (year 262142), so
+/// only the lower bound can fail. Compared as an instant: working out the year
+/// of every event costs a calendar computation per call.
+fn timestamp_in_range(t: &DateTime<Utc>) -> bool {
+    static FIRST: std::sync::OnceLock<Option<DateTime<Utc>>> = std::sync::OnceLock::new();
+    let first = FIRST.get_or_init(|| {
+        chrono::NaiveDate::from_ymd_opt(-4712, 1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|d| d.and_utc())
+    });
+    match first {
+        Some(first) => t >= first,
+        None => (-4712..=294_275).contains(&t.year()),
     }
 }
 
@@ -557,6 +590,41 @@ mod tests {
             DEFAULT_MAX_EVENT_BYTES,
         );
         assert!(e.is_ok(), "{e:?}");
+    }
+
+    #[test]
+    fn timestamps_are_refused_exactly_before_4713_bc() {
+        use chrono::TimeZone;
+        let at = |y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32| {
+            Utc.with_ymd_and_hms(y, mo, d, h, mi, s)
+                .single()
+                .expect("valid date")
+        };
+        let mut e = AuditEvent::new("a");
+        e.occurred_at = at(-4712, 1, 1, 0, 0, 0);
+        assert_eq!(e.validate(1000), Ok(()));
+        e.occurred_at = at(-4713, 12, 31, 23, 59, 59);
+        assert!(matches!(
+            e.validate(1000),
+            Err(EventError::TimestampOutOfRange { .. })
+        ));
+        e.occurred_at = DateTime::<Utc>::MAX_UTC;
+        assert_eq!(
+            e.validate(1000),
+            Ok(()),
+            "chrono's last instant fits PostgreSQL"
+        );
+    }
+
+    #[test]
+    fn a_nul_escape_is_found_after_other_escapes() {
+        let j = JsonText::parse("metadata", r#"{"a":"x\"y","b":"\n","c":"\u0000"}"#)
+            .expect("valid JSON");
+        assert!(j.contains_nul());
+        let j = JsonText::parse("metadata", r#"{"a":"x\"y","b":"\\u0000"}"#).expect("valid");
+        assert!(!j.contains_nul(), "an escaped backslash then u0000 is text");
+        let j = JsonText::parse("metadata", r#"{"end":"\\"}"#).expect("valid");
+        assert!(!j.contains_nul());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!
 //! Cases, each for one and for two threads (`-1t`, `-2t`), tasks on a tokio
 //! runtime with as many workers:
+//! - `timer-only`: nothing between the clock reads: what the timing itself
+//!   adds to every figure (its `call_ns_*` is one clock read's cost).
 //! - `build-only`: the event is built and dropped (mode off): the floor of any
 //!   audited handler, and the baseline of every other case.
 //! - `append-only`: `WalWriter::append_encoded` of a payload encoded before
@@ -49,6 +51,7 @@ const BENCH: &str = "record";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Case {
+    TimerOnly,
     BuildOnly,
     AppendOnly,
     Async,
@@ -59,7 +62,8 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 7] = [
+    const ALL: [Case; 8] = [
+        Case::TimerOnly,
         Case::BuildOnly,
         Case::AppendOnly,
         Case::Async,
@@ -71,6 +75,7 @@ impl Case {
 
     fn name(self, threads: usize) -> String {
         let base = match self {
+            Case::TimerOnly => "timer-only",
             Case::BuildOnly => "build-only",
             Case::AppendOnly => "append-only",
             Case::Async => "record-async",
@@ -94,7 +99,7 @@ impl Case {
 
     fn mode(self) -> Option<Mode> {
         match self {
-            Case::BuildOnly | Case::AppendOnly => None,
+            Case::TimerOnly | Case::BuildOnly | Case::AppendOnly => None,
             Case::Async | Case::AsyncAdmin => Some(Mode::Async),
             Case::Sampled | Case::SampledOut => Some(Mode::Sampled),
             Case::Durable => Some(Mode::Durable),
@@ -228,7 +233,7 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
             let mut lat = run.latencies_ns;
             let mut r = BenchResult::new(BENCH, case.name(threads), run.calls, run.secs)
                 .with_latencies_ns(&mut lat);
-            if case != Case::BuildOnly {
+            if !matches!(case, Case::BuildOnly) {
                 for (key, p) in [
                     ("call_ns_p50", 50.0),
                     ("call_ns_p99", 99.0),
@@ -319,6 +324,13 @@ fn run_case(case: Case, threads: usize, calls: u64, wal_dir: &Path) -> Result<Ru
     let reqs = requests();
     rt.block_on(async move {
         match case {
+            Case::TimerOnly => {
+                time_tasks(threads, calls, move |_| async move {
+                    let t = Instant::now();
+                    Ok(t.elapsed())
+                })
+                .await
+            }
             Case::BuildOnly => {
                 time_tasks(threads, calls, move |i| {
                     let reqs = reqs.clone();
