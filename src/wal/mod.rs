@@ -53,6 +53,9 @@ mod config;
 mod durable;
 pub(crate) mod error;
 mod flusher;
+pub(crate) mod fs;
+#[cfg(test)]
+mod powerloss;
 mod preparer;
 mod segment;
 mod stream_dir;

@@ -83,7 +83,9 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
 
     // A power loss can keep a new segment's name but not its header (the writer
     // renames it in without an fsync and the flusher syncs it before the first
-    // durable LSN inside it): such trailing segments hold nothing durable.
+    // durable LSN inside it; a loader's directory fsync after retiring an older
+    // segment can make the name durable first): such trailing segments hold
+    // nothing durable.
     while let Some(last) = segments.last() {
         if !header_is_zero(&last.path)? {
             break;
@@ -93,7 +95,8 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
             "removing a trailing segment whose header never reached the disk (power loss \
              right after a rotation); it held no durable record"
         );
-        std::fs::remove_file(&last.path)
+        dir.fs()
+            .remove_file(&last.path)
             .map_err(|e| WalError::io("remove headerless segment", &last.path, e))?;
         report.removed_headerless_segments += 1;
         segments.pop();
@@ -105,8 +108,9 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
         if durable_hint.is_none_or(|d| last_lsn_in_segment > d) {
             let path = &pair[0].path;
             let file = File::open(path).map_err(|e| WalError::io("open segment", path, e))?;
-            rustix::fs::fdatasync(&file)
-                .map_err(|e| WalError::io("fdatasync segment", path, e.into()))?;
+            dir.fs()
+                .sync_data(&file, path)
+                .map_err(|e| WalError::io("fdatasync segment", path, e))?;
         }
     }
 
@@ -120,7 +124,7 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
         });
     };
 
-    let segment = Segment::open(&last.path, last.first_lsn)?;
+    let segment = Segment::open(dir.fs(), &last.path, last.first_lsn)?;
     let scan = scan_last_segment(&segment, dir.name())?;
     report.records_in_last_segment = scan.events;
     report.skipped_ranges = scan.skipped;
@@ -190,17 +194,20 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
     })
 }
 
-/// Whether the first SEGMENT_HEADER_LEN bytes of the file are all zero.
+/// Whether the file's header never reached the disk: its first
+/// SEGMENT_HEADER_LEN bytes are all zero, or it is shorter than that and holds
+/// only zeros (a power loss can keep the name of a file that was never synced,
+/// and a file system that promises only what POSIX does keeps none of its size).
+/// A segment whose header reached the disk has its full preallocated size: the
+/// fdatasync that made the header durable covered the size too.
 fn header_is_zero(path: &std::path::Path) -> Result<bool, WalError> {
-    use std::os::unix::fs::FileExt;
+    use std::io::Read;
     let file = File::open(path).map_err(|e| WalError::io("open segment", path, e))?;
-    let mut header = [0u8; format::SEGMENT_HEADER_LEN];
-    match file.read_exact_at(&mut header, 0) {
-        Ok(()) => Ok(header.iter().all(|&b| b == 0)),
-        // Too short to judge: scan_last_segment reports it as damaged.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(WalError::io("read segment header", path, e)),
-    }
+    let mut header = Vec::with_capacity(format::SEGMENT_HEADER_LEN);
+    file.take(format::SEGMENT_HEADER_LEN as u64)
+        .read_to_end(&mut header)
+        .map_err(|e| WalError::io("read segment header", path, e))?;
+    Ok(header.iter().all(|&b| b == 0))
 }
 
 /// The facts recovery needs from the last segment.
