@@ -13,7 +13,9 @@
 //! It also owns the `durable.lsn` sidecar file that tells readers in other
 //! processes how far they may load (docs/segment-format.md). The sidecar is
 //! written after the fsync, never before, so it can lag the data but never run
-//! ahead of it; it is not fsynced on its own, except at open and close.
+//! ahead of it; it is fsynced at open and close, and in the round that makes a
+//! last segment sealed with no successor durable (then it is the floor recovery
+//! continues from; see `Inner::sync_round`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -282,8 +284,9 @@ impl Sidecar {
             .map_err(|e| WalError::io("write the durable watermark", &self.path, e))
     }
 
-    /// fsync, used at open and close only so that a restart after power loss
-    /// never sees a watermark older than the last clean shutdown.
+    /// fdatasync: at open and close, so that a restart after power loss never
+    /// sees a watermark older than the last clean shutdown, and when a sealed
+    /// last segment has no successor (the watermark is then the floor).
     pub(crate) fn sync(&self) -> Result<(), WalError> {
         self.fs
             .sync_data(&self.file, &self.path)
