@@ -309,87 +309,121 @@ impl Run {
 
     /// Cuts the power (if the script has not), reopens the durable image and
     /// checks it. `what` names the run in failure messages.
-    fn check_after_power_loss(mut self, landing: Landing, what: &str) {
+    fn check_after_power_loss(self, landing: Landing, what: &str) {
+        let (image, facts) = self.power_off(landing);
+        check_image(&image, facts, what);
+    }
+
+    /// Cuts the power (if the script has not), stops everything and writes the
+    /// durable image out; returns it with what the checks need.
+    fn power_off(mut self, landing: Landing) -> (PathBuf, Facts) {
         self.sim.cut_now().expect("cut");
         lock(&self.loader).cursor = None;
         drop(self.writer.take());
         let image = self.wal_dir.with_file_name(format!("image-{landing:?}"));
         self.sim.materialize(&image, landing).expect("materialize");
-        let (rows, checkpoint) = {
-            let l = lock(&self.loader);
-            (l.rows.clone(), l.checkpoint)
+        let l = lock(&self.loader);
+        let facts = Facts {
+            rows: l.rows.clone(),
+            checkpoint: l.checkpoint,
+            durable: self.durable.clone(),
+            _tmp: None,
         };
+        drop(l);
+        let facts = Facts {
+            _tmp: Some(self._tmp),
+            ..facts
+        };
+        (image, facts)
+    }
+}
 
-        let sim = Arc::new(SimFs::new(&image).expect("model of the image"));
-        let fs: Arc<dyn FileSystem> = sim.clone();
-        let w = WalWriter::open_on(fs, config(&image))
-            .unwrap_or_else(|e| panic!("{what}: reopen after the power loss: {e}"));
-        let report = w.recovery().clone();
-        assert!(
-            report.skipped_ranges.is_empty() && report.zeroed_past_tail.is_none(),
-            "{what}: recovery found corruption: {report:?}"
-        );
+/// What survives a power loss outside the machine, and what was promised.
+struct Facts {
+    rows: BTreeMap<Lsn, Uuid>,
+    checkpoint: Lsn,
+    durable: BTreeMap<Lsn, Uuid>,
+    /// Keeps the run's directory alive.
+    _tmp: Option<tempfile::TempDir>,
+}
 
-        let mut on_disk = BTreeMap::new();
-        let mut reader = StreamReader::open(&image.join(STREAM), 1, Follow::AtRest);
-        while let Some(item) = reader.next_item(None).expect("read the recovered stream") {
-            match item {
-                ReadItem::Event { lsn, event, .. } => {
-                    on_disk.insert(lsn, event.event.event_id);
-                }
-                ReadItem::SegmentConsumed { .. } => {}
-                ReadItem::Gap { found, .. } if found <= checkpoint + 1 => {}
-                damage => panic!("{what}: damage in the recovered stream: {damage:?}"),
+/// Reopens the stream in `image` and checks it (see the module docs).
+fn check_image(image: &Path, facts: Facts, what: &str) {
+    let Facts {
+        rows,
+        checkpoint,
+        durable,
+        _tmp,
+    } = facts;
+    let sim = Arc::new(SimFs::new(image).expect("model of the image"));
+    let fs: Arc<dyn FileSystem> = sim.clone();
+    let w = WalWriter::open_on(fs, config(image))
+        .unwrap_or_else(|e| panic!("{what}: reopen after the power loss: {e}"));
+    let report = w.recovery().clone();
+    assert!(
+        report.skipped_ranges.is_empty() && report.zeroed_past_tail.is_none(),
+        "{what}: recovery found corruption: {report:?}"
+    );
+
+    let mut on_disk = BTreeMap::new();
+    let mut reader = StreamReader::open(&image.join(STREAM), 1, Follow::AtRest);
+    while let Some(item) = reader.next_item(None).expect("read the recovered stream") {
+        match item {
+            ReadItem::Event { lsn, event, .. } => {
+                on_disk.insert(lsn, event.event.event_id);
             }
+            ReadItem::SegmentConsumed { .. } => {}
+            ReadItem::Gap { found, .. } if found <= checkpoint + 1 => {}
+            damage => panic!("{what}: damage in the recovered stream: {damage:?}"),
         }
-        for (lsn, id) in &self.durable {
-            assert!(
-                rows.get(lsn) == Some(id) || on_disk.get(lsn) == Some(id),
-                "{what}: durable record LSN {lsn} lost (checkpoint {checkpoint})"
-            );
-        }
-        for (lsn, id) in on_disk.range(..=checkpoint) {
-            assert_eq!(
+    }
+    for (lsn, id) in &durable {
+        assert!(
+            rows.get(lsn) == Some(id) || on_disk.get(lsn) == Some(id),
+            "{what}: durable record LSN {lsn} lost (checkpoint {checkpoint})"
+        );
+    }
+    for (lsn, id) in on_disk.range(..=checkpoint) {
+        assert_eq!(
                 rows.get(lsn),
                 Some(id),
                 "{what}: LSN {lsn} at or below the checkpoint {checkpoint} holds an event that was not loaded there"
             );
-        }
-        let mut loader = Loader {
-            sim,
-            stream_dir: image.join(STREAM),
-            rule: Rule::Current,
-            cursor: None,
-            rows,
-            checkpoint,
-        };
-        // Load first: the budget may be full, and loading is what frees it.
-        loader.load();
-        for (lsn, id) in on_disk.range(checkpoint + 1..) {
-            assert_eq!(
-                loader.rows.get(lsn),
-                Some(id),
-                "{what}: LSN {lsn} not loaded"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        let fresh = event(u64::MAX);
-        let lsn = w
-            .append_durable(&fresh)
-            .unwrap_or_else(|e| panic!("{what}: append after reopen: {e}"));
-        assert!(
+    }
+    let mut loader = Loader {
+        sim,
+        stream_dir: image.join(STREAM),
+        rule: Rule::Current,
+        cursor: None,
+        rows,
+        checkpoint,
+    };
+    // Load first: the budget may be full, and loading is what frees it.
+    loader.load();
+    for (lsn, id) in on_disk.range(checkpoint + 1..) {
+        assert_eq!(
+            loader.rows.get(lsn),
+            Some(id),
+            "{what}: LSN {lsn} not loaded"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let fresh = event(u64::MAX);
+    let lsn = w
+        .append_durable(&fresh)
+        .unwrap_or_else(|e| panic!("{what}: append after reopen: {e}"));
+    assert!(
             lsn > checkpoint,
             "{what}: LSN {lsn} handed out again at or below the loader's checkpoint {checkpoint}: the loader skips it"
         );
-        loader.load();
-        assert_eq!(
-            loader.rows.get(&lsn),
-            Some(&fresh.event_id),
-            "{what}: the event appended after reopen was not loaded"
-        );
-        drop(loader);
-        w.close().expect("close after the check");
-    }
+    loader.load();
+    assert_eq!(
+        loader.rows.get(&lsn),
+        Some(&fresh.event_id),
+        "{what}: the event appended after reopen was not loaded"
+    );
+    drop(loader);
+    w.close().expect("close after the check");
 }
 
 /// Runs the script once without a cut and returns its number of sync points.
@@ -470,4 +504,43 @@ fn a_loader_acting_between_the_watermark_write_and_its_fsync_cannot_lose_the_flo
         "the loader committed in the window"
     );
     run.check_after_power_loss(Landing::Nothing, "loader inside the watermark's fsync");
+}
+
+#[test]
+fn power_loss_during_the_recovery_from_a_power_loss_is_recovered_from_too() {
+    let n = count_points(Rule::Current);
+    for k in 1..=n + 1 {
+        // Recovery's own sync points, each cut in turn, until one open and
+        // close passes them all.
+        for j in 1.. {
+            let mut run = Run::new(Rule::Current);
+            run.sim.cut_at(k);
+            run.script();
+            let (image, facts) = run.power_off(Landing::Nothing);
+            let sim = Arc::new(SimFs::new(&image).expect("model of the image"));
+            sim.cut_at(j);
+            let fs: Arc<dyn FileSystem> = sim.clone();
+            let w = WalWriter::open_on(fs, config(&image))
+                .unwrap_or_else(|e| panic!("cut {k}: reopen: {e}"));
+            drop(w);
+            if !sim.power_lost() {
+                break;
+            }
+            let point = sim
+                .points()
+                .get(j as usize - 1)
+                .map(|p| format!("{} {}", p.op, p.path.display()))
+                .unwrap_or_default();
+            let again = image.with_file_name("image-again");
+            sim.materialize(&again, Landing::Nothing)
+                .expect("materialize");
+            check_image(
+                &again,
+                facts,
+                &format!(
+                    "power lost at sync point {k}, then at recovery's sync point {j} ({point})"
+                ),
+            );
+        }
+    }
 }
