@@ -361,3 +361,71 @@ impl FileSystem for SimFs {
         RealFs.remove_file(path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_in(dir: &Path) -> File {
+        File::open(dir).expect("open dir")
+    }
+
+    #[test]
+    fn only_synced_bytes_and_names_survive_a_cut() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("root");
+        fs::create_dir(&root).expect("root");
+        let sim = SimFs::new(&root).expect("model");
+        let a = root.join("a");
+        let f = sim.create_new(&a).expect("create a");
+        sim.write_at(&f, &a, b"one", 0).expect("write");
+        sim.sync_data(&f, &a).expect("sync a");
+        sim.sync_dir(&file_in(&root), &root).expect("sync dir");
+        sim.write_at(&f, &a, b"two", 0).expect("unsynced write");
+        // A file synced but never named durably, and a durable name removed
+        // without a directory fsync.
+        let b = root.join("b");
+        let g = sim.create_new(&b).expect("create b");
+        sim.sync_data(&g, &b).expect("sync b");
+        sim.remove_file(&a).expect("remove a");
+        sim.cut_now().expect("cut");
+
+        let image = tmp.path().join("image");
+        sim.materialize(&image, Landing::Nothing).expect("image");
+        assert_eq!(fs::read(image.join("a")).expect("a survives"), b"one");
+        assert!(!image.join("b").exists(), "b was never named durably");
+
+        let landed = tmp.path().join("landed");
+        sim.materialize(&landed, Landing::Everything)
+            .expect("image");
+        // Removed from the live tree before the cut, so no live content to land:
+        // it keeps its durable content under its durable name.
+        assert_eq!(fs::read(landed.join("a")).expect("a survives"), b"one");
+    }
+
+    #[test]
+    fn a_cut_at_a_point_freezes_the_durable_image_from_that_call_on() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("root");
+        fs::create_dir(&root).expect("root");
+        let sim = SimFs::new(&root).expect("model");
+        sim.cut_at(2);
+        let a = root.join("a");
+        let f = sim.create_new(&a).expect("create");
+        sim.write_at(&f, &a, b"x", 0).expect("write");
+        sim.sync_dir(&file_in(&root), &root).expect("point 1");
+        sim.sync_data(&f, &a).expect("point 2: the power is off");
+        assert!(sim.power_lost());
+        let image = tmp.path().join("image");
+        sim.materialize(&image, Landing::Nothing).expect("image");
+        assert_eq!(
+            fs::read(image.join("a")).expect("named"),
+            b"",
+            "never synced: empty"
+        );
+        let landed = tmp.path().join("landed");
+        sim.materialize(&landed, Landing::Everything)
+            .expect("image");
+        assert_eq!(fs::read(landed.join("a")).expect("named"), b"x");
+    }
+}
