@@ -348,6 +348,83 @@ fn every_truncation_point_of_the_last_segment_recovers_exactly_the_complete_reco
 }
 
 #[test]
+fn data_past_a_zeroed_frame_header_is_noted_with_its_range_and_verify_reports_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (segment, extents) = one_segment_stream(tmp.path(), 5);
+    // A page that never reached the disk: record 2's header is zero, records 3
+    // and 4 (and the rest of record 2) are still there after it.
+    let mut bytes = fs::read(&segment).expect("read");
+    bytes[extents[2].start..extents[2].start + format::FRAME_HEADER_LEN].fill(0);
+    fs::write(&segment, &bytes).expect("write");
+    fs::remove_file(tmp.path().join("s1/durable.lsn")).expect("rm sidecar");
+    let first_nonzero = extents[2].start
+        + format::FRAME_HEADER_LEN
+        + bytes[extents[2].start + format::FRAME_HEADER_LEN..]
+            .iter()
+            .position(|&b| b != 0)
+            .expect("data after the zeroed header");
+    let last_nonzero_end = extents[4].data_end
+        - bytes[..extents[4].data_end]
+            .iter()
+            .rev()
+            .position(|&b| b != 0)
+            .expect("nonzero");
+
+    let wal = WalWriter::open(config(tmp.path()).with_segment_size(SMALL_SEGMENT)).expect("open");
+    let report = wal.recovery().clone();
+    assert_eq!(report.last_lsn, 2, "records 1 and 2 stand");
+    assert_eq!(
+        report.torn_tail_offset, None,
+        "the data ended at a zeroed header"
+    );
+    assert_eq!(
+        report.zeroed_past_tail,
+        Some((first_nonzero as u64, last_nonzero_end as u64))
+    );
+    let notes = auditwal::wal::recovery::read_repairs(&tmp.path().join("s1")).expect("notes");
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    let note = notes[0].clone().expect("a parseable note");
+    assert_eq!(
+        (note.start, note.end, note.last_lsn),
+        (first_nonzero as u64, last_nonzero_end as u64, 2)
+    );
+    wal.close().expect("close");
+    drop(wal);
+
+    // The segment itself is clean now; verify still says what was lost.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_auditwal"))
+        .args(["verify", tmp.path().join("s1").to_str().expect("utf8")])
+        .output()
+        .expect("run verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("bytes [{first_nonzero}, {last_nonzero_end})"))
+            && stdout.contains("zeroed by recovery"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_torn_record_alone_is_repaired_without_a_note() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (segment, extents) = one_segment_stream(tmp.path(), 5);
+    let mut bytes = fs::read(&segment).expect("read");
+    let mid = (extents[4].start + extents[4].data_end) / 2;
+    bytes[mid..].fill(0);
+    fs::write(&segment, &bytes).expect("write");
+    fs::remove_file(tmp.path().join("s1/durable.lsn")).expect("rm sidecar");
+
+    let wal = WalWriter::open(config(tmp.path()).with_segment_size(SMALL_SEGMENT)).expect("open");
+    assert_eq!(
+        wal.recovery().torn_tail_offset,
+        Some(extents[4].start as u64)
+    );
+    assert_eq!(wal.recovery().zeroed_past_tail, None);
+    assert!(!tmp.path().join("s1/repairs.jsonl").exists());
+}
+
+#[test]
 fn a_half_copied_record_is_zeroed_and_never_truncated() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (segment, extents) = one_segment_stream(tmp.path(), 5);

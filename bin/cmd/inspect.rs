@@ -5,6 +5,10 @@
 //! writing; a torn tail in a segment that a writer is still filling may be an
 //! append in progress). `inspect` prints the records (one JSON object a line with
 //! `--json`) and reports damage on stderr; `verify` prints only a damage report.
+//! Damage that recovery already repaired by zeroing bytes past a torn tail is
+//! gone from the segments; its note in the stream's `repairs.jsonl`
+//! (`wal::recovery::REPAIRS_FILE`) is reported as damage too, since records may
+//! have been lost there.
 //! Exit codes follow the contract: 0 clean, 1 damage found, 2 a path that does
 //! not exist or is no stream (no segment, no `LOCK`, no `durable.lsn`), 3 an I/O
 //! failure. A stream with no segment yet is an empty log: 0 records, exit 0.
@@ -19,6 +23,7 @@ use auditwal::wal::payload::WalEvent;
 use auditwal::wal::reader::{
     is_stream_dir, list_segments, list_streams, Follow, ReadError, ReadItem, StreamReader,
 };
+use auditwal::wal::recovery::{read_repairs, REPAIRS_FILE};
 use auditwal::AuditEvent;
 use chrono::SecondsFormat;
 use serde::Serialize;
@@ -59,6 +64,10 @@ struct Target {
     /// The stream's name when PATH is a WAL directory holding several.
     stream: Option<String>,
     reader: StreamReader,
+    /// The stream directory whose repair notes belong to this target.
+    notes_dir: Option<PathBuf>,
+    /// Only the notes about this segment file (PATH was one segment).
+    notes_of: Option<String>,
 }
 
 /// Works out what PATH is. A path that does not exist or holds no segment is a
@@ -75,6 +84,8 @@ fn targets(path: &Path, from_lsn: Lsn) -> Result<Vec<Target>, Failure> {
         return Ok(vec![Target {
             stream: None,
             reader,
+            notes_dir: path.parent().map(Path::to_path_buf),
+            notes_of: path.file_name().map(|n| n.to_string_lossy().into_owned()),
         }]);
     }
     // A stream whose writer stopped before its first segment (only LOCK and
@@ -84,6 +95,8 @@ fn targets(path: &Path, from_lsn: Lsn) -> Result<Vec<Target>, Failure> {
         return Ok(vec![Target {
             stream: None,
             reader: StreamReader::open(path, from_lsn, Follow::AtRest),
+            notes_dir: Some(path.to_path_buf()),
+            notes_of: None,
         }]);
     }
     let mut out = Vec::new();
@@ -93,6 +106,8 @@ fn targets(path: &Path, from_lsn: Lsn) -> Result<Vec<Target>, Failure> {
             out.push(Target {
                 stream: Some(stream),
                 reader: StreamReader::open(&dir, from_lsn, Follow::AtRest),
+                notes_dir: Some(dir),
+                notes_of: None,
             });
         }
     }
@@ -181,6 +196,32 @@ fn text_line(stream: Option<&str>, lsn: Lsn, offset: u64, e: &WalEvent) -> Strin
     line
 }
 
+/// The repair notes of `t` as damage report lines (see the module docs).
+fn repair_reports(t: &Target) -> Result<Vec<String>, Failure> {
+    let Some(dir) = &t.notes_dir else {
+        return Ok(Vec::new());
+    };
+    let notes = read_repairs(dir)
+        .with_context(|| format!("reading {}", dir.join(REPAIRS_FILE).display()))
+        .map_err(Failure::runtime)?;
+    let mut out = Vec::new();
+    for note in notes {
+        match note {
+            Ok(r) if t.notes_of.as_ref().is_none_or(|s| *s == r.segment) => out.push(format!(
+                "{}/{} (from {REPAIRS_FILE}; move that file away once reviewed)",
+                dir.display(),
+                r.report()
+            )),
+            Ok(_) => {}
+            Err(line) => out.push(format!(
+                "{}: unreadable repair note: {line}",
+                dir.join(REPAIRS_FILE).display()
+            )),
+        }
+    }
+    Ok(out)
+}
+
 /// What reading all targets found.
 #[derive(Default)]
 struct Tally {
@@ -190,12 +231,25 @@ struct Tally {
 }
 
 /// Reads every target to its end, handing each item to `on_item`, and counts.
+/// Repair notes go to `on_repair` first, as damage.
 fn read_all(
     targets: &mut [Target],
+    mut on_repair: impl FnMut(Option<&str>, &str) -> io::Result<()>,
     mut on_item: impl FnMut(Option<&str>, &ReadItem) -> io::Result<()>,
 ) -> Result<Tally, Failure> {
     let mut tally = Tally::default();
     for t in targets.iter_mut() {
+        for text in repair_reports(t)? {
+            tally.damage += 1;
+            if let Err(e) = on_repair(t.stream.as_deref(), &text) {
+                return match e.kind() {
+                    io::ErrorKind::BrokenPipe => Ok(tally),
+                    _ => Err(Failure::runtime(
+                        anyhow::Error::new(e).context("writing to stdout"),
+                    )),
+                };
+            }
+        }
         loop {
             let item = t
                 .reader
@@ -237,56 +291,63 @@ pub fn run_inspect(args: InspectArgs) -> CmdResult {
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     let json = args.json;
-    let tally = read_all(&mut targets, |stream, item| {
-        match item {
-            ReadItem::Event { lsn, offset, event } => {
-                if json {
-                    let rec = JsonRecord {
-                        stream_id: stream,
-                        lsn: *lsn,
-                        kind: "event",
-                        event: &event.event,
-                        sample_rate: event.sample_rate,
-                    };
-                    serde_json::to_writer(&mut out, &rec).map_err(io::Error::from)?;
-                    out.write_all(b"\n")?;
-                } else {
-                    writeln!(out, "{}", text_line(stream, *lsn, *offset, event))?;
+    let tally = read_all(
+        &mut targets,
+        |_, text| {
+            eprintln!("damage: {text}");
+            Ok(())
+        },
+        |stream, item| {
+            match item {
+                ReadItem::Event { lsn, offset, event } => {
+                    if json {
+                        let rec = JsonRecord {
+                            stream_id: stream,
+                            lsn: *lsn,
+                            kind: "event",
+                            event: &event.event,
+                            sample_rate: event.sample_rate,
+                        };
+                        serde_json::to_writer(&mut out, &rec).map_err(io::Error::from)?;
+                        out.write_all(b"\n")?;
+                    } else {
+                        writeln!(out, "{}", text_line(stream, *lsn, *offset, event))?;
+                    }
+                }
+                ReadItem::SegmentConsumed {
+                    segment,
+                    last_lsn: Some(lsn),
+                    sealed: true,
+                    ..
+                } if *lsn >= from_lsn => {
+                    if json {
+                        let rec = JsonEndOfSegment {
+                            stream_id: stream,
+                            lsn: *lsn,
+                            kind: "end_of_segment",
+                        };
+                        serde_json::to_writer(&mut out, &rec).map_err(io::Error::from)?;
+                        out.write_all(b"\n")?;
+                    } else {
+                        let prefix = stream.map(|s| format!("{s} ")).unwrap_or_default();
+                        writeln!(
+                            out,
+                            "{prefix}lsn={lsn} end_of_segment (sealed {})",
+                            segment.display()
+                        )?;
+                    }
+                }
+                other => {
+                    if let Some(text) = other.damage_report() {
+                        // Keep stdout and stderr in order for a reader of both.
+                        out.flush()?;
+                        eprintln!("damage: {text}");
+                    }
                 }
             }
-            ReadItem::SegmentConsumed {
-                segment,
-                last_lsn: Some(lsn),
-                sealed: true,
-                ..
-            } if *lsn >= from_lsn => {
-                if json {
-                    let rec = JsonEndOfSegment {
-                        stream_id: stream,
-                        lsn: *lsn,
-                        kind: "end_of_segment",
-                    };
-                    serde_json::to_writer(&mut out, &rec).map_err(io::Error::from)?;
-                    out.write_all(b"\n")?;
-                } else {
-                    let prefix = stream.map(|s| format!("{s} ")).unwrap_or_default();
-                    writeln!(
-                        out,
-                        "{prefix}lsn={lsn} end_of_segment (sealed {})",
-                        segment.display()
-                    )?;
-                }
-            }
-            other => {
-                if let Some(text) = other.damage_report() {
-                    // Keep stdout and stderr in order for a reader of both.
-                    out.flush()?;
-                    eprintln!("damage: {text}");
-                }
-            }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     match out.flush() {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
             return Err(Failure::runtime(
@@ -309,16 +370,18 @@ pub fn run_inspect(args: InspectArgs) -> CmdResult {
 pub fn run_verify(args: VerifyArgs) -> CmdResult {
     let mut targets = targets(&args.path, 1)?;
     let stdout = io::stdout();
-    let mut out = stdout.lock();
-    let tally = read_all(&mut targets, |stream, item| {
-        if let Some(text) = item.damage_report() {
-            match stream {
-                Some(s) => writeln!(out, "damage: stream {s}: {text}")?,
-                None => writeln!(out, "damage: {text}")?,
-            }
+    let out = std::cell::RefCell::new(stdout.lock());
+    let line = |stream: Option<&str>, text: &str| match stream {
+        Some(s) => writeln!(out.borrow_mut(), "damage: stream {s}: {text}"),
+        None => writeln!(out.borrow_mut(), "damage: {text}"),
+    };
+    let tally = read_all(&mut targets, line, |stream, item| {
+        match item.damage_report() {
+            Some(text) => line(stream, &text),
+            None => Ok(()),
         }
-        Ok(())
     })?;
+    let mut out = out.into_inner();
     let verdict = if tally.damage == 0 {
         "clean".to_string()
     } else {

@@ -5,8 +5,14 @@
 //! The cursor never decides what is committed: the loader tells it
 //! (`committed_through`) after the batch transaction returns, and throws the whole
 //! cursor away after any failure, re-opening it from the checkpoint in the
-//! database. Segments are handed back for deletion only when every LSN in them is
-//! at or below the committed checkpoint.
+//! database. Segments are handed back for deletion only when the committed
+//! checkpoint is *past* every LSN in them: a record of a later segment is
+//! committed. The segment holding the checkpoint's own record is therefore never
+//! deleted, and with it the writer keeps, after any power loss, a durable record
+//! of how far its LSNs went (a writer restarting with no segment left and a stale
+//! `durable.lsn` would hand out LSNs at or below the checkpoint again, and this
+//! loader would skip those events as already loaded). That record is durable
+//! because the loader only loads what the writer has fsynced.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -64,13 +70,22 @@ const SETTLE_EVERY: Duration = Duration::from_secs(2);
 
 impl Cursor {
     /// A cursor over `dir` (the stream `stream`) positioned after `committed`.
+    /// Segments left behind by an earlier run (committed through but not yet
+    /// retired: kept for the rule above, or a crash before the deletion) are
+    /// taken up as consumed, since the reader starts past them.
     pub fn open(dir: &Path, stream: &str, committed: Lsn) -> Result<Cursor, CursorError> {
+        let segments = reader::list_segments(dir)?;
+        let consumed = segments
+            .windows(2)
+            .map(|pair| (pair[0].path.clone(), pair[1].first_lsn.saturating_sub(1)))
+            .filter(|(_, last)| *last <= committed)
+            .collect();
         Ok(Cursor {
             dir: dir.to_path_buf(),
             stream: stream.to_string(),
             reader: StreamReader::open(dir, committed.saturating_add(1), Follow::Live),
             committed,
-            consumed: Vec::new(),
+            consumed,
             at_end: false,
             written_seen: committed,
             oldest_pending: None,
@@ -185,13 +200,25 @@ impl Cursor {
         }
     }
 
-    /// Segments whose every record is committed: safe to delete or archive.
+    /// Segments the checkpoint has passed (see the module docs): safe to delete
+    /// or archive.
     pub fn take_finished(&mut self) -> Vec<PathBuf> {
         let committed = self.committed;
-        let (done, keep): (Vec<_>, Vec<_>) = self
-            .consumed
-            .drain(..)
-            .partition(|(_, last)| *last <= committed);
+        self.take_consumed_where(|last| last < committed)
+    }
+
+    /// The retirement rule before the power-loss model found it unsafe: every
+    /// segment whose records are all committed, the newest included. Kept for
+    /// that model, which plays a loader of an older release against the writer.
+    #[cfg(test)]
+    pub(crate) fn take_finished_old_rule(&mut self) -> Vec<PathBuf> {
+        let committed = self.committed;
+        self.take_consumed_where(|last| last <= committed)
+    }
+
+    fn take_consumed_where(&mut self, retire: impl Fn(Lsn) -> bool) -> Vec<PathBuf> {
+        let (done, keep): (Vec<_>, Vec<_>) =
+            self.consumed.drain(..).partition(|(_, last)| retire(*last));
         self.consumed = keep;
         done.into_iter().map(|(p, _)| p).collect()
     }
@@ -215,5 +242,37 @@ impl Cursor {
             .map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
             .unwrap_or(0.0);
         m.set_lag_seconds(secs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::AuditEvent;
+    use crate::wal::{WalConfig, WalWriter, MIN_SEGMENT_SIZE};
+
+    #[test]
+    fn a_restarted_loader_retires_the_segments_an_earlier_run_committed_through() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cfg = WalConfig::new(tmp.path(), "s").with_segment_size(MIN_SEGMENT_SIZE);
+        let wal = WalWriter::open(cfg).expect("open");
+        let e = AuditEvent::new("a.b").reason("r".repeat(400));
+        while wal.stats().rotations < 2 {
+            wal.append(&e).expect("append");
+        }
+        wal.close().expect("close");
+        let dir = tmp.path().join("s");
+        let segments = reader::list_segments(&dir).expect("list");
+        let first_end = segments[1].first_lsn - 1;
+
+        // An earlier run committed exactly through the first segment's
+        // end-of-segment record and kept the segment (its checkpoint is in it).
+        let mut cursor = Cursor::open(&dir, "s", first_end).expect("cursor");
+        assert!(
+            cursor.take_finished().is_empty(),
+            "kept while it holds the checkpoint"
+        );
+        cursor.committed_through(first_end + 1);
+        assert_eq!(cursor.take_finished(), vec![segments[0].path.clone()]);
     }
 }

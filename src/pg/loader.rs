@@ -708,8 +708,8 @@ async fn commit_row_by_row(
     Ok((BatchOutcome::Committed { rows }, batch.end_lsn))
 }
 
-/// Deletes a segment whose every record is committed, or moves it to the archive.
-/// The directory is fsynced so the removal itself is durable.
+/// Deletes a segment the checkpoint has passed (`Cursor::take_finished`), or moves
+/// it to the archive. The directory is fsynced so the removal itself is durable.
 fn retire_segment(config: &LoaderConfig, stream: &str, path: &Path) -> std::io::Result<()> {
     match &config.archive_dir {
         Some(archive) => {

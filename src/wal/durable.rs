@@ -13,20 +13,22 @@
 //! It also owns the `durable.lsn` sidecar file that tells readers in other
 //! processes how far they may load (docs/segment-format.md). The sidecar is
 //! written after the fsync, never before, so it can lag the data but never run
-//! ahead of it; it is not fsynced on its own, except at open and close.
+//! ahead of it; it is fsynced at open and close, and in the round that makes a
+//! last segment sealed with no successor durable (then it is the floor recovery
+//! continues from; see `Inner::sync_round`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use super::error::WalError;
 use super::format::{self, Lsn};
-use super::stream_dir;
+use super::fs::FileSystem;
 
 /// What async waiters observe.
 #[derive(Debug, Clone, Default)]
@@ -245,6 +247,7 @@ impl Durability {
 /// The `durable.lsn` sidecar file.
 #[derive(Debug)]
 pub(crate) struct Sidecar {
+    fs: Arc<dyn FileSystem>,
     path: PathBuf,
     file: File,
 }
@@ -252,8 +255,12 @@ pub(crate) struct Sidecar {
 impl Sidecar {
     /// Opens (creating 0600) the sidecar and returns it with the LSN it holds
     /// (`None` when it is new, short or fails its CRC).
-    pub(crate) fn open(path: &Path) -> Result<(Sidecar, Option<Lsn>), WalError> {
-        let file = stream_dir::open_or_create(path)
+    pub(crate) fn open(
+        fs: &Arc<dyn FileSystem>,
+        path: &Path,
+    ) -> Result<(Sidecar, Option<Lsn>), WalError> {
+        let file = fs
+            .open_or_create(path)
             .map_err(|e| WalError::io("open the durable watermark", path, e))?;
         let mut buf = [0u8; format::DURABLE_LSN_LEN];
         let n = read_at_most(&file, &mut buf)
@@ -261,6 +268,7 @@ impl Sidecar {
         let lsn = format::decode_durable_lsn(&buf[..n]).ok();
         Ok((
             Sidecar {
+                fs: fs.clone(),
                 path: path.to_path_buf(),
                 file,
             },
@@ -271,16 +279,17 @@ impl Sidecar {
     /// Rewrites the value in place (one pwrite of 16 bytes at offset 0).
     pub(crate) fn write(&self, lsn: Lsn) -> Result<(), WalError> {
         let bytes = format::encode_durable_lsn(lsn);
-        self.file
-            .write_all_at(&bytes, 0)
+        self.fs
+            .write_at(&self.file, &self.path, &bytes, 0)
             .map_err(|e| WalError::io("write the durable watermark", &self.path, e))
     }
 
-    /// fsync, used at open and close only so that a restart after power loss
-    /// never sees a watermark older than the last clean shutdown.
+    /// fdatasync: at open and close, so that a restart after power loss never
+    /// sees a watermark older than the last clean shutdown, and when a sealed
+    /// last segment has no successor (the watermark is then the floor).
     pub(crate) fn sync(&self) -> Result<(), WalError> {
-        self.file
-            .sync_data()
+        self.fs
+            .sync_data(&self.file, &self.path)
             .map_err(|e| WalError::io("fsync the durable watermark", &self.path, e))
     }
 }

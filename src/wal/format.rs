@@ -350,6 +350,26 @@ pub const fn frame_len(payload_len: usize) -> usize {
     }
 }
 
+/// The bytes an invalid frame at the start of `bytes` spans as far as its own
+/// header says: `frame_len(len)` when its length field is within
+/// [`MAX_PAYLOAD_LEN`], else just the header; never more than `bytes`. A torn
+/// append leaves this much (the writer stores the length first, the CRC last),
+/// so recovery treats nonzero bytes beyond it as damage, not as the torn record.
+pub fn torn_frame_len(bytes: &[u8]) -> usize {
+    let claimed = match bytes.get(FRM_LEN..FRM_LEN + 4) {
+        Some(_) => {
+            let len = u32_at(bytes, FRM_LEN) as usize;
+            if len <= MAX_PAYLOAD_LEN {
+                frame_len(len)
+            } else {
+                FRAME_HEADER_LEN
+            }
+        }
+        None => FRAME_HEADER_LEN,
+    };
+    claimed.min(bytes.len())
+}
+
 /// The CRC of a frame: bytes 0..4 (length), 8..20 (LSN, kind, reserved), payload.
 /// Covering the length means a flipped length bit is a checksum failure, never a
 /// trusted wrong boundary.

@@ -37,9 +37,15 @@
 //! # Contract with readers (the loader)
 //!
 //! Readers map segments read-only, load up to the durable LSN, and may delete a
-//! segment once all its records are committed, but only a *sealed* one (ending
-//! with its EndOfSegment record): the writer still appends to the unsealed last
-//! segment. Deleting segments is what frees the writer's disk budget.
+//! segment once their checkpoint is past its last LSN (a record of a later
+//! segment is committed): never the unsealed last segment, which the writer still
+//! appends to, and never the segment holding the checkpoint, whose durable
+//! record is what keeps a writer restarting after a power loss from reusing
+//! LSNs at or below that checkpoint. Deleting segments is what frees the
+//! writer's disk budget.
+//!
+//! Every file change of the writer side goes through `fs::FileSystem` (the real
+//! calls in production; the power-loss model in tests, `powerloss`).
 
 pub mod format;
 pub mod payload;
@@ -53,6 +59,9 @@ mod config;
 mod durable;
 pub(crate) mod error;
 mod flusher;
+pub(crate) mod fs;
+#[cfg(test)]
+mod powerloss;
 mod preparer;
 mod segment;
 mod stream_dir;

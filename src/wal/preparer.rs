@@ -97,7 +97,12 @@ impl SpareSlot {
         }
         let path = self.dir.spare_path(n);
         let _span = tracing::debug_span!("create_spare_segment", path = %path.display()).entered();
-        match Spare::create(&path, self.budget.segment_size, self.zero_fill) {
+        match Spare::create(
+            self.dir.fs(),
+            &path,
+            self.budget.segment_size,
+            self.zero_fill,
+        ) {
             Ok(spare) => Ok(Ok(spare)),
             Err(SpareError::NoSpace(e)) => Ok(Err(NoRoom::Disk {
                 path,

@@ -14,14 +14,26 @@
 //! never truncates: a reader may have the file mapped, and shrinking a mapped
 //! file kills the reader with SIGBUS on its next access.
 //!
+//! Zeroing the torn record itself is the expected repair after a crash. Nonzero
+//! bytes *beyond* it (after a zeroed frame header, or past the extent the torn
+//! frame's header claims) are another matter: records after a lost page, or
+//! garbage, that no valid record accounts for. Recovery still zeroes them (the
+//! log must end where appends resume), but first appends a [`Repair`] line to
+//! `repairs.jsonl` in the stream directory and fsyncs it, and logs a warning
+//! with the byte range; `auditwal verify` reports every such line as damage.
+//!
 //! The result says where the LSN sequence continues: in the last segment at the
 //! end of its last valid record, or in a new segment when the last one is sealed
 //! (or there is none). A damaged segment header is not repaired: the file is left
 //! as it is and open fails with [`WalError::Corrupt`] for an operator to look at.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use super::error::WalError;
 use super::format::{self, Lsn, RecordKind, ScanItem, SegmentHeader};
@@ -49,6 +61,10 @@ pub struct RecoveryReport {
     pub torn_tail_offset: Option<u64>,
     /// Bytes set to zero after the last valid record (torn tail and garbage).
     pub bytes_zeroed: u64,
+    /// `[start, end)` of the nonzero bytes past the torn record (or past the
+    /// end-of-data marker) that were zeroed: damage, recorded in
+    /// [`REPAIRS_FILE`].
+    pub zeroed_past_tail: Option<(u64, u64)>,
     /// Byte ranges `[start, end)` of mid-segment corruption skipped over.
     pub skipped_ranges: Vec<(u64, u64)>,
 }
@@ -83,7 +99,9 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
 
     // A power loss can keep a new segment's name but not its header (the writer
     // renames it in without an fsync and the flusher syncs it before the first
-    // durable LSN inside it): such trailing segments hold nothing durable.
+    // durable LSN inside it; a loader's directory fsync after retiring an older
+    // segment can make the name durable first): such trailing segments hold
+    // nothing durable.
     while let Some(last) = segments.last() {
         if !header_is_zero(&last.path)? {
             break;
@@ -93,7 +111,8 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
             "removing a trailing segment whose header never reached the disk (power loss \
              right after a rotation); it held no durable record"
         );
-        std::fs::remove_file(&last.path)
+        dir.fs()
+            .remove_file(&last.path)
             .map_err(|e| WalError::io("remove headerless segment", &last.path, e))?;
         report.removed_headerless_segments += 1;
         segments.pop();
@@ -105,8 +124,9 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
         if durable_hint.is_none_or(|d| last_lsn_in_segment > d) {
             let path = &pair[0].path;
             let file = File::open(path).map_err(|e| WalError::io("open segment", path, e))?;
-            rustix::fs::fdatasync(&file)
-                .map_err(|e| WalError::io("fdatasync segment", path, e.into()))?;
+            dir.fs()
+                .sync_data(&file, path)
+                .map_err(|e| WalError::io("fdatasync segment", path, e))?;
         }
     }
 
@@ -120,7 +140,7 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
         });
     };
 
-    let segment = Segment::open(&last.path, last.first_lsn)?;
+    let segment = Segment::open(dir.fs(), &last.path, last.first_lsn)?;
     let scan = scan_last_segment(&segment, dir.name())?;
     report.records_in_last_segment = scan.events;
     report.skipped_ranges = scan.skipped;
@@ -132,7 +152,36 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
         (None, eos + 1)
     } else {
         // SAFETY: no appender exists for this segment yet (it is created below,
-        // after this call), and the stream lock keeps other writers out.
+        // after this call), and the stream lock keeps other writers out; the
+        // slice is not used after this statement, before the zeroing writes.
+        let past = past_tail(
+            unsafe { segment.bytes() },
+            scan.resume_offset,
+            scan.torn_tail,
+        );
+        if let Some((start, end)) = past {
+            tracing::warn!(
+                segment = %last.path.display(),
+                start,
+                end,
+                "zeroing nonzero bytes past the end of the last record that no valid \
+                 record accounts for (records after a lost page, or garbage): records \
+                 there, if any, are lost; noted in {REPAIRS_FILE} for `auditwal verify`"
+            );
+            record_repair(
+                dir,
+                &Repair {
+                    recovered_at: Utc::now(),
+                    segment: file_name(&last.path),
+                    start: start as u64,
+                    end: end as u64,
+                    torn_tail_offset: scan.torn_tail.map(|o| o as u64),
+                    last_lsn: scan.last_lsn.unwrap_or(last.first_lsn.saturating_sub(1)),
+                },
+            )?;
+            report.zeroed_past_tail = Some((start as u64, end as u64));
+        }
+        // SAFETY: as above.
         report.bytes_zeroed = unsafe { segment.zero_from(scan.resume_offset) };
         if scan.resume_offset + format::EOS_FRAME_LEN > segment.len() {
             return Err(WalError::Corrupt {
@@ -190,17 +239,119 @@ pub(crate) fn recover(dir: &StreamDir, durable_hint: Option<Lsn>) -> Result<Reco
     })
 }
 
-/// Whether the first SEGMENT_HEADER_LEN bytes of the file are all zero.
+/// Whether the file's header never reached the disk: its first
+/// SEGMENT_HEADER_LEN bytes are all zero, or it is shorter than that and holds
+/// only zeros (a power loss can keep the name of a file that was never synced,
+/// and a file system that promises only what POSIX does keeps none of its size).
+/// A segment whose header reached the disk has its full preallocated size: the
+/// fdatasync that made the header durable covered the size too.
 fn header_is_zero(path: &std::path::Path) -> Result<bool, WalError> {
-    use std::os::unix::fs::FileExt;
+    use std::io::Read;
     let file = File::open(path).map_err(|e| WalError::io("open segment", path, e))?;
-    let mut header = [0u8; format::SEGMENT_HEADER_LEN];
-    match file.read_exact_at(&mut header, 0) {
-        Ok(()) => Ok(header.iter().all(|&b| b == 0)),
-        // Too short to judge: scan_last_segment reports it as damaged.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(WalError::io("read segment header", path, e)),
+    let mut header = Vec::with_capacity(format::SEGMENT_HEADER_LEN);
+    file.take(format::SEGMENT_HEADER_LEN as u64)
+        .read_to_end(&mut header)
+        .map_err(|e| WalError::io("read segment header", path, e))?;
+    Ok(header.iter().all(|&b| b == 0))
+}
+
+/// Where, past `resume` (the end of the last valid record), nonzero bytes lie
+/// that the torn record at `resume` (if `torn_at` says there is one) does not
+/// account for: `[first nonzero, last nonzero + 1)`.
+fn past_tail(bytes: &[u8], resume: usize, torn_at: Option<usize>) -> Option<(usize, usize)> {
+    let tail_end = match torn_at {
+        Some(at) => at + format::torn_frame_len(bytes.get(at..).unwrap_or(&[])),
+        None => resume,
     }
+    .max(resume)
+    .min(bytes.len());
+    let rest = &bytes[tail_end..];
+    let first = rest.iter().position(|&b| b != 0)?;
+    let last = rest.iter().rposition(|&b| b != 0)?;
+    Some((tail_end + first, tail_end + last + 1))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The file in a stream directory where recovery notes the data it destroyed.
+pub const REPAIRS_FILE: &str = "repairs.jsonl";
+
+/// One line of [`REPAIRS_FILE`]: nonzero bytes `[start, end)` of `segment` that
+/// lay past its torn tail (or end-of-data marker) and that recovery zeroed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repair {
+    pub recovered_at: DateTime<Utc>,
+    /// The segment's file name.
+    pub segment: String,
+    pub start: u64,
+    pub end: u64,
+    /// Where the torn record began, if there was one (else the data ended at a
+    /// zeroed frame header).
+    pub torn_tail_offset: Option<u64>,
+    /// The last valid LSN before the zeroed bytes.
+    pub last_lsn: Lsn,
+}
+
+impl Repair {
+    /// One line for a damage report.
+    pub fn report(&self) -> String {
+        format!(
+            "{}: bytes [{}, {}): nonzero data past the end of the last record (LSN {}) was zeroed by recovery at {}; records there, if any, are lost",
+            self.segment,
+            self.start,
+            self.end,
+            self.last_lsn,
+            self.recovered_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )
+    }
+}
+
+/// Appends `repair` to the stream's [`REPAIRS_FILE`] and makes it durable, before
+/// the zeroing it describes can be.
+fn record_repair(dir: &StreamDir, repair: &Repair) -> Result<(), WalError> {
+    let path = dir.path().join(REPAIRS_FILE);
+    let io_err = |op, e| WalError::io(op, &path, e);
+    let existed = path.exists();
+    let file = dir
+        .fs()
+        .open_or_create(&path)
+        .map_err(|e| io_err("open the repair notes", e))?;
+    let end = file
+        .metadata()
+        .map_err(|e| io_err("stat the repair notes", e))?
+        .len();
+    let mut line = serde_json::to_vec(repair)
+        .map_err(|e| io_err("encode a repair note", io::Error::other(e)))?;
+    line.push(b'\n');
+    dir.fs()
+        .write_at(&file, &path, &line, end)
+        .map_err(|e| io_err("write the repair notes", e))?;
+    dir.fs()
+        .sync_data(&file, &path)
+        .map_err(|e| io_err("fsync the repair notes", e))?;
+    if !existed {
+        dir.sync()?;
+    }
+    Ok(())
+}
+
+/// The repair notes of the stream in `stream_dir`, in order; a line that does
+/// not parse is returned as its text. No file: none.
+pub fn read_repairs(stream_dir: &Path) -> io::Result<Vec<Result<Repair, String>>> {
+    let text = match std::fs::read_to_string(stream_dir.join(REPAIRS_FILE)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|_| l.to_string()))
+        .collect())
 }
 
 /// The facts recovery needs from the last segment.

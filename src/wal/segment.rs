@@ -19,20 +19,21 @@
 //! [`ActiveSegment::seal`] writes the EndOfSegment record. This module never
 //! shrinks a file: a reader may have it mapped, and a shrink would SIGBUS it.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::MmapRaw;
 
 use super::error::WalError;
 use super::format::{self, Lsn, RecordKind, SegmentHeader};
-use super::stream_dir::FILE_MODE;
+use super::fs::FileSystem;
 
 /// A mapped segment file. Shared (behind an `Arc`) by the appender, which writes
 /// through the map, and the flusher, which fdatasyncs the file.
 #[derive(Debug)]
 pub(crate) struct Segment {
+    fs: Arc<dyn FileSystem>,
     path: PathBuf,
     file: File,
     map: MmapRaw,
@@ -42,11 +43,13 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// Opens an existing segment (recovery) and maps all of it read-write.
-    pub(crate) fn open(path: &Path, first_lsn: Lsn) -> Result<Segment, WalError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
+    pub(crate) fn open(
+        fs: &Arc<dyn FileSystem>,
+        path: &Path,
+        first_lsn: Lsn,
+    ) -> Result<Segment, WalError> {
+        let file = fs
+            .open_rw(path)
             .map_err(|e| WalError::io("open segment", path, e))?;
         let len = file
             .metadata()
@@ -57,8 +60,9 @@ impl Segment {
             offset: 0,
             reason: format!("file is {len} bytes, too large to map"),
         })?;
-        let map = map_file(&file, len, path)?;
+        let map = map_file(fs.as_ref(), &file, len, path)?;
         Ok(Segment {
+            fs: fs.clone(),
             path: path.to_path_buf(),
             file,
             map,
@@ -82,7 +86,7 @@ impl Segment {
     /// fdatasync: enough because the file size was fixed by fallocate before the
     /// first record, so no metadata a reader needs changes after that.
     pub(crate) fn sync_data(&self) -> std::io::Result<()> {
-        rustix::fs::fdatasync(&self.file).map_err(Into::into)
+        self.fs.sync_data(&self.file, &self.path)
     }
 
     /// The open file, for tests that swap its descriptor to provoke I/O errors.
@@ -139,23 +143,25 @@ const WRITTEN_HEAD: usize = 64 * 1024;
 /// Writes zeros over `[0, len)` of `file`, 16 KiB per call: small enough that
 /// the page cache keeps small folios (see `Spare::create`), large enough to
 /// halve the system calls of page-sized writes.
-fn write_zeros(file: &File, len: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
+fn write_zeros(fs: &dyn FileSystem, file: &File, path: &Path, len: u64) -> std::io::Result<()> {
     const CHUNK: [u8; 16 * 1024] = [0; 16 * 1024];
     let mut off = 0u64;
     while off < len {
         let n = (len - off).min(CHUNK.len() as u64) as usize;
-        file.write_all_at(&CHUNK[..n], off)?;
+        fs.write_at(file, path, &CHUNK[..n], off)?;
         off += n as u64;
     }
     Ok(())
 }
 
 /// Maps `len` bytes of `file` shared and writable.
-fn map_file(file: &File, len: usize, path: &Path) -> Result<MmapRaw, WalError> {
-    MmapOptions::new()
-        .len(len)
-        .map_raw(file)
+fn map_file(
+    fs: &dyn FileSystem,
+    file: &File,
+    len: usize,
+    path: &Path,
+) -> Result<MmapRaw, WalError> {
+    fs.map(file, path, len)
         .map_err(|e| WalError::io("map segment", path, e))
 }
 
@@ -163,6 +169,7 @@ fn map_file(file: &File, len: usize, path: &Path) -> Result<MmapRaw, WalError> {
 /// (`spare-<n>.seg.tmp`). Dropping it uninstalled removes the file.
 #[derive(Debug)]
 pub(crate) struct Spare {
+    fs: Arc<dyn FileSystem>,
     tmp_path: PathBuf,
     /// The file and its map; `None` while being created and once installed.
     inner: Option<(File, MmapRaw)>,
@@ -183,7 +190,12 @@ impl Spare {
     /// Creates `tmp_path` (0600), reserves `len` bytes with fallocate, writes
     /// zeros over them if `zero_fill`, maps it and faults in its first pages (see
     /// the comments inside).
-    pub(crate) fn create(tmp_path: &Path, len: u64, zero_fill: bool) -> Result<Spare, SpareError> {
+    pub(crate) fn create(
+        fs: &Arc<dyn FileSystem>,
+        tmp_path: &Path,
+        len: u64,
+        zero_fill: bool,
+    ) -> Result<Spare, SpareError> {
         let other = |op, e| SpareError::Other(WalError::io(op, tmp_path, e));
         let ulen = usize::try_from(len).map_err(|_| {
             SpareError::Other(WalError::InvalidConfig {
@@ -191,27 +203,23 @@ impl Spare {
                 reason: format!("{len} bytes does not fit in memory"),
             })
         })?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(tmp_path)
+        let file = fs
+            .create_new(tmp_path)
             .map_err(|e| other("create spare segment", e))?;
         // From here on a failure must not leave the tmp file behind.
         let mut spare = Spare {
+            fs: fs.clone(),
             tmp_path: tmp_path.to_path_buf(),
             inner: None,
             len: ulen,
             installed: false,
         };
-        if let Err(e) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        if let Err(e) = fs.allocate(&file, tmp_path, len) {
             drop(spare);
-            return Err(match e {
-                rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT => {
-                    SpareError::NoSpace(e.into())
-                }
-                e => other("preallocate spare segment", e.into()),
+            let errno = e.raw_os_error().map(rustix::io::Errno::from_raw_os_error);
+            return Err(match errno {
+                Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT) => SpareError::NoSpace(e),
+                _ => other("preallocate spare segment", e),
             });
         }
         if zero_fill {
@@ -222,7 +230,7 @@ impl Spare {
             // cost an fdatasync of 900 µs instead of 110 µs in a probe, likely
             // because large page-cache folios are written back whole. Not fsynced here (see
             // below); the kernel writes the zeros back in the background.
-            if let Err(e) = write_zeros(&file, len) {
+            if let Err(e) = write_zeros(fs.as_ref(), &file, tmp_path, len) {
                 drop(spare);
                 return Err(SpareError::Other(WalError::io(
                     "zero-fill spare segment",
@@ -231,7 +239,7 @@ impl Spare {
                 )));
             }
         }
-        let map = match map_file(&file, ulen, tmp_path) {
+        let map = match map_file(fs.as_ref(), &file, ulen, tmp_path) {
             Ok(m) => m,
             Err(e) => {
                 drop(spare);
@@ -304,16 +312,12 @@ impl Spare {
             std::ptr::copy_nonoverlapping(header.as_ptr(), map.as_mut_ptr(), header.len());
         }
         // NOREPLACE: an existing segment of that name is never overwritten.
-        rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &self.tmp_path,
-            rustix::fs::CWD,
-            final_path,
-            rustix::fs::RenameFlags::NOREPLACE,
-        )
-        .map_err(|e| WalError::io("rename new segment into place", final_path, e.into()))?;
+        self.fs
+            .rename_noreplace(&self.tmp_path, final_path)
+            .map_err(|e| WalError::io("rename new segment into place", final_path, e))?;
         self.installed = true;
         Ok(Segment {
+            fs: self.fs.clone(),
             path: final_path.to_path_buf(),
             file,
             map,
@@ -327,7 +331,7 @@ impl Drop for Spare {
     fn drop(&mut self) {
         if !self.installed {
             // Never installed (or failed mid-creation): the tmp file is garbage.
-            match fs::remove_file(&self.tmp_path) {
+            match self.fs.remove_file(&self.tmp_path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {

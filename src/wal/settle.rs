@@ -46,10 +46,10 @@ pub fn settle_idle_stream(wal_dir: &Path, stream: &str) -> Result<Settled, WalEr
     let segments = dir.segments()?;
     for seg in &segments {
         File::open(&seg.path)
-            .and_then(|f| f.sync_data())
+            .and_then(|f| dir.fs().sync_data(&f, &seg.path))
             .map_err(|e| WalError::io("fdatasync", &seg.path, e))?;
     }
-    let (sidecar, old) = Sidecar::open(&dir.sidecar_path())?;
+    let (sidecar, old) = Sidecar::open(dir.fs(), &dir.sidecar_path())?;
     let Some(last) = segments.last() else {
         return Ok(Settled::Idle {
             durable_lsn: old.unwrap_or(0),

@@ -8,30 +8,20 @@
 //! layout of docs/segment-format.md. It knows nothing about what is inside a
 //! segment; that is `format` (bytes) and `segment` (the mapped file).
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::error::WalError;
 use super::format::{self, Lsn};
+use super::fs::FileSystem;
 
 /// Mode of the WAL and stream directories.
 pub(crate) const DIR_MODE: u32 = 0o700;
 /// Mode of every file in a stream directory.
 pub(crate) const FILE_MODE: u32 = 0o600;
-
-/// Opens `path` for reading and writing, creating it with [`FILE_MODE`] if it
-/// does not exist, keeping its contents if it does (the lock and watermark files).
-pub(crate) fn open_or_create(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(FILE_MODE)
-        .open(path)
-}
 
 /// The writer's lock file: flock'd by the one writer of the stream.
 pub(crate) const LOCK_FILE: &str = "LOCK";
@@ -52,6 +42,8 @@ pub(crate) struct StreamDir {
     path: PathBuf,
     /// The directory itself, kept open to fsync it.
     handle: File,
+    /// Every change to the stream's files goes through it (`wal::fs`).
+    fs: Arc<dyn FileSystem>,
 }
 
 /// The held `LOCK` file: one writer per stream. The flock is released when this
@@ -62,18 +54,41 @@ pub(crate) struct StreamLock {
 }
 
 impl StreamDir {
-    /// Validates `stream`, creates `wal_dir/stream/` (0700) if needed and opens it.
+    /// Validates `stream`, creates `wal_dir/stream/` (0700) if needed and opens it,
+    /// on the real file system.
     pub(crate) fn open(wal_dir: &Path, stream: &str) -> Result<StreamDir, WalError> {
+        StreamDir::open_on(super::fs::real(), wal_dir, stream)
+    }
+
+    /// [`StreamDir::open`] on the file system `fs`.
+    pub(crate) fn open_on(
+        fs: Arc<dyn FileSystem>,
+        wal_dir: &Path,
+        stream: &str,
+    ) -> Result<StreamDir, WalError> {
         format::validate_stream_id(stream).map_err(|e| WalError::InvalidStreamName {
             name: stream.to_string(),
             reason: e.to_string(),
         })?;
         let path = wal_dir.join(stream);
-        DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(&path)
+        // Directories this call creates, outermost first: each one's name is made
+        // durable by an fsync of its parent, or a power loss could take the whole
+        // stream (its durable records included) with it.
+        let created: Vec<PathBuf> = path
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && fs::symlink_metadata(p).is_err())
+            .map(Path::to_path_buf)
+            .collect();
+        fs.create_dir_all(&path)
             .map_err(|e| WalError::io("create the stream directory", &path, e))?;
+        for dir in created.iter().rev() {
+            let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) else {
+                continue;
+            };
+            File::open(parent)
+                .and_then(|handle| fs.sync_dir(&handle, parent))
+                .map_err(|e| WalError::io("fsync the directory", parent, e))?;
+        }
         // An existing directory keeps its mode; say so when others can read it.
         if let Ok(meta) = fs::metadata(&path) {
             let mode = meta.permissions().mode() & 0o777;
@@ -91,7 +106,13 @@ impl StreamDir {
             name: stream.to_string(),
             path,
             handle,
+            fs,
         })
+    }
+
+    /// The file system the stream's files are changed through.
+    pub(crate) fn fs(&self) -> &Arc<dyn FileSystem> {
+        &self.fs
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -126,7 +147,9 @@ impl StreamDir {
     /// same process is refused exactly like another process.
     pub(crate) fn lock(&self) -> Result<StreamLock, WalError> {
         let path = self.lock_path();
-        let file = open_or_create(&path)
+        let file = self
+            .fs
+            .open_or_create(&path)
             .map_err(|e| WalError::io("open the stream lock file", &path, e))?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(StreamLock { _file: file }),
@@ -187,7 +210,7 @@ impl StreamDir {
                 .is_some_and(|n| n.ends_with(SEGMENT_TMP_SUFFIX))
             {
                 let path = entry.path();
-                match fs::remove_file(&path) {
+                match self.fs.remove_file(&path) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(WalError::io("remove", &path, e)),
@@ -202,8 +225,8 @@ impl StreamDir {
 
     /// fsyncs the directory: makes file creations, renames and deletions durable.
     pub(crate) fn sync(&self) -> Result<(), WalError> {
-        self.handle
-            .sync_all()
+        self.fs
+            .sync_dir(&self.handle, &self.path)
             .map_err(|e| WalError::io("fsync the directory", &self.path, e))
     }
 

@@ -31,6 +31,7 @@ use super::config::{FullDiskPolicy, WalConfig};
 use super::durable::{Durability, Sidecar};
 use super::error::WalError;
 use super::format::{self, Lsn, RecordKind};
+use super::fs::FileSystem;
 use super::payload;
 use super::preparer::SpareSlot;
 use super::recovery::{self, RecoveryReport};
@@ -105,6 +106,8 @@ pub(crate) struct SyncRound {
     pub active: Option<Arc<Segment>>,
     pub sealed: Vec<Arc<Segment>>,
     pub dir_dirty: bool,
+    /// The last segment is sealed and has no successor (the budget was full).
+    pub active_sealed: bool,
 }
 
 /// Everything the writer's threads share.
@@ -155,10 +158,19 @@ impl WalWriter {
     /// lock, recovers it, and starts the flusher (and the thread that prepares the
     /// next segment ahead).
     pub fn open(config: WalConfig) -> Result<WalWriter, WalError> {
+        WalWriter::open_on(super::fs::real(), config)
+    }
+
+    /// [`WalWriter::open`] with every file change going through `fs` (the
+    /// power-loss model's way in; production passes the real file system).
+    pub(crate) fn open_on(
+        fs: Arc<dyn FileSystem>,
+        config: WalConfig,
+    ) -> Result<WalWriter, WalError> {
         config.validate()?;
-        let dir = Arc::new(StreamDir::open(&config.dir, &config.stream)?);
+        let dir = Arc::new(StreamDir::open_on(fs, &config.dir, &config.stream)?);
         let lock = dir.lock()?;
-        let (sidecar, durable_hint) = Sidecar::open(&dir.sidecar_path())?;
+        let (sidecar, durable_hint) = Sidecar::open(dir.fs(), &dir.sidecar_path())?;
         let recovered = recovery::recover(&dir, durable_hint)?;
         let budget = DiskBudget {
             limit: config.disk_budget,
@@ -565,6 +577,7 @@ impl Inner {
             active: st.active.as_ref().map(|a| a.segment().clone()),
             sealed: std::mem::take(&mut st.sealed),
             dir_dirty: std::mem::take(&mut st.dir_dirty),
+            active_sealed: st.active.as_ref().is_some_and(ActiveSegment::is_sealed),
         }
     }
 
@@ -607,7 +620,28 @@ impl Inner {
         self.counters.fsync_nanos.fetch_add(took, Ordering::Relaxed);
         // Sidecar first, then the waiters: once a caller learns its record is
         // durable, readers in other processes may load it too.
-        if let Err(e) = self.sidecar.write(round.written) {
+        if round.active_sealed {
+            // A sealed last segment with no successor: no segment name carries
+            // the LSN after it, and a loader may retire this segment once it has
+            // loaded it (older loaders do; the current one keeps the newest), so
+            // the watermark is the floor recovery continues from, and it must be
+            // on disk. One extra fsync, only when the budget was full.
+            let synced = self
+                .sidecar
+                .write(round.written)
+                .and_then(|()| self.sidecar.sync());
+            if let Err(e) = synced {
+                let source = match e {
+                    WalError::Io { source, .. } => source,
+                    other => Arc::new(std::io::Error::other(other.to_string())),
+                };
+                return Err(WalError::SyncFailed {
+                    path: self.dir.sidecar_path(),
+                    durable_lsn: durable,
+                    source,
+                });
+            }
+        } else if let Err(e) = self.sidecar.write(round.written) {
             // Readers then lag behind; the data itself is durable.
             tracing::warn!(error = %super::error::chain(&e), "cannot update the durable watermark file");
         }
