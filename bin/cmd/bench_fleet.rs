@@ -12,7 +12,11 @@
 //! is down. Cases run one after another (N = 1, 4, 16 by default, for each
 //! `--host-rate`), each on a fresh database after [`super::bench::quiesce`].
 //!
-//! What a case measures, over its window (after 2 s of warm-up):
+//! What a case measures, over its window (which starts 2 s after the writers
+//! do, or 1 s after every host's loader has committed once, whichever is later:
+//! sixteen loaders starting together take seconds, each applying the migrations
+//! under sqlx's lock; the writers feed from the start, so a late loader starts
+//! with a backlog that the warm-up absorbs):
 //!
 //! - **rows/s**: rows that became visible (their loader's checkpoint covered
 //!   them) within the window, all hosts together, against the offered rate.
@@ -62,8 +66,14 @@ const DEFAULT_HOSTS: &str = "1,4,16";
 const DEFAULT_RATE: u64 = 1000;
 const DEFAULT_SECS: u64 = 24;
 const DEFAULT_FLAP: &str = "5,3";
-/// Not measured: the loaders connect, the first batches commit.
+/// Not measured: the loaders connect (each applies the migrations at start,
+/// one at a time under sqlx's lock), the first batches commit. The window
+/// starts this long after the writers, or [`SETTLE`] after every host's first
+/// commit, whichever is later.
 const WARMUP: Duration = Duration::from_secs(2);
+const SETTLE: Duration = Duration::from_secs(1);
+/// How long every host may take to make its first commit.
+const FIRST_COMMIT_LIMIT: Duration = Duration::from_secs(60);
 /// How often the writers are fed: each tick writes the events due since the last.
 const FEED_TICK: Duration = Duration::from_millis(5);
 /// How often the checkpoints are polled (the resolution of every lag).
@@ -78,6 +88,10 @@ const MAX_HOSTS: u64 = 256;
 /// it is offered, does not keep up.
 const KEEP_UP_P99: Duration = Duration::from_secs(1);
 const KEEP_UP_SHARE: f64 = 0.95;
+/// The writers' segment size. Every host's WAL is on this one disk: with the
+/// default 64 MiB, sixteen writers would zero-fill 2 GiB (a segment and its
+/// spare each) at start, which on a real fleet lands on sixteen disks.
+const WRITER_SEGMENT_SIZE: &str = "16MiB";
 /// The host whose link flaps (when a case has two or more).
 const FLAPPING_HOST: usize = 0;
 
@@ -92,7 +106,7 @@ pub struct FleetArgs {
     /// rate (every host count at every rate) [default: 1000].
     #[arg(long, value_delimiter = ',', value_name = "EVENTS_PER_S")]
     pub host_rate: Option<Vec<u64>>,
-    /// Measured seconds per case, after 2 s of warm-up [default: 24].
+    /// Measured seconds per case, after the warm-up (at least 2 s) [default: 24].
     #[arg(long, value_name = "SECS")]
     pub case_secs: Option<u64>,
     /// Host 0's link with two hosts or more: up and down seconds, or `off`
@@ -382,25 +396,26 @@ fn due_by(elapsed: Duration, rate: u64) -> u64 {
     (elapsed.as_nanos() * u128::from(rate) / 1_000_000_000) as u64 + 1
 }
 
-/// Feeds `total` events to a writer's stdin, each when it is due, in ticks of
-/// [`FEED_TICK`]; closes stdin at the end (the writer then fsyncs and exits).
+/// Feeds events to a writer's stdin, each when it is due, in ticks of
+/// [`FEED_TICK`], until `stop`; then closes stdin (the writer then fsyncs and
+/// exits). Returns how many it sent.
 fn feed(
     mut stdin: ChildStdin,
     host: usize,
     rate: u64,
     start: Instant,
-    total: u64,
-) -> std::io::Result<()> {
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<u64> {
     let tenant = format!("site-{host:02}");
     let mut sent = 0u64;
     let mut buf = String::new();
-    while sent < total {
+    while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now < start {
             std::thread::sleep(start - now);
             continue;
         }
-        let due = due_by(now - start, rate).min(total);
+        let due = due_by(now - start, rate);
         while sent < due {
             let mut e = bench_event(sent);
             e.tenant_id = Some(tenant.clone());
@@ -413,7 +428,7 @@ fn feed(
         buf.clear();
         std::thread::sleep(FEED_TICK);
     }
-    Ok(())
+    Ok(sent)
 }
 
 /// When each acknowledgement line arrived, in order, until the writer exits.
@@ -438,6 +453,7 @@ impl WriterChild {
         let mut cmd = Command::new(exe);
         cmd.args(["emit", "--mode", "async", "--stream", stream, "--wal-dir"])
             .arg(wal_dir)
+            .env("AUDITWAL_SEGMENT_SIZE", WRITER_SEGMENT_SIZE)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
@@ -472,12 +488,16 @@ impl Drop for WriterChild {
 /// Every checkpoint advance the poller saw, per stream: (when, LSN).
 type Seen = HashMap<String, Vec<(Instant, u64)>>;
 
-/// Polls `audit_checkpoints` until `stop`, keeping each stream's advances.
-async fn poll_checkpoints(url: String, stop: Arc<AtomicBool>) -> Result<Seen, String> {
+/// Polls `audit_checkpoints` until `stop`, keeping each stream's advances in
+/// `seen` (which the caller may look at meanwhile).
+async fn poll_checkpoints(
+    url: String,
+    seen: Arc<std::sync::Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
     let mut c = PgConnection::connect(&url)
         .await
         .map_err(|e| format!("the checkpoint poller cannot connect: {e}"))?;
-    let mut seen = Seen::new();
     let mut tick = tokio::time::interval(CHECKPOINT_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.load(Ordering::Relaxed) {
@@ -488,6 +508,7 @@ async fn poll_checkpoints(url: String, stop: Arc<AtomicBool>) -> Result<Seen, St
                 .await
                 .map_err(|e| format!("polling the checkpoints: {e}"))?;
         let now = Instant::now();
+        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
         for (stream, lsn) in rows {
             let lsn = lsn.max(0) as u64;
             let advances = seen.entry(stream).or_default();
@@ -497,7 +518,7 @@ async fn poll_checkpoints(url: String, stop: Arc<AtomicBool>) -> Result<Seen, St
         }
     }
     let _ = c.close().await;
-    Ok(seen)
+    Ok(())
 }
 
 /// One host's figures over the window.
@@ -556,7 +577,7 @@ struct Host {
     stream: String,
     writer: WriterChild,
     loader: LoaderChild,
-    feeder: std::thread::JoinHandle<std::io::Result<()>>,
+    feeder: std::thread::JoinHandle<std::io::Result<u64>>,
     acks: std::thread::JoinHandle<std::io::Result<Vec<Instant>>>,
 }
 
@@ -799,11 +820,16 @@ fn run_case(bench: &Bench, n: usize, rate: u64) -> Result<CaseRun, Failure> {
         )?);
     }
 
+    let seen = Arc::new(std::sync::Mutex::new(Seen::new()));
     let stop_polling = Arc::new(AtomicBool::new(false));
-    let poller = rt.spawn(poll_checkpoints(url.clone(), stop_polling.clone()));
+    let poller = rt.spawn(poll_checkpoints(
+        url.clone(),
+        seen.clone(),
+        stop_polling.clone(),
+    ));
     // A common start a little ahead, so every feeder begins on time.
     let t0 = Instant::now() + Duration::from_millis(200);
-    let total = rate * (WARMUP + p.secs).as_secs();
+    let stop_feeding = Arc::new(AtomicBool::new(false));
     let mut hosts = Vec::with_capacity(n);
     for (h, ((_, stream), (mut writer, loader))) in streams
         .into_iter()
@@ -819,7 +845,10 @@ fn run_case(bench: &Bench, n: usize, rate: u64) -> Result<CaseRun, Failure> {
         };
         let feeder = std::thread::Builder::new()
             .name(format!("fleet-feed-{h}"))
-            .spawn(move || feed(stdin, h, rate, t0, total))
+            .spawn({
+                let stop = stop_feeding.clone();
+                move || feed(stdin, h, rate, t0, stop)
+            })
             .context("cannot start a feeder thread")?;
         let acks = std::thread::Builder::new()
             .name(format!("fleet-acks-{h}"))
@@ -846,12 +875,15 @@ fn run_case(bench: &Bench, n: usize, rate: u64) -> Result<CaseRun, Failure> {
 
     let loader_pids: Vec<u32> = hosts.iter().filter_map(|h| h.loader.pid()).collect();
     let writer_pids: Vec<u32> = hosts.iter().map(|h| h.writer.pid()).collect();
-    let window = (t0 + WARMUP, t0 + WARMUP + p.secs);
+    let first_commits = wait_for_first_commits(&seen, n, t0 + FIRST_COMMIT_LIMIT)?;
+    let start = (t0 + WARMUP).max(first_commits + SETTLE);
+    let window = (start, start + p.secs);
     sleep_until(window.0);
     let cpu_before = CpuSnapshot::take(bench.postmaster, &loader_pids, &writer_pids);
     sleep_until(window.1);
     let cpu_after = CpuSnapshot::take(bench.postmaster, &loader_pids, &writer_pids);
     let cores = CoresUsed::between(&cpu_before, &cpu_after, p.secs.as_secs_f64());
+    stop_feeding.store(true, Ordering::Relaxed);
     if let Some(f) = flapper {
         f.abort();
     }
@@ -859,18 +891,22 @@ fn run_case(bench: &Bench, n: usize, rate: u64) -> Result<CaseRun, Failure> {
         l.set_up(true);
     }
 
-    // The writers get the rest of their events, reach end of input and exit.
+    // The writers reach the end of their input and exit.
     let mut acks = Vec::with_capacity(n);
+    let mut expected = 0u64;
     let mut rest = Vec::with_capacity(n);
     for h in hosts {
         let fed = h.feeder.join();
         let acked = h.acks.join();
         let status = h.writer.wait()?;
         match (fed, acked) {
-            (Ok(Ok(())), Ok(Ok(a))) if status.success() && a.len() as u64 == total => acks.push(a),
+            (Ok(Ok(sent)), Ok(Ok(a))) if status.success() && a.len() as u64 == sent => {
+                expected += sent;
+                acks.push(a)
+            }
             (fed, acked) => {
                 return Err(Failure::runtime(anyhow!(
-                    "writer {}: exit {status}, fed {:?}, acknowledged {:?} of {total} events",
+                    "writer {}: exit {status}, fed {:?}, acknowledged {:?} events",
                     h.stream,
                     fed.map(|r| r.map_err(|e| e.to_string())),
                     acked.map(|r| r.map(|a| a.len()).map_err(|e| e.to_string())),
@@ -879,13 +915,12 @@ fn run_case(bench: &Bench, n: usize, rate: u64) -> Result<CaseRun, Failure> {
         }
         rest.push((h.stream, h.loader));
     }
-    let expected = total * n as u64;
     let catch_up = rt.block_on(wait_for_rows(&url, expected, &mut rest, window.1))?;
     stop_polling.store(true, Ordering::Relaxed);
-    let seen = rt
-        .block_on(poller)
+    rt.block_on(poller)
         .map_err(|e| Failure::runtime(anyhow!("the checkpoint poller: {e}")))?
         .map_err(|e| Failure::runtime(anyhow!(e)))?;
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
     let lsns = rt.block_on(loaded_lsns(&url))?;
     for (stream, loader) in rest {
         let status = loader.stop()?;
@@ -916,13 +951,42 @@ fn run_case(bench: &Bench, n: usize, rate: u64) -> Result<CaseRun, Failure> {
         window: p.secs,
         figures,
         flapping,
-        flap_down: p
-            .flap
-            .map_or(Duration::ZERO, |c| c.down_within(WARMUP, WARMUP + p.secs)),
+        flap_down: p.flap.map_or(Duration::ZERO, |c| {
+            c.down_within(window.0 - t0, window.1 - t0)
+        }),
         cores,
         catch_up,
         rows: expected,
     })
+}
+
+/// Waits until every one of `n` streams has committed once; when the last did.
+fn wait_for_first_commits(
+    seen: &std::sync::Mutex<Seen>,
+    n: usize,
+    deadline: Instant,
+) -> Result<Instant, Failure> {
+    loop {
+        let last_first = {
+            let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            let firsts: Vec<Instant> = seen
+                .values()
+                .filter_map(|a| a.first().map(|f| f.0))
+                .collect();
+            (firsts.len() >= n)
+                .then(|| firsts.into_iter().max())
+                .flatten()
+        };
+        if let Some(t) = last_first {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            return Err(Failure::runtime(anyhow!(
+                "not every host's loader committed within {FIRST_COMMIT_LIMIT:?} of the start"
+            )));
+        }
+        std::thread::sleep(CHECKPOINT_POLL);
+    }
 }
 
 fn sleep_until(t: Instant) {
