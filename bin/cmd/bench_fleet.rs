@@ -30,7 +30,10 @@
 //!   steady host's p99 is reported apart, and so is the flapping host.
 //! - **CPU**, as cores used over the window, from `/proc/<pid>/stat`: the
 //!   server (the postmaster, its live children, and through the postmaster's
-//!   child times those that ended), the loaders, and the writers.
+//!   child times those that ended), the loaders, the writers, this process
+//!   (feeding the writers, reading their acknowledgements, polling), and the
+//!   whole machine's busy time from `/proc/stat`: on a shared machine the
+//!   difference is what else ran.
 //!
 //! After the window the link is left up, the writers' stdin is closed, and the
 //! bench waits for every row: the table must hold exactly the acknowledged
@@ -351,11 +354,27 @@ fn process_ticks(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// Ticks that all CPUs of the machine spent busy (anything but idle and
+/// iowait), from the first line of `/proc/stat`.
+fn parse_machine_busy(proc_stat: &str) -> Option<u64> {
+    let line = proc_stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let at = |i: usize| f.get(i).copied();
+    Some(at(0)? + at(1)? + at(2)? + at(5)? + at(6)? + at(7).unwrap_or(0))
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct CpuSnapshot {
     server: Option<u64>,
     loaders: u64,
     writers: u64,
+    /// This process: the feeders, the ack readers, the checkpoint poller.
+    bench: u64,
+    machine: Option<u64>,
 }
 
 impl CpuSnapshot {
@@ -364,6 +383,10 @@ impl CpuSnapshot {
             server: postmaster.and_then(server_ticks),
             loaders: process_ticks(loaders),
             writers: process_ticks(writers),
+            bench: process_ticks(&[std::process::id()]),
+            machine: std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|s| parse_machine_busy(&s)),
         }
     }
 }
@@ -374,6 +397,9 @@ struct CoresUsed {
     server: Option<f64>,
     loaders: f64,
     writers: f64,
+    bench: f64,
+    /// Every process of the machine, these and whatever else ran.
+    machine: Option<f64>,
 }
 
 impl CoresUsed {
@@ -386,6 +412,11 @@ impl CoresUsed {
             },
             loaders: cores(after.loaders.saturating_sub(before.loaders)),
             writers: cores(after.writers.saturating_sub(before.writers)),
+            bench: cores(after.bench.saturating_sub(before.bench)),
+            machine: match (before.machine, after.machine) {
+                (Some(b), Some(a)) => Some(cores(a.saturating_sub(b))),
+                _ => None,
+            },
         }
     }
 }
@@ -696,6 +727,13 @@ impl CaseRun {
             serde_json::json!(round3(self.cores.writers)),
         );
         put(
+            "bench_cpu_cores",
+            serde_json::json!(round3(self.cores.bench)),
+        );
+        if let Some(m) = self.cores.machine {
+            put("machine_busy_cores", serde_json::json!(round3(m)));
+        }
+        put(
             "catch_up_ms",
             serde_json::json!(ms(self.catch_up.as_nanos() as u64)),
         );
@@ -722,7 +760,8 @@ impl CaseRun {
         let get = |k: &str| r.extra.get(k).map_or_else(|| "-".into(), |v| v.to_string());
         format!(
             "{} hosts × {}/s: {:.0} rows/s of {:.0} offered, lag p50 {} ms p99 {} ms (worst host {}), \
-             flapping host p99 {} ms, server {} cores, loaders {}, writers {}, caught up {} ms after",
+             flapping host p99 {} ms, server {} cores, loaders {}, writers {}, machine busy {}, \
+             caught up {} ms after",
             self.hosts,
             self.rate,
             r.events_per_sec,
@@ -734,6 +773,7 @@ impl CaseRun {
             get("server_cpu_cores"),
             get("loaders_cpu_cores"),
             get("writers_cpu_cores"),
+            get("machine_busy_cores"),
             get("catch_up_ms"),
         )
     }
@@ -1202,18 +1242,35 @@ mod tests {
             server: Some(1000),
             loaders: 50,
             writers: 10,
+            bench: 5,
+            machine: Some(9000),
         };
         let after = CpuSnapshot {
             server: Some(1000 + 300),
             loaders: 50 + 100,
             writers: 10 + 20,
+            bench: 5 + 10,
+            machine: Some(9000 + 390),
         };
         let c = CoresUsed::between(&before, &after, 2.0);
         assert_eq!(c.server, Some(1.5));
         assert_eq!(c.loaders, 0.5);
         assert_eq!(c.writers, 0.1);
+        assert_eq!(c.bench, 0.05);
+        assert_eq!(c.machine, Some(1.95));
         let unseen = CoresUsed::between(&CpuSnapshot::default(), &after, 2.0);
         assert_eq!(unseen.server, None);
+        assert_eq!(unseen.machine, None);
+    }
+
+    #[test]
+    fn the_machine_is_busy_for_all_but_idle_and_iowait() {
+        let stat = "cpu  100 20 30 5000 40 1 2 3 0 0\ncpu0 50 10 15 2500 20 1 1 2 0 0\n";
+        assert_eq!(parse_machine_busy(stat), Some(100 + 20 + 30 + 1 + 2 + 3));
+        assert_eq!(parse_machine_busy("cpu0 1 2 3 4 5 6 7\n"), None);
+        assert_eq!(parse_machine_busy("cpu  1 x 3 4 5 6 7\n"), None);
+        let real = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+        assert!(parse_machine_busy(&real).is_some(), "{real}");
     }
 
     #[test]
@@ -1267,6 +1324,8 @@ mod tests {
                 server: Some(0.25),
                 loaders: 0.1,
                 writers: 0.05,
+                bench: 0.02,
+                machine: Some(1.5),
             },
             catch_up: Duration::from_millis(120),
             rows: 300,
