@@ -66,6 +66,8 @@ use super::{CmdResult, Failure};
 
 /// Defaults of the flags (kept here so `--help` and the code agree).
 const DEFAULT_HOSTS: &str = "1,4,16";
+/// Events/s per host: a busy edge host (a shop, a branch office, a gateway)
+/// serving some hundreds of requests a second, one or two audit events each.
 const DEFAULT_RATE: u64 = 1000;
 const DEFAULT_SECS: u64 = 24;
 const DEFAULT_FLAP: &str = "5,3";
@@ -240,7 +242,7 @@ pub fn run(args: FleetArgs, json: bool, dir: Option<PathBuf>) -> CmdResult {
     let per_case = WARMUP + params.secs + Duration::from_secs(4);
     eprintln!(
         "bench fleet: private PostgreSQL (fsync on) on 127.0.0.1:{}; {cases} case(s) of {:?} \
-         after {WARMUP:?} of warm-up, hosts {:?} at {:?} events/s each, flapping link {}; \
+         after at least {WARMUP:?} of warm-up, hosts {:?} at {:?} events/s each, flapping link {}; \
          about {} s in all.",
         cluster.port(),
         params.secs,
@@ -920,9 +922,14 @@ fn run_case(bench: &Bench, n: usize, rate: u64) -> Result<CaseRun, Failure> {
     let window = (start, start + p.secs);
     sleep_until(window.0);
     let cpu_before = CpuSnapshot::take(bench.postmaster, &loader_pids, &writer_pids);
+    let measured_from = Instant::now();
     sleep_until(window.1);
     let cpu_after = CpuSnapshot::take(bench.postmaster, &loader_pids, &writer_pids);
-    let cores = CoresUsed::between(&cpu_before, &cpu_after, p.secs.as_secs_f64());
+    let cores = CoresUsed::between(
+        &cpu_before,
+        &cpu_after,
+        measured_from.elapsed().as_secs_f64(),
+    );
     stop_feeding.store(true, Ordering::Relaxed);
     if let Some(f) = flapper {
         f.abort();
