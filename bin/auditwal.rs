@@ -47,7 +47,8 @@ enum Command {
 #[derive(clap::Args)]
 #[command(after_help = format!(
     "Examples:\n  auditwal bench wal --json\n  auditwal bench load --dir /var/tmp\n\n\
-Each bench measures its baseline in the same run and prints ours / baseline as `ratio`.\n\
+Each bench measures its baseline in the same run and prints ours / baseline as `ratio`\n\
+(bench fleet: each case against its offered rate).\n\
 --dir must not be a tmpfs for honest fsync figures. See docs/benchmarks.md.\n\n{}\n\n{}",
     cmd::bench_e2e::HELP,
     cmd::bench_fleet::HELP
