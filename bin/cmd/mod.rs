@@ -16,6 +16,7 @@ pub mod inspect;
 pub mod load;
 pub mod loadgen;
 pub mod migrate;
+pub mod proc_cpu;
 pub mod progress;
 
 use std::process::ExitCode;
