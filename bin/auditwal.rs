@@ -47,9 +47,11 @@ enum Command {
 #[derive(clap::Args)]
 #[command(after_help = format!(
     "Examples:\n  auditwal bench wal --json\n  auditwal bench load --dir /var/tmp\n\n\
-Each bench measures its baseline in the same run and prints ours / baseline as `ratio`.\n\
---dir must not be a tmpfs for honest fsync figures. See docs/benchmarks.md.\n\n{}",
-    cmd::bench_e2e::HELP
+Each bench measures its baseline in the same run and prints ours / baseline as `ratio`\n\
+(bench fleet: each case against its offered rate).\n\
+--dir must not be a tmpfs for honest fsync figures. See docs/benchmarks.md.\n\n{}\n\n{}",
+    cmd::bench_e2e::HELP,
+    cmd::bench_fleet::HELP
 ))]
 struct BenchArgs {
     /// Which benchmark.
@@ -62,6 +64,8 @@ struct BenchArgs {
     dir: Option<PathBuf>,
     #[command(flatten)]
     e2e: cmd::bench_e2e::E2eArgs,
+    #[command(flatten)]
+    fleet: cmd::bench_fleet::FleetArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -71,6 +75,7 @@ enum BenchKind {
     Load,
     E2e,
     Record,
+    Fleet,
 }
 
 fn main() -> ExitCode {
@@ -84,15 +89,19 @@ fn main() -> ExitCode {
         Command::Replay(a) => cmd::load::run_replay(a),
         Command::Inspect(a) => cmd::inspect::run_inspect(a),
         Command::Verify(a) => cmd::inspect::run_verify(a),
-        Command::Bench(a) => match (a.which, a.e2e.first_given()) {
-            (BenchKind::E2e, _) => cmd::bench_e2e::run(a.e2e, a.json, a.dir),
-            (_, Some(flag)) => Err(cmd::Failure::usage(anyhow::anyhow!(
+        Command::Bench(a) => match (a.which, a.e2e.first_given(), a.fleet.first_given()) {
+            (BenchKind::E2e, _, None) => cmd::bench_e2e::run(a.e2e, a.json, a.dir),
+            (BenchKind::Fleet, None, _) => cmd::bench_fleet::run(a.fleet, a.json, a.dir),
+            (_, Some(flag), _) => Err(cmd::Failure::usage(anyhow::anyhow!(
                 "{flag} applies only to `bench e2e`"
             ))),
-            (BenchKind::Wal, None) => cmd::bench_wal::run(a.json, a.dir),
-            (BenchKind::Sync, None) => cmd::bench_sync::run(a.json, a.dir),
-            (BenchKind::Load, None) => cmd::bench_load::run(a.json, a.dir),
-            (BenchKind::Record, None) => cmd::bench_record::run(a.json, a.dir),
+            (_, _, Some(flag)) => Err(cmd::Failure::usage(anyhow::anyhow!(
+                "{flag} applies only to `bench fleet`"
+            ))),
+            (BenchKind::Wal, None, None) => cmd::bench_wal::run(a.json, a.dir),
+            (BenchKind::Sync, None, None) => cmd::bench_sync::run(a.json, a.dir),
+            (BenchKind::Load, None, None) => cmd::bench_load::run(a.json, a.dir),
+            (BenchKind::Record, None, None) => cmd::bench_record::run(a.json, a.dir),
         },
     };
     match result {

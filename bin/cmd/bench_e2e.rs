@@ -404,7 +404,7 @@ fn warn_if_tmpfs(path: &Path) {
 /// this removes it and exits with 128 + the signal's number. The loader ends
 /// with the bench (its parent-death signal) and the private cluster's guardian
 /// stops and removes the cluster.
-fn remove_scratch_on_signal(rt: &tokio::runtime::Runtime, scratch: &Path) {
+pub(super) fn remove_scratch_on_signal(rt: &tokio::runtime::Runtime, scratch: &Path) {
     use tokio::signal::unix::{signal, SignalKind};
     let streams = rt.block_on(async {
         Ok::<_, std::io::Error>((
@@ -589,13 +589,38 @@ impl Service {
     }
 }
 
+/// Makes the child that `cmd` starts get SIGTERM when the thread that spawns
+/// it ends: a bench ended by a signal runs no destructors, and without this its
+/// children would go on running. Kept across exec (as long as the program is
+/// not setuid); spawn from the main thread, which outlives every case.
+pub(super) fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes one prctl call (async-signal-safe, no allocation).
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 /// The loader child process; SIGTERM (then SIGKILL) if dropped unstopped.
-struct LoaderChild {
+pub(super) struct LoaderChild {
     child: Option<Child>,
 }
 
 impl LoaderChild {
     fn spawn(exe: &Path, wal_dir: &Path, database_url: &str) -> Result<LoaderChild, Failure> {
+        LoaderChild::spawn_with(exe, wal_dir, database_url, &[])
+    }
+
+    /// [`LoaderChild::spawn`] with more `auditwal load` flags.
+    pub(super) fn spawn_with(
+        exe: &Path,
+        wal_dir: &Path,
+        database_url: &str,
+        extra_args: &[String],
+    ) -> Result<LoaderChild, Failure> {
         // At the CPU priority docs/operations.md's systemd unit gives it
         // (Nice=10): the loader is throughput work sharing the host with the
         // service, and should yield the cores to requests.
@@ -605,29 +630,18 @@ impl LoaderChild {
             .args(["load", "--metrics-addr", "off", "--wal-dir"])
             .arg(wal_dir)
             .args(["--database-url", database_url])
+            .args(extra_args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        // SAFETY: the closure runs in the forked child before exec and only
-        // makes one prctl call (async-signal-safe, no allocation).
-        unsafe {
-            // A bench ended by a signal runs no destructors: without this its
-            // loader would go on running. Kept across exec (nice is not setuid);
-            // tied to this (the main) thread, which outlives every setting.
-            cmd.pre_exec(|| {
-                rustix::process::set_parent_process_death_signal(Some(
-                    rustix::process::Signal::TERM,
-                ))
-                .map_err(std::io::Error::from)
-            });
-        }
+        die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start the loader ({} load)", exe.display()))?;
         Ok(LoaderChild { child: Some(child) })
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub(super) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
@@ -644,7 +658,7 @@ impl LoaderChild {
     }
 
     /// An error if the loader has exited (it runs until told to stop).
-    fn check_running(&mut self) -> Result<(), Failure> {
+    pub(super) fn check_running(&mut self) -> Result<(), Failure> {
         let Some(child) = self.child.as_mut() else {
             return Err(Failure::runtime(anyhow!("the loader was already stopped")));
         };
@@ -657,7 +671,7 @@ impl LoaderChild {
     }
 
     /// SIGTERM, then waits up to 15 s for it to exit (SIGKILL after that).
-    fn stop(mut self) -> Result<ExitStatus, Failure> {
+    pub(super) fn stop(mut self) -> Result<ExitStatus, Failure> {
         let Some(child) = self.child.take() else {
             return Err(Failure::runtime(anyhow!("the loader was already stopped")));
         };

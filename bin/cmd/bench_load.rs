@@ -39,7 +39,7 @@ use super::{CmdResult, Failure};
 const STREAM: &str = "bench";
 
 /// A ~300-byte event (its WAL payload), like a URL shortener's audit row.
-fn bench_event(i: u64) -> AuditEvent {
+pub(super) fn bench_event(i: u64) -> AuditEvent {
     let mut e = AuditEvent::new("url.created")
         .actor("user", format!("user-{:08}", i % 50_000))
         .target("url", format!("{:012x}", i.wrapping_mul(0x9e37_79b9)))
@@ -193,7 +193,8 @@ fn write_copy_file(stream_dir: &Path, out: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn fresh_database(cluster: &Cluster, name: &str) -> Result<String, Failure> {
+/// A new database `name` on `cluster` with the migrations applied; its URL.
+pub(super) async fn fresh_database(cluster: &Cluster, name: &str) -> Result<String, Failure> {
     let mut admin = PgConnection::connect(&cluster.url())
         .await
         .context("cannot connect to the bench server")?;
@@ -208,7 +209,7 @@ async fn fresh_database(cluster: &Cluster, name: &str) -> Result<String, Failure
     Ok(url)
 }
 
-async fn count_rows(url: &str) -> Result<u64, Failure> {
+pub(super) async fn count_rows(url: &str) -> Result<u64, Failure> {
     let mut c = PgConnection::connect(url).await.context("connect")?;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events")
         .fetch_one(&mut c)

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_e2e;
+pub mod bench_fleet;
 pub mod bench_load;
 pub mod bench_record;
 pub mod bench_sync;
@@ -11,10 +12,12 @@ pub mod demo;
 pub mod emit;
 pub mod emit_sync;
 pub mod emit_wal;
+pub mod flaky_link;
 pub mod inspect;
 pub mod load;
 pub mod loadgen;
 pub mod migrate;
+pub mod proc_cpu;
 pub mod progress;
 
 use std::process::ExitCode;
