@@ -415,7 +415,7 @@ pub(super) fn remove_scratch_on_signal(rt: &tokio::runtime::Runtime, scratch: &P
     let (mut int, mut term) = match streams {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("bench e2e: cannot watch for SIGINT/SIGTERM ({e}); a signal leaves the scratch directory behind");
+            eprintln!("auditwal bench: cannot watch for SIGINT/SIGTERM ({e}); a signal leaves the scratch directory behind");
             return;
         }
     };
