@@ -18,6 +18,17 @@
 //!   commit). Baseline: write(), then a leader-follower group commit: the first
 //!   waiter runs fdatasync for every write that returned before it started, the
 //!   others wait for it.
+//! - `rotation-stall` / `rotation-stall-inline`: how long a tokio worker
+//!   thread is held while appends rotate segments. One current-thread runtime
+//!   (a single worker) runs an appender task (bursts of 64 appends, then a
+//!   yield) and a ticker task that yields in a loop and records the longest
+//!   time between two of its turns: `worker_stall_max_us`. Segments are 4 MiB
+//!   (`STALL_SEGMENT`), so a run rotates ~75 times per million events, with
+//!   the preparer on. Ours: `WalWriter::append_async` (what `AuditLog` uses: a
+//!   rotation runs on the blocking pool). Baseline: the blocking
+//!   `WalWriter::append` called from the task, which is what `AuditLog` did
+//!   before (rotation, and waiting for or creating the spare, on the worker).
+//!   A burst of 64 appends is the floor of the figure (~0.1 ms).
 //!
 //! Throughput excludes the final close/fsync on both sides. The default scratch
 //! directory is a temp dir, or `./target` when the temp dir is on tmpfs (fsync
@@ -49,6 +60,10 @@ const POOL: usize = 1024;
 const FSYNC_INTERVAL: Duration = Duration::from_millis(100);
 const DURABLE_THREADS: usize = 64;
 const TMPFS_MAGIC: u64 = 0x0102_1994;
+/// Segment size of the rotation-stall cases: many rotations per run.
+const STALL_SEGMENT: u64 = 4 << 20;
+/// Appends between two yields of the rotation-stall appender task.
+const STALL_BURST: u64 = 64;
 
 /// One timed run of one case.
 struct Run {
@@ -58,6 +73,9 @@ struct Run {
     latencies_ns: Vec<u64>,
     /// fsyncs done during the run, and the time they took (durable cases).
     fsyncs: Option<(u64, Duration)>,
+    /// The rotation-stall cases: the runtime worker's longest stall, and the
+    /// rotations and slow rotations the writer counted.
+    stall: Option<(Duration, u64, u64)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -66,6 +84,8 @@ enum Case {
     RawWrite(usize),
     Durable,
     RawFdatasync,
+    /// `append_async` from a task (`true`), or the blocking append (`false`).
+    Stall(bool),
 }
 
 impl Case {
@@ -75,6 +95,8 @@ impl Case {
             Case::RawWrite(t) => format!("raw-write-{t}t"),
             Case::Durable => format!("durable-{DURABLE_THREADS}"),
             Case::RawFdatasync => format!("raw-fdatasync-{DURABLE_THREADS}"),
+            Case::Stall(true) => "rotation-stall".to_string(),
+            Case::Stall(false) => "rotation-stall-inline".to_string(),
         }
     }
 }
@@ -101,6 +123,7 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
         (Case::Async(1), Case::RawWrite(1), async_events),
         (Case::Async(2), Case::RawWrite(2), async_events),
         (Case::Durable, Case::RawFdatasync, durable_events),
+        (Case::Stall(true), Case::Stall(false), async_events),
     ];
     let mut runs: Vec<(Case, Vec<Run>)> = Vec::new();
     for round in 0..rounds {
@@ -202,6 +225,28 @@ fn summarize(case: Case, runs: &[Run], record_bytes: f64) -> BenchResult {
             .extra
             .insert("fsync_mean_us".into(), serde_json::json!(round1(mean_us)));
     }
+    let stalls: Vec<(Duration, u64, u64)> = runs.iter().filter_map(|r| r.stall).collect();
+    if !stalls.is_empty() {
+        let worst = med(stalls
+            .iter()
+            .map(|&(d, _, _)| d.as_secs_f64() * 1e6)
+            .collect());
+        let rotations = med(stalls.iter().map(|&(_, r, _)| r as f64).collect());
+        let slow = med(stalls.iter().map(|&(_, _, s)| s as f64).collect());
+        result.extra.insert(
+            "worker_stall_max_us".into(),
+            serde_json::json!(round1(worst)),
+        );
+        result
+            .extra
+            .insert("rotations".into(), serde_json::json!(rotations));
+        result
+            .extra
+            .insert("slow_rotations".into(), serde_json::json!(slow));
+        result
+            .extra
+            .insert("segment_bytes".into(), serde_json::json!(STALL_SEGMENT));
+    }
     result.extra.insert(
         "record_bytes".into(),
         serde_json::json!(record_bytes.round()),
@@ -222,6 +267,7 @@ fn run_case(case: Case, dir: &Path, events: &Arc<Vec<AuditEvent>>, n: u64) -> an
         Case::RawWrite(threads) => raw_write(dir, events, threads, n),
         Case::Durable => wal_durable(dir, events, n),
         Case::RawFdatasync => raw_fdatasync(dir, events, n),
+        Case::Stall(in_task) => wal_stall(dir, events, n, in_task),
     }
 }
 
@@ -572,5 +618,79 @@ where
         secs,
         latencies_ns: latencies,
         fsyncs: None,
+        stall: None,
+    })
+}
+
+/// The rotation-stall cases (module docs): `n` appends from a task on a
+/// current-thread runtime beside a ticker task that measures how long the
+/// thread was kept from it.
+fn wal_stall(
+    dir: &Path,
+    events: &Arc<Vec<AuditEvent>>,
+    n: u64,
+    append_async: bool,
+) -> anyhow::Result<Run> {
+    let wal = WalWriter::open(wal_config(dir).with_segment_size(STALL_SEGMENT))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    let before = wal.stats();
+    let started = Instant::now();
+    let (latencies, stall) = rt.block_on(async {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut worst = Duration::ZERO;
+                let mut last = Instant::now();
+                while !done.load(Ordering::Relaxed) {
+                    tokio::task::yield_now().await;
+                    let now = Instant::now();
+                    worst = worst.max(now - last);
+                    last = now;
+                }
+                worst
+            })
+        };
+        let mut lat = Vec::with_capacity(n as usize);
+        let mut outcome = Ok(());
+        for i in 0..n {
+            let e = &events[i as usize % events.len()];
+            let t0 = Instant::now();
+            let appended = if append_async {
+                wal.append_async(e).await
+            } else {
+                wal.append(e)
+            };
+            lat.push(t0.elapsed().as_nanos() as u64);
+            if let Err(e) = appended {
+                outcome = Err(e);
+                break;
+            }
+            if i % STALL_BURST == STALL_BURST - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        let worst = ticker.await.unwrap_or_default();
+        outcome.map(|()| (lat, worst))
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    let after = wal.stats();
+    wal.close()?;
+    let mut latencies = latencies;
+    latencies.sort_unstable();
+    Ok(Run {
+        events: latencies.len() as u64,
+        secs,
+        latencies_ns: latencies,
+        fsyncs: None,
+        stall: Some((
+            stall,
+            after.rotations - before.rotations,
+            after.slow_rotations - before.slow_rotations,
+        )),
     })
 }

@@ -27,7 +27,7 @@
 //! and `stream_dir`, and repairing a crashed stream to `recovery`.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -79,6 +79,59 @@ fn with_encoded<T>(
         }
         result
     })
+}
+
+/// What an async append does after the fast path.
+enum AsyncStep {
+    Done(Lsn),
+    /// Rotate on the blocking pool (this call claimed it), then try again.
+    Rotate(RotationClaim, usize),
+    /// Another async call is rotating.
+    AwaitRotation,
+    /// No room under `Block`: the whole append waits on the blocking pool.
+    Block(Vec<u8>),
+}
+
+/// An async call's claim to run the next rotation, so that the calls that
+/// need it meanwhile await it instead of each starting a blocking-pool task.
+/// Dropping it (after the rotation, or if it never ran) wakes them.
+struct RotationClaim(Arc<Inner>);
+
+impl RotationClaim {
+    fn take(inner: &Arc<Inner>) -> Option<RotationClaim> {
+        inner
+            .rotation_claimed
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| RotationClaim(inner.clone()))
+    }
+}
+
+impl Drop for RotationClaim {
+    fn drop(&mut self) {
+        self.0.rotation_claimed.store(false, Ordering::Release);
+        self.0.rotated.notify_waiters();
+    }
+}
+
+/// Runs `f` on tokio's blocking pool and waits for it. A panic in `f` is
+/// resumed here, as if `f` had run inline.
+async fn on_blocking_pool<T: Send + 'static>(
+    inner: &Inner,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, WalError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => Ok(value),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // The runtime is shutting down and never ran it: nothing was written.
+            Err(e) => Err(WalError::io(
+                "append on the blocking pool to",
+                inner.dir.path(),
+                std::io::Error::other(e.to_string()),
+            )),
+        },
+    }
 }
 
 /// What the append fast path found.
@@ -169,6 +222,10 @@ pub(crate) struct Inner {
     /// one caller does it and the append mutex is not held meanwhile. Lock
     /// order: `rotation` before `state`.
     rotation: Mutex<()>,
+    /// An async append has claimed the next rotation ([`RotationClaim`]).
+    rotation_claimed: AtomicBool,
+    /// Woken when a claimed rotation ends.
+    rotated: tokio::sync::Notify,
     written: AtomicU64,
     pub(crate) durability: Durability,
     sidecar: Sidecar,
@@ -250,6 +307,8 @@ impl WalWriter {
                 no_room: None,
             }),
             rotation: Mutex::new(()),
+            rotation_claimed: AtomicBool::new(false),
+            rotated: tokio::sync::Notify::new(),
             written: AtomicU64::new(last_lsn),
             sidecar,
             counters: Counters::default(),
@@ -331,11 +390,13 @@ impl WalWriter {
 
     /// [`append_with_rate`](Self::append_with_rate) without holding the runtime
     /// thread: the common case (the record fits in the current segment) is the
-    /// same memory copy under the append mutex, done inline; an append that
-    /// needs a new segment, or must wait for disk budget under
-    /// [`FullDiskPolicy::Block`], is carried out on tokio's blocking pool and
-    /// awaited. Refusals that need no I/O (`Fail`, `DropNewest` while the last
-    /// "no room" answer is fresh) are returned inline.
+    /// same memory copy under the append mutex, done inline. When a new segment
+    /// is needed, one call runs the rotation on tokio's blocking pool and the
+    /// others that need it meanwhile await it (one blocking-pool task per
+    /// rotation, however many calls wait); an append that must wait for disk
+    /// budget under [`FullDiskPolicy::Block`] waits on the blocking pool.
+    /// Refusals (`Fail`, `DropNewest`) are returned inline once a rotation
+    /// found no room.
     ///
     /// Cancelling the future while it waits on the blocking pool does not stop
     /// that append: the record may still be written, without a receipt.
@@ -344,35 +405,53 @@ impl WalWriter {
         event: &AuditEvent,
         sample_rate: f64,
     ) -> Result<Lsn, WalError> {
-        let inline = with_encoded(event, sample_rate, |payload| {
-            let frame_len = self.inner.frame_len_for(payload)?;
-            let blocks = matches!(
-                self.inner.config.full_disk_policy,
-                FullDiskPolicy::Block { .. }
-            );
-            match self.inner.try_append(payload, frame_len)? {
-                FastAppend::Appended(lsn) => Ok(Ok(lsn)),
-                FastAppend::NoRoom(no_room) if !blocks => Err(self.inner.refuse(no_room)),
-                // Owned, for the blocking pool; only once per segment.
-                _ => Ok(Err(payload.to_vec())),
+        let blocks = matches!(
+            self.inner.config.full_disk_policy,
+            FullDiskPolicy::Block { .. }
+        );
+        loop {
+            // Registered before the fast path looks, so that a rotation
+            // finishing in between still wakes this call.
+            let rotated = self.inner.rotated.notified();
+            let mut rotated = std::pin::pin!(rotated);
+            rotated.as_mut().enable();
+            let step = with_encoded(event, sample_rate, |payload| {
+                let frame_len = self.inner.frame_len_for(payload)?;
+                Ok(match self.inner.try_append(payload, frame_len)? {
+                    FastAppend::Appended(lsn) => AsyncStep::Done(lsn),
+                    FastAppend::NoRoom(no_room) if !blocks => {
+                        return Err(self.inner.refuse(no_room))
+                    }
+                    // Owned, for the blocking pool, which sleeps out the policy.
+                    FastAppend::NoRoom(_) => AsyncStep::Block(payload.to_vec()),
+                    FastAppend::NeedsSegment => match RotationClaim::take(&self.inner) {
+                        Some(claim) => AsyncStep::Rotate(claim, frame_len),
+                        None => AsyncStep::AwaitRotation,
+                    },
+                })
+            })?;
+            let inner = self.inner.clone();
+            match step {
+                AsyncStep::Done(lsn) => return Ok(lsn),
+                // Another call is rotating: wait for it, then try again. One
+                // blocking-pool task per rotation, however many calls need it.
+                AsyncStep::AwaitRotation => rotated.await,
+                AsyncStep::Rotate(claim, frame_len) => {
+                    let rotation = on_blocking_pool(&self.inner, move || {
+                        let _claim = claim;
+                        inner.rotate(frame_len, Rotation::Full)
+                    });
+                    if let Err(no_room) = rotation.await?? {
+                        if !blocks {
+                            return Err(self.inner.refuse(no_room));
+                        }
+                    }
+                }
+                AsyncStep::Block(payload) => {
+                    return on_blocking_pool(&self.inner, move || inner.append_payload(&payload))
+                        .await?
+                }
             }
-        })?;
-        let payload = match inline {
-            Ok(lsn) => return Ok(lsn),
-            Err(payload) => payload,
-        };
-        let inner = self.inner.clone();
-        match tokio::task::spawn_blocking(move || inner.append_payload(&payload)).await {
-            Ok(result) => result,
-            Err(e) => match e.try_into_panic() {
-                Ok(panic) => std::panic::resume_unwind(panic),
-                // The runtime is shutting down and never ran it: nothing was written.
-                Err(e) => Err(WalError::io(
-                    "append on the blocking pool to",
-                    self.inner.dir.path(),
-                    std::io::Error::other(e.to_string()),
-                )),
-            },
         }
     }
 
