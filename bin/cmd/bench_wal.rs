@@ -21,14 +21,20 @@
 //! - `rotation-stall` / `rotation-stall-inline`: how long a tokio worker
 //!   thread is held while appends rotate segments. One current-thread runtime
 //!   (a single worker) runs an appender task (bursts of 64 appends, then a
-//!   yield) and a ticker task that yields in a loop and records the longest
-//!   time between two of its turns: `worker_stall_max_us`. Segments are 4 MiB
-//!   (`STALL_SEGMENT`), so a run rotates ~75 times per million events, with
-//!   the preparer on. Ours: `WalWriter::append_async` (what `AuditLog` uses: a
-//!   rotation runs on the blocking pool). Baseline: the blocking
-//!   `WalWriter::append` called from the task, which is what `AuditLog` did
-//!   before (rotation, and waiting for or creating the spare, on the worker).
-//!   A burst of 64 appends is the floor of the figure (~0.1 ms).
+//!   yield) and a ticker task that yields in a loop and records the time
+//!   between two of its turns: the longest (`worker_stall_max_us`), the 99.9th
+//!   percentile (`worker_stall_p999_us`) and how many exceeded 1 ms
+//!   (`worker_stalls_over_1ms`). Segments are 4 MiB (`STALL_SEGMENT`), so a
+//!   run rotates ~75 times per million events; the preparer is on. Ours:
+//!   `WalWriter::append_async` (what `AuditLog` uses: a rotation runs on the
+//!   blocking pool). Baseline: the blocking `WalWriter::append` called from
+//!   the task, which is what `AuditLog` did before (rotation, and waiting for
+//!   or creating the spare, on the worker). A burst of 64 appends is the
+//!   floor of the figures (~0.1 ms); the scheduler's preemptions on a busy
+//!   machine show in the maximum of both.
+//! - `rotation-stall-unprepared` / `...-inline`: the same with the preparer
+//!   off, so that every rotation creates its segment (the case of a spare not
+//!   ready in time, e.g. under heavy writeback).
 //!
 //! Throughput excludes the final close/fsync on both sides. The default scratch
 //! directory is a temp dir, or `./target` when the temp dir is on tmpfs (fsync
@@ -65,6 +71,16 @@ const STALL_SEGMENT: u64 = 4 << 20;
 /// Appends between two yields of the rotation-stall appender task.
 const STALL_BURST: u64 = 64;
 
+/// What a rotation-stall run measured.
+#[derive(Clone, Copy)]
+struct Stall {
+    max: Duration,
+    p999: Duration,
+    over_1ms: u64,
+    rotations: u64,
+    slow_rotations: u64,
+}
+
 /// One timed run of one case.
 struct Run {
     events: u64,
@@ -73,9 +89,8 @@ struct Run {
     latencies_ns: Vec<u64>,
     /// fsyncs done during the run, and the time they took (durable cases).
     fsyncs: Option<(u64, Duration)>,
-    /// The rotation-stall cases: the runtime worker's longest stall, and the
-    /// rotations and slow rotations the writer counted.
-    stall: Option<(Duration, u64, u64)>,
+    /// The rotation-stall cases.
+    stall: Option<Stall>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -84,8 +99,12 @@ enum Case {
     RawWrite(usize),
     Durable,
     RawFdatasync,
-    /// `append_async` from a task (`true`), or the blocking append (`false`).
-    Stall(bool),
+    /// Appends from a task: `append_async` (`in_task`) or the blocking
+    /// append; with the preparer on or off.
+    Stall {
+        in_task: bool,
+        prepared: bool,
+    },
 }
 
 impl Case {
@@ -95,8 +114,11 @@ impl Case {
             Case::RawWrite(t) => format!("raw-write-{t}t"),
             Case::Durable => format!("durable-{DURABLE_THREADS}"),
             Case::RawFdatasync => format!("raw-fdatasync-{DURABLE_THREADS}"),
-            Case::Stall(true) => "rotation-stall".to_string(),
-            Case::Stall(false) => "rotation-stall-inline".to_string(),
+            Case::Stall { in_task, prepared } => format!(
+                "rotation-stall{}{}",
+                if prepared { "" } else { "-unprepared" },
+                if in_task { "" } else { "-inline" }
+            ),
         }
     }
 }
@@ -123,7 +145,28 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
         (Case::Async(1), Case::RawWrite(1), async_events),
         (Case::Async(2), Case::RawWrite(2), async_events),
         (Case::Durable, Case::RawFdatasync, durable_events),
-        (Case::Stall(true), Case::Stall(false), async_events),
+        (
+            Case::Stall {
+                in_task: true,
+                prepared: true,
+            },
+            Case::Stall {
+                in_task: false,
+                prepared: true,
+            },
+            async_events,
+        ),
+        (
+            Case::Stall {
+                in_task: true,
+                prepared: false,
+            },
+            Case::Stall {
+                in_task: false,
+                prepared: false,
+            },
+            async_events,
+        ),
     ];
     let mut runs: Vec<(Case, Vec<Run>)> = Vec::new();
     for round in 0..rounds {
@@ -225,24 +268,25 @@ fn summarize(case: Case, runs: &[Run], record_bytes: f64) -> BenchResult {
             .extra
             .insert("fsync_mean_us".into(), serde_json::json!(round1(mean_us)));
     }
-    let stalls: Vec<(Duration, u64, u64)> = runs.iter().filter_map(|r| r.stall).collect();
+    let stalls: Vec<Stall> = runs.iter().filter_map(|r| r.stall).collect();
     if !stalls.is_empty() {
-        let worst = med(stalls
-            .iter()
-            .map(|&(d, _, _)| d.as_secs_f64() * 1e6)
-            .collect());
-        let rotations = med(stalls.iter().map(|&(_, r, _)| r as f64).collect());
-        let slow = med(stalls.iter().map(|&(_, _, s)| s as f64).collect());
-        result.extra.insert(
-            "worker_stall_max_us".into(),
-            serde_json::json!(round1(worst)),
-        );
-        result
-            .extra
-            .insert("rotations".into(), serde_json::json!(rotations));
-        result
-            .extra
-            .insert("slow_rotations".into(), serde_json::json!(slow));
+        let us = |f: fn(&Stall) -> Duration| {
+            round1(med(stalls
+                .iter()
+                .map(|s| f(s).as_secs_f64() * 1e6)
+                .collect()))
+        };
+        let count = |f: fn(&Stall) -> u64| med(stalls.iter().map(|s| f(s) as f64).collect());
+        let figures = [
+            ("worker_stall_max_us", us(|s| s.max)),
+            ("worker_stall_p999_us", us(|s| s.p999)),
+            ("worker_stalls_over_1ms", count(|s| s.over_1ms)),
+            ("rotations", count(|s| s.rotations)),
+            ("slow_rotations", count(|s| s.slow_rotations)),
+        ];
+        for (name, value) in figures {
+            result.extra.insert(name.into(), serde_json::json!(value));
+        }
         result
             .extra
             .insert("segment_bytes".into(), serde_json::json!(STALL_SEGMENT));
@@ -267,7 +311,7 @@ fn run_case(case: Case, dir: &Path, events: &Arc<Vec<AuditEvent>>, n: u64) -> an
         Case::RawWrite(threads) => raw_write(dir, events, threads, n),
         Case::Durable => wal_durable(dir, events, n),
         Case::RawFdatasync => raw_fdatasync(dir, events, n),
-        Case::Stall(in_task) => wal_stall(dir, events, n, in_task),
+        Case::Stall { in_task, prepared } => wal_stall(dir, events, n, in_task, prepared),
     }
 }
 
@@ -630,28 +674,33 @@ fn wal_stall(
     events: &Arc<Vec<AuditEvent>>,
     n: u64,
     append_async: bool,
+    prepared: bool,
 ) -> anyhow::Result<Run> {
-    let wal = WalWriter::open(wal_config(dir).with_segment_size(STALL_SEGMENT))?;
+    let wal = WalWriter::open(
+        wal_config(dir)
+            .with_segment_size(STALL_SEGMENT)
+            .with_prepare_next_segment(prepared),
+    )?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting a tokio runtime")?;
     let before = wal.stats();
     let started = Instant::now();
-    let (latencies, stall) = rt.block_on(async {
+    let (latencies, mut gaps) = rt.block_on(async {
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ticker = {
             let done = done.clone();
             tokio::spawn(async move {
-                let mut worst = Duration::ZERO;
+                let mut gaps_ns = Vec::new();
                 let mut last = Instant::now();
                 while !done.load(Ordering::Relaxed) {
                     tokio::task::yield_now().await;
                     let now = Instant::now();
-                    worst = worst.max(now - last);
+                    gaps_ns.push((now - last).as_nanos() as u64);
                     last = now;
                 }
-                worst
+                gaps_ns
             })
         };
         let mut lat = Vec::with_capacity(n as usize);
@@ -674,23 +723,27 @@ fn wal_stall(
             }
         }
         done.store(true, Ordering::Relaxed);
-        let worst = ticker.await.unwrap_or_default();
-        outcome.map(|()| (lat, worst))
+        let gaps = ticker.await.unwrap_or_default();
+        outcome.map(|()| (lat, gaps))
     })?;
     let secs = started.elapsed().as_secs_f64();
     let after = wal.stats();
     wal.close()?;
     let mut latencies = latencies;
     latencies.sort_unstable();
+    gaps.sort_unstable();
+    let stall = Stall {
+        max: Duration::from_nanos(gaps.last().copied().unwrap_or(0)),
+        p999: Duration::from_nanos(percentile(&gaps, 99.9)),
+        over_1ms: gaps.iter().filter(|&&g| g > 1_000_000).count() as u64,
+        rotations: after.rotations - before.rotations,
+        slow_rotations: after.slow_rotations - before.slow_rotations,
+    };
     Ok(Run {
         events: latencies.len() as u64,
         secs,
         latencies_ns: latencies,
         fsyncs: None,
-        stall: Some((
-            stall,
-            after.rotations - before.rotations,
-            after.slow_rotations - before.slow_rotations,
-        )),
+        stall: Some(stall),
     })
 }

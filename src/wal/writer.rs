@@ -101,7 +101,7 @@ impl RotationClaim {
     fn take(inner: &Arc<Inner>) -> Option<RotationClaim> {
         inner
             .rotation_claimed
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .ok()
             .map(|_| RotationClaim(inner.clone()))
     }
@@ -109,7 +109,7 @@ impl RotationClaim {
 
 impl Drop for RotationClaim {
     fn drop(&mut self) {
-        self.0.rotation_claimed.store(false, Ordering::Release);
+        self.0.rotation_claimed.store(false, Ordering::SeqCst);
         self.0.rotated.notify_waiters();
     }
 }
@@ -410,11 +410,6 @@ impl WalWriter {
             FullDiskPolicy::Block { .. }
         );
         loop {
-            // Registered before the fast path looks, so that a rotation
-            // finishing in between still wakes this call.
-            let rotated = self.inner.rotated.notified();
-            let mut rotated = std::pin::pin!(rotated);
-            rotated.as_mut().enable();
             let step = with_encoded(event, sample_rate, |payload| {
                 let frame_len = self.inner.frame_len_for(payload)?;
                 Ok(match self.inner.try_append(payload, frame_len)? {
@@ -430,13 +425,22 @@ impl WalWriter {
                     },
                 })
             })?;
-            let inner = self.inner.clone();
             match step {
                 AsyncStep::Done(lsn) => return Ok(lsn),
                 // Another call is rotating: wait for it, then try again. One
                 // blocking-pool task per rotation, however many calls need it.
-                AsyncStep::AwaitRotation => rotated.await,
+                AsyncStep::AwaitRotation => {
+                    let rotated = self.inner.rotated.notified();
+                    let mut rotated = std::pin::pin!(rotated);
+                    // Registered before looking again, so that the rotation
+                    // ending in between still wakes this call.
+                    rotated.as_mut().enable();
+                    if self.inner.rotation_claimed.load(Ordering::SeqCst) {
+                        rotated.await;
+                    }
+                }
                 AsyncStep::Rotate(claim, frame_len) => {
+                    let inner = self.inner.clone();
                     let rotation = on_blocking_pool(&self.inner, move || {
                         let _claim = claim;
                         inner.rotate(frame_len, Rotation::Full)
@@ -448,8 +452,9 @@ impl WalWriter {
                     }
                 }
                 AsyncStep::Block(payload) => {
+                    let inner = self.inner.clone();
                     return on_blocking_pool(&self.inner, move || inner.append_payload(&payload))
-                        .await?
+                        .await?;
                 }
             }
         }
