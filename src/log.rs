@@ -10,7 +10,7 @@
 //! - a receipt is returned only for what the mode promises (committed,
 //!   fsynced, or in the page cache); everything else is an error to the caller;
 //! - no call blocks a runtime thread on a wait or on file work: the WAL copy
-//!   is done inline (a memory copy under a mutex that no one holds across a
+//!   is done inline (a memory copy under a mutex that no appender holds across a
 //!   system call or a wait); an append that needs a new segment (rotation:
 //!   taking the prepared spare and renaming it in, waiting for the preparer,
 //!   or creating the segment when none is ready) runs on tokio's blocking

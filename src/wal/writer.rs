@@ -14,8 +14,8 @@
 //! no gap (the EndOfSegment record takes one too); `written_lsn` is stored only
 //! after the record's bytes are complete, so the flusher, which reads it under
 //! the same mutex, never declares a half-copied record durable; a segment is
-//! renamed to its final name before its first record is appended; and the
-//! mutex is never held across a system call or a wait. Rotation (sealing the
+//! renamed to its final name before its first record is appended; and no
+//! appender holds the mutex across a system call or a wait. Rotation (sealing the
 //! full segment, then taking the prepared spare or creating one, and renaming
 //! it in) holds the mutex only to seal and to install: the slow middle runs
 //! under a separate rotation mutex that other appenders needing the new
