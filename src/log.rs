@@ -9,11 +9,21 @@
 //!   written, so a refused event leaves no trace anywhere;
 //! - a receipt is returned only for what the mode promises (committed,
 //!   fsynced, or in the page cache); everything else is an error to the caller;
-//! - no call blocks a runtime thread: the WAL copy is done inline (a memory
-//!   copy under a short mutex), durable waits are async, and the full-disk
-//!   policy `Block` is carried out here as an async wait (the writer itself is
-//!   opened with `Fail`, and a refused append is retried after a short sleep
-//!   until the block timeout), so a full budget never parks a worker thread;
+//! - no call blocks a runtime thread on a wait or on file work: the WAL copy
+//!   is done inline (a memory copy under a mutex that no appender holds across a
+//!   system call or a wait); an append that needs a new segment (rotation:
+//!   taking the prepared spare and renaming it in, waiting for the preparer,
+//!   or creating the segment when none is ready) runs on tokio's blocking
+//!   pool and is awaited ([`WalWriter::append_with_rate_async`]); durable
+//!   waits are async; the full-disk policy `Block` is carried out here as an
+//!   async wait (the writer itself is opened with `Fail`, and a refused append
+//!   is retried after a short sleep until the block timeout); opening and
+//!   closing the stream run on the blocking pool. What is left on the runtime
+//!   thread: the copy into the mapped segment can page-fault (a minor fault
+//!   normally; with `zero_fill_segments = false` the first store into each
+//!   page of a segment starts a file-system journal transaction, measured at
+//!   2–12 ms under heavy writeback), and dropping the last clone without
+//!   [`AuditLog::close`] fsyncs in `Drop`. docs/modes.md says the same;
 //! - failures are counted and logged at most once per second per kind, with the
 //!   number of lines suppressed since the last one.
 //!
@@ -580,8 +590,9 @@ impl AuditLog {
         }
     }
 
-    /// Appends inline (a copy into the mapped segment); under policy `Block`,
-    /// waits asynchronously for disk budget up to the block timeout.
+    /// Appends (inline when the record fits the current segment, on the
+    /// blocking pool when it needs a new one); under policy `Block`, waits
+    /// asynchronously for disk budget up to the block timeout.
     async fn append(
         &self,
         wal: &WalWriter,
@@ -590,7 +601,7 @@ impl AuditLog {
     ) -> Result<Lsn, AuditError> {
         let mut blocked_since: Option<Instant> = None;
         loop {
-            let e = match wal.append_with_rate(event, rate) {
+            let e = match wal.append_with_rate_async(event, rate).await {
                 Ok(lsn) => return Ok(lsn),
                 Err(e) => e,
             };

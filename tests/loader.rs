@@ -446,3 +446,82 @@ async fn metrics_endpoint_reports_rows_and_lag_per_stream() {
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success());
 }
+
+/// GET /metrics on `port` within `limit`: the body, or why not.
+fn get_metrics(port: u16, limit: Duration) -> Result<String, String> {
+    use std::io::Read;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, limit).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
+#[tokio::test]
+async fn a_hung_dead_letter_write_holds_neither_the_metrics_endpoint_nor_other_streams() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    // A poison row in stream b, as in the dead-letter test above.
+    let line = format!(
+        "{{\"event_id\":\"{}\",\"occurred_at\":\"2026-11-01T00:00:00Z\",\"action\":\"dup\"}}\n",
+        Uuid::now_v7()
+    );
+    let first = emit_lines(wal.path(), "a", "durable", line.clone());
+    assert_ok(&load_once(wal.path(), db.url(), &[]));
+    emit(wal.path(), "b", 20, "durable");
+    emit_lines(wal.path(), "b", "durable", line);
+    // b's dead-letter file is a FIFO nobody reads: opening it for writing
+    // blocks until a reader comes, like a write to a hung disk.
+    let fifo = wal.path().join("b").join("dead-letter.jsonl");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    // One worker thread: whatever blocks it stops every task of the loader.
+    let _loader = ChildGuard::new(
+        Command::new(auditwal_bin())
+            .args(["load", "--metrics-addr", &format!("127.0.0.1:{port}")])
+            .arg("--wal-dir")
+            .arg(wal.path())
+            .args(["--database-url", db.url()])
+            .env("TOKIO_WORKER_THREADS", "1")
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn loader"),
+    );
+    // Let b reach its dead-letter write, then give the loader a new stream.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let third = emit(wal.path(), "c", 30, "durable");
+    let mut expected = first.clone();
+    expected.extend(&third);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = get_metrics(port, Duration::from_secs(5));
+        if db.count().await == expected.len() as i64 {
+            let body = metrics.unwrap_or_else(|e| {
+                panic!("c is loaded but the metrics endpoint did not answer: {e}")
+            });
+            assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream c was not loaded beside b's hung dead-letter write (metrics: {metrics:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // b is still held at its poison row: none of its rows committed.
+    assert_exactly(&db, &expected).await;
+}

@@ -18,6 +18,23 @@
 //!   commit). Baseline: write(), then a leader-follower group commit: the first
 //!   waiter runs fdatasync for every write that returned before it started, the
 //!   others wait for it.
+//! - `rotation-stall` / `rotation-stall-inline`: how long a tokio worker
+//!   thread is held while appends rotate segments. One current-thread runtime
+//!   (a single worker) runs an appender task (bursts of 64 appends, then a
+//!   yield) and a ticker task that yields in a loop and records the time
+//!   between two of its turns: the longest (`worker_stall_max_us`), the 99.9th
+//!   percentile (`worker_stall_p999_us`) and how many exceeded 1 ms
+//!   (`worker_stalls_over_1ms`). Segments are 4 MiB (`STALL_SEGMENT`), so a
+//!   run rotates ~75 times per million events; the preparer is on. Ours:
+//!   `WalWriter::append_async` (what `AuditLog` uses: a rotation runs on the
+//!   blocking pool). Baseline: the blocking `WalWriter::append` called from
+//!   the task, which is what `AuditLog` did before (rotation, and waiting for
+//!   or creating the spare, on the worker). A burst of 64 appends is the
+//!   floor of the figures (~0.1 ms); the scheduler's preemptions on a busy
+//!   machine show in the maximum of both.
+//! - `rotation-stall-unprepared` / `...-inline`: the same with the preparer
+//!   off, so that every rotation creates its segment (the case of a spare not
+//!   ready in time, e.g. under heavy writeback).
 //!
 //! Throughput excludes the final close/fsync on both sides. The default scratch
 //! directory is a temp dir, or `./target` when the temp dir is on tmpfs (fsync
@@ -49,6 +66,20 @@ const POOL: usize = 1024;
 const FSYNC_INTERVAL: Duration = Duration::from_millis(100);
 const DURABLE_THREADS: usize = 64;
 const TMPFS_MAGIC: u64 = 0x0102_1994;
+/// Segment size of the rotation-stall cases: many rotations per run.
+const STALL_SEGMENT: u64 = 4 << 20;
+/// Appends between two yields of the rotation-stall appender task.
+const STALL_BURST: u64 = 64;
+
+/// What a rotation-stall run measured.
+#[derive(Clone, Copy)]
+struct Stall {
+    max: Duration,
+    p999: Duration,
+    over_1ms: u64,
+    rotations: u64,
+    slow_rotations: u64,
+}
 
 /// One timed run of one case.
 struct Run {
@@ -58,6 +89,8 @@ struct Run {
     latencies_ns: Vec<u64>,
     /// fsyncs done during the run, and the time they took (durable cases).
     fsyncs: Option<(u64, Duration)>,
+    /// The rotation-stall cases.
+    stall: Option<Stall>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -66,6 +99,12 @@ enum Case {
     RawWrite(usize),
     Durable,
     RawFdatasync,
+    /// Appends from a task: `append_async` (`in_task`) or the blocking
+    /// append; with the preparer on or off.
+    Stall {
+        in_task: bool,
+        prepared: bool,
+    },
 }
 
 impl Case {
@@ -75,6 +114,11 @@ impl Case {
             Case::RawWrite(t) => format!("raw-write-{t}t"),
             Case::Durable => format!("durable-{DURABLE_THREADS}"),
             Case::RawFdatasync => format!("raw-fdatasync-{DURABLE_THREADS}"),
+            Case::Stall { in_task, prepared } => format!(
+                "rotation-stall{}{}",
+                if prepared { "" } else { "-unprepared" },
+                if in_task { "" } else { "-inline" }
+            ),
         }
     }
 }
@@ -101,6 +145,28 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
         (Case::Async(1), Case::RawWrite(1), async_events),
         (Case::Async(2), Case::RawWrite(2), async_events),
         (Case::Durable, Case::RawFdatasync, durable_events),
+        (
+            Case::Stall {
+                in_task: true,
+                prepared: true,
+            },
+            Case::Stall {
+                in_task: false,
+                prepared: true,
+            },
+            async_events,
+        ),
+        (
+            Case::Stall {
+                in_task: true,
+                prepared: false,
+            },
+            Case::Stall {
+                in_task: false,
+                prepared: false,
+            },
+            async_events,
+        ),
     ];
     let mut runs: Vec<(Case, Vec<Run>)> = Vec::new();
     for round in 0..rounds {
@@ -202,6 +268,29 @@ fn summarize(case: Case, runs: &[Run], record_bytes: f64) -> BenchResult {
             .extra
             .insert("fsync_mean_us".into(), serde_json::json!(round1(mean_us)));
     }
+    let stalls: Vec<Stall> = runs.iter().filter_map(|r| r.stall).collect();
+    if !stalls.is_empty() {
+        let us = |f: fn(&Stall) -> Duration| {
+            round1(med(stalls
+                .iter()
+                .map(|s| f(s).as_secs_f64() * 1e6)
+                .collect()))
+        };
+        let count = |f: fn(&Stall) -> u64| med(stalls.iter().map(|s| f(s) as f64).collect());
+        let figures = [
+            ("worker_stall_max_us", us(|s| s.max)),
+            ("worker_stall_p999_us", us(|s| s.p999)),
+            ("worker_stalls_over_1ms", count(|s| s.over_1ms)),
+            ("rotations", count(|s| s.rotations)),
+            ("slow_rotations", count(|s| s.slow_rotations)),
+        ];
+        for (name, value) in figures {
+            result.extra.insert(name.into(), serde_json::json!(value));
+        }
+        result
+            .extra
+            .insert("segment_bytes".into(), serde_json::json!(STALL_SEGMENT));
+    }
     result.extra.insert(
         "record_bytes".into(),
         serde_json::json!(record_bytes.round()),
@@ -222,6 +311,7 @@ fn run_case(case: Case, dir: &Path, events: &Arc<Vec<AuditEvent>>, n: u64) -> an
         Case::RawWrite(threads) => raw_write(dir, events, threads, n),
         Case::Durable => wal_durable(dir, events, n),
         Case::RawFdatasync => raw_fdatasync(dir, events, n),
+        Case::Stall { in_task, prepared } => wal_stall(dir, events, n, in_task, prepared),
     }
 }
 
@@ -572,5 +662,88 @@ where
         secs,
         latencies_ns: latencies,
         fsyncs: None,
+        stall: None,
+    })
+}
+
+/// The rotation-stall cases (module docs): `n` appends from a task on a
+/// current-thread runtime beside a ticker task that measures how long the
+/// thread was kept from it.
+fn wal_stall(
+    dir: &Path,
+    events: &Arc<Vec<AuditEvent>>,
+    n: u64,
+    append_async: bool,
+    prepared: bool,
+) -> anyhow::Result<Run> {
+    let wal = WalWriter::open(
+        wal_config(dir)
+            .with_segment_size(STALL_SEGMENT)
+            .with_prepare_next_segment(prepared),
+    )?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a tokio runtime")?;
+    let before = wal.stats();
+    let started = Instant::now();
+    let (latencies, mut gaps) = rt.block_on(async {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut gaps_ns = Vec::new();
+                let mut last = Instant::now();
+                while !done.load(Ordering::Relaxed) {
+                    tokio::task::yield_now().await;
+                    let now = Instant::now();
+                    gaps_ns.push((now - last).as_nanos() as u64);
+                    last = now;
+                }
+                gaps_ns
+            })
+        };
+        let mut lat = Vec::with_capacity(n as usize);
+        let mut outcome = Ok(());
+        for i in 0..n {
+            let e = &events[i as usize % events.len()];
+            let t0 = Instant::now();
+            let appended = if append_async {
+                wal.append_async(e).await
+            } else {
+                wal.append(e)
+            };
+            lat.push(t0.elapsed().as_nanos() as u64);
+            if let Err(e) = appended {
+                outcome = Err(e);
+                break;
+            }
+            if i % STALL_BURST == STALL_BURST - 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+        let gaps = ticker.await.unwrap_or_default();
+        outcome.map(|()| (lat, gaps))
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    let after = wal.stats();
+    wal.close()?;
+    let mut latencies = latencies;
+    latencies.sort_unstable();
+    gaps.sort_unstable();
+    let stall = Stall {
+        max: Duration::from_nanos(gaps.last().copied().unwrap_or(0)),
+        p999: Duration::from_nanos(percentile(&gaps, 99.9)),
+        over_1ms: gaps.iter().filter(|&&g| g > 1_000_000).count() as u64,
+        rotations: after.rotations - before.rotations,
+        slow_rotations: after.slow_rotations - before.slow_rotations,
+    };
+    Ok(Run {
+        events: latencies.len() as u64,
+        secs,
+        latencies_ns: latencies,
+        fsyncs: None,
+        stall: Some(stall),
     })
 }

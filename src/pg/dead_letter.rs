@@ -7,6 +7,8 @@
 //! the batch that skips its row commits its checkpoint: after a crash between the
 //! two, the row is dead-lettered a second time on restart (a duplicate line with the
 //! same stream and LSN), never lost. docs/operations.md says what to do with the file.
+//! The write and its fsync run on tokio's blocking pool, not on the loader's
+//! worker threads.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -49,8 +51,10 @@ impl DeadLetterFile {
         &self.path
     }
 
-    /// Appends one refused row and makes it durable.
-    pub fn append(
+    /// Appends one refused row and makes it durable (on the blocking pool).
+    /// Cancelled meanwhile, the line may still be written: the row is then
+    /// dead-lettered twice, which the file allows (module docs).
+    pub async fn append(
         &mut self,
         stream_id: &str,
         lsn: u64,
@@ -69,17 +73,26 @@ impl DeadLetterFile {
         };
         let mut text = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
         text.push(b'\n');
-        let file = match &mut self.file {
-            Some(f) => f,
-            None => self.file.insert(
-                OpenOptions::new()
+        let (path, file) = (self.path.clone(), self.file.take());
+        let (file, written) = tokio::task::spawn_blocking(move || {
+            let mut file = match file {
+                Some(f) => f,
+                None => match OpenOptions::new()
                     .create(true)
                     .append(true)
                     .mode(0o600)
-                    .open(&self.path)?,
-            ),
-        };
-        file.write_all(&text)?;
-        file.sync_data()
+                    .open(&path)
+                {
+                    Ok(f) => f,
+                    Err(e) => return (None, Err(e)),
+                },
+            };
+            let written = file.write_all(&text).and_then(|()| file.sync_data());
+            (Some(file), written)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        self.file = file;
+        written
     }
 }

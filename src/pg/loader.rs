@@ -15,6 +15,13 @@
 //! locks and reads the checkpoint first, see `batch`). Rows PostgreSQL refuses go
 //! to the stream's dead-letter file and the stream goes on.
 //!
+//! The stream tasks share the runtime's worker threads with each other and with
+//! the metrics endpoint, so none of them does file work on a worker: reading a
+//! batch from the segments (and the lag figures' listing), the dead-letter
+//! fsync, and retiring segments with their directory fsyncs run on tokio's
+//! blocking pool ([`off_worker`], `DeadLetterFile::append`). A stuck disk then
+//! holds only its own stream's task.
+//!
 //! What this module leaves to others: the bytes of a COPY (`copy`), one
 //! transaction (`batch`), reading segments (`wal::reader` via `cursor`), and the
 //! figures (`metrics`).
@@ -510,13 +517,30 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
             max_bytes: ctx.config.batch_max_bytes,
             max_time: ctx.config.batch_max_delay,
         };
-        let gathered = cur.next_batch(&limits).map_err(stream_err)?;
+        let Some((back, gathered)) = ({
+            let (mut cur, m) = (cursor.take(), m.clone());
+            off_worker(move || {
+                let gathered = cur.as_mut().map(|c| {
+                    let gathered = c.next_batch(&limits);
+                    c.update_lag(&m);
+                    gathered
+                });
+                (cur, gathered)
+            })
+            .await
+        }) else {
+            return Ok(()); // the runtime is shutting down
+        };
+        cursor = back;
+        let (Some(cur), Some(gathered)) = (cursor.as_mut(), gathered) else {
+            continue;
+        };
+        let gathered = gathered.map_err(stream_err)?;
         for skipped in &gathered.skipped {
             m.corrupt_ranges.fetch_add(1, Ordering::Relaxed);
             ctx.metrics.errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(stream, "corrupt WAL range skipped: {skipped}");
         }
-        cur.update_lag(&m);
         let batch = gathered.batch;
         if batch.end_lsn <= cur.committed() {
             if ctx.config.once && cur.at_end() {
@@ -548,16 +572,29 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
                 }
                 m.checkpoint_lsn.store(end_lsn, Ordering::Relaxed);
                 cur.committed_through(end_lsn);
-                for seg in cur.take_finished() {
-                    retire_segment(&ctx.config, stream, &seg).map_err(|source| {
-                        LoadError::Segment {
-                            stream: stream.to_string(),
-                            path: seg.clone(),
-                            source,
+                let finished = cur.take_finished();
+                let Some((back, retired)) = ({
+                    let (mut cur, m) = (cursor.take(), m.clone());
+                    let (config, name) = (ctx.config.clone(), stream.to_string());
+                    off_worker(move || {
+                        let retired = finished.into_iter().try_for_each(|seg| {
+                            retire_segment(&config, &name, &seg).map_err(|source| (seg, source))
+                        });
+                        if let Some(c) = cur.as_mut() {
+                            c.update_lag(&m);
                         }
-                    })?;
-                }
-                cur.update_lag(&m);
+                        (cur, retired)
+                    })
+                    .await
+                }) else {
+                    return Ok(()); // the runtime is shutting down
+                };
+                cursor = back;
+                retired.map_err(|(path, source)| LoadError::Segment {
+                    stream: stream.to_string(),
+                    path,
+                    source,
+                })?;
             }
             Ok(Err(StreamFailure::DeadLetter(path, source))) => {
                 return Err(LoadError::DeadLetter {
@@ -624,7 +661,7 @@ async fn commit_with_dead_letters(
                 message,
             }) if index < batch.rows.len() => {
                 let row = batch.rows.remove(index);
-                dead_letter(dead, stream, &row, &sqlstate, &message, m)?;
+                dead_letter(dead, stream, &row, &sqlstate, &message, m).await?;
             }
             Err(BatchError::PoisonRow { .. } | BatchError::PoisonUnknownRow { .. }) => {
                 // The server did not say which row: find it by loading one at a time.
@@ -636,7 +673,7 @@ async fn commit_with_dead_letters(
 }
 
 /// Writes a refused row to the dead-letter file (fsynced) and counts it.
-fn dead_letter(
+async fn dead_letter(
     dead: &mut DeadLetterFile,
     stream: &str,
     row: &crate::pg::batch::BatchRow,
@@ -658,6 +695,7 @@ fn dead_letter(
         row.sample_rate,
         &row.event,
     )
+    .await
     .map_err(|e| StreamFailure::DeadLetter(dead.path().to_path_buf(), e))?;
     m.dead_lettered.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -686,7 +724,7 @@ async fn commit_row_by_row(
                 }
                 | BatchError::PoisonUnknownRow { sqlstate, message },
             ) => {
-                dead_letter(dead, stream, row, &sqlstate, &message, m)?;
+                dead_letter(dead, stream, row, &sqlstate, &message, m).await?;
                 let skip = Batch {
                     rows: Vec::new(),
                     end_lsn: row.lsn,
@@ -706,6 +744,21 @@ async fn commit_row_by_row(
         .await
         .map_err(|e| StreamFailure::Database(e.to_string()))?;
     Ok((BatchOutcome::Committed { rows }, batch.end_lsn))
+}
+
+/// Runs `f` (file work: segment reads, fsyncs, directory changes) on tokio's
+/// blocking pool and waits for it, so the worker thread stays free for the
+/// other streams and the metrics endpoint. A panic in `f` is resumed here, as
+/// if `f` had run inline; `None` when the runtime is shutting down and never
+/// ran `f`.
+async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => Some(value),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_cancelled) => None,
+        },
+    }
 }
 
 /// Deletes a segment the checkpoint has passed (`Cursor::take_finished`), or moves

@@ -40,6 +40,20 @@ pub enum WalError {
     )]
     StreamLocked { stream: String, path: PathBuf },
 
+    /// A reader (the loader, or replay) has been settling the stream for
+    /// longer than an opening writer waits for it (`SETTLE_WAIT`); settling
+    /// only fdatasyncs and scans the stream's segments, so the disk is stuck.
+    #[error(
+        "stream `{stream}` is being settled by a reader (lock held on {}) for {waited:?} \
+         already; its fdatasyncs are not finishing: check the disk, or stop the loader",
+        path.display()
+    )]
+    StreamSettling {
+        stream: String,
+        path: PathBuf,
+        waited: std::time::Duration,
+    },
+
     /// The stream's segment files fill its disk budget and no reader freed a
     /// segment in time (policy Block after its timeout, or policy Fail at once).
     #[error(

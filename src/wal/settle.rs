@@ -11,6 +11,11 @@
 //! segment, find the last complete record, and publish its LSN as the watermark.
 //! When a writer holds the lock it is alive and keeps the watermark itself;
 //! settling then does nothing.
+//!
+//! The writer's lock is taken inside a second one, `SETTLE`
+//! (`StreamDir::lock_to_settle`): a writer opening meanwhile sees it and waits
+//! for the settle to finish (up to `SETTLE_WAIT`), instead of failing with
+//! `StreamLocked` as it does when another writer holds the stream.
 
 use std::fs::File;
 use std::path::Path;
@@ -28,7 +33,8 @@ use super::stream_dir::StreamDir;
 /// What [`settle_idle_stream`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
-    /// A writer holds the stream: its own flusher keeps the watermark.
+    /// A writer holds the stream (its own flusher keeps the watermark), or is
+    /// taking it, or another reader is settling it.
     WriterActive,
     /// No writer: every complete record up to `durable_lsn` is now on disk and the
     /// watermark says so.
@@ -38,7 +44,7 @@ pub enum Settled {
 /// Settles `wal_dir/stream` if no writer holds it (see the module docs).
 pub fn settle_idle_stream(wal_dir: &Path, stream: &str) -> Result<Settled, WalError> {
     let dir = StreamDir::open(wal_dir, stream)?;
-    let _lock = match dir.lock() {
+    let _lock = match dir.lock_to_settle() {
         Ok(lock) => lock,
         Err(WalError::StreamLocked { .. }) => return Ok(Settled::WriterActive),
         Err(e) => return Err(e),
@@ -57,7 +63,7 @@ pub fn settle_idle_stream(wal_dir: &Path, stream: &str) -> Result<Settled, WalEr
     };
     // Earlier segments are sealed; only the last one's end must be found.
     let file = File::open(&last.path).map_err(|e| WalError::io("open", &last.path, e))?;
-    // SAFETY: we hold the stream's writer lock, so no writer appends to or zeroes
+    // SAFETY: we hold the stream's writer lock (see above), so no writer appends to or zeroes
     // this file while it is mapped; readers never write. The file is not shrunk by
     // anyone (writers cut torn tails by zeroing), so the map stays valid.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| WalError::io("mmap", &last.path, e))?;

@@ -1,5 +1,5 @@
 //! One stream's directory, `WAL_DIR/<stream>/`: its creation with owner-only
-//! permissions, the one-writer lock, the listing of segment files in LSN order,
+//! permissions, the one-writer lock (and the settle lock beside it), the listing of segment files in LSN order,
 //! the disk usage that the budget counts, and the directory fsync that makes
 //! creations, renames and deletions durable.
 //!
@@ -13,6 +13,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::error::WalError;
 use super::format::{self, Lsn};
@@ -25,6 +26,17 @@ pub(crate) const FILE_MODE: u32 = 0o600;
 
 /// The writer's lock file: flock'd by the one writer of the stream.
 pub(crate) const LOCK_FILE: &str = "LOCK";
+/// The settle lock file: flock'd by a reader for as long as it holds the
+/// writer's lock to settle the stream (`wal::settle`), and by an opening writer
+/// only while it takes the writer's lock.
+pub(crate) const SETTLE_LOCK_FILE: &str = "SETTLE";
+/// How long a writer's open waits for a settle under way to finish. Settling
+/// fdatasyncs the stream's segments and scans the last one: milliseconds when a
+/// writer closed cleanly, up to about a second after one was killed with a
+/// segment's worth of unsynced pages; ten seconds means the disk is stuck.
+pub(crate) const SETTLE_WAIT: Duration = Duration::from_secs(10);
+/// How often an opening writer looks again for the settle to be over.
+const SETTLE_POLL: Duration = Duration::from_millis(2);
 /// Suffix of a segment being created; readers ignore it, recovery removes it.
 pub(crate) const SEGMENT_TMP_SUFFIX: &str = ".seg.tmp";
 
@@ -51,6 +63,15 @@ pub(crate) struct StreamDir {
 #[derive(Debug)]
 pub(crate) struct StreamLock {
     _file: File,
+}
+
+/// Both locks, held by a reader settling the stream: no writer can open it
+/// meanwhile, and an opening writer knows to wait rather than fail.
+#[derive(Debug)]
+pub(crate) struct SettleLock {
+    // Field order is drop order: the writer's lock goes first.
+    _writer: StreamLock,
+    _settle: StreamLock,
 }
 
 impl StreamDir {
@@ -141,23 +162,77 @@ impl StreamDir {
         self.path.join(format::segment_file_name(first_lsn))
     }
 
-    /// Takes the stream's writer lock without waiting (flock, LOCK_EX|LOCK_NB).
+    /// Takes the stream's writer lock for a writer (flock `LOCK`, exclusive).
+    ///
+    /// A reader settling the stream holds `LOCK` too, briefly, and always
+    /// inside the `SETTLE` lock. So the writer first takes `SETTLE`, waiting up
+    /// to [`SETTLE_WAIT`] for a settle under way ([`WalError::StreamSettling`]
+    /// after that), and then `LOCK` without waiting: held by anyone then, it
+    /// can only be another writer ([`WalError::StreamLocked`], at once).
+    /// `SETTLE` is let go at once: settles that come later find `LOCK` taken
+    /// and leave the stream to this writer.
     ///
     /// flock locks belong to the open file description, so a second open in the
     /// same process is refused exactly like another process.
     pub(crate) fn lock(&self) -> Result<StreamLock, WalError> {
+        let settle_path = self.path.join(SETTLE_LOCK_FILE);
+        let started = Instant::now();
+        let _settle = loop {
+            match self.try_flock(&settle_path)? {
+                Some(lock) => break lock,
+                None if started.elapsed() >= SETTLE_WAIT => {
+                    return Err(WalError::StreamSettling {
+                        stream: self.name.clone(),
+                        path: settle_path,
+                        waited: started.elapsed(),
+                    })
+                }
+                None => std::thread::sleep(SETTLE_POLL),
+            }
+        };
+        self.try_lock_writer()
+    }
+
+    /// For a reader about to settle the stream: `SETTLE`, then `LOCK`, neither
+    /// waiting. [`WalError::StreamLocked`] when either is held: a writer has
+    /// the stream (or is taking it), or another reader is settling it.
+    pub(crate) fn lock_to_settle(&self) -> Result<SettleLock, WalError> {
+        let settle_path = self.path.join(SETTLE_LOCK_FILE);
+        let Some(settle) = self.try_flock(&settle_path)? else {
+            return Err(WalError::StreamLocked {
+                stream: self.name.clone(),
+                path: settle_path,
+            });
+        };
+        Ok(SettleLock {
+            _writer: self.try_lock_writer()?,
+            _settle: settle,
+        })
+    }
+
+    /// `LOCK`, exclusive, without waiting.
+    fn try_lock_writer(&self) -> Result<StreamLock, WalError> {
         let path = self.lock_path();
-        let file = self
-            .fs
-            .open_or_create(&path)
-            .map_err(|e| WalError::io("open the stream lock file", &path, e))?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(StreamLock { _file: file }),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(WalError::StreamLocked {
+        match self.try_flock(&path)? {
+            Some(lock) => Ok(lock),
+            None => Err(WalError::StreamLocked {
                 stream: self.name.clone(),
                 path,
             }),
-            Err(e) => Err(WalError::io("lock", &path, e.into())),
+        }
+    }
+
+    /// flock(LOCK_EX|LOCK_NB) on `path` (created 0600 if missing); `None` if
+    /// someone holds it.
+    fn try_flock(&self, path: &Path) -> Result<Option<StreamLock>, WalError> {
+        let file = self
+            .fs
+            .open_or_create(path)
+            .map_err(|e| WalError::io("open the lock file", path, e))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(StreamLock { _file: file })),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(WalError::io("lock", path, e.into())),
         }
     }
 

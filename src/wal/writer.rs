@@ -14,12 +14,20 @@
 //! no gap (the EndOfSegment record takes one too); `written_lsn` is stored only
 //! after the record's bytes are complete, so the flusher, which reads it under
 //! the same mutex, never declares a half-copied record durable; a segment is
-//! renamed to its final name before its first record is appended. This module
+//! renamed to its final name before its first record is appended; and no
+//! appender holds the mutex across a system call or a wait. Rotation (sealing the
+//! full segment, then taking the prepared spare or creating one, and renaming
+//! it in) holds the mutex only to seal and to install: the slow middle runs
+//! under a separate rotation mutex that other appenders needing the new
+//! segment wait on, while the fast path of every other call never touches it.
+//! That is what lets [`WalWriter::append_async`] promise a runtime thread is
+//! never held: it tries the fast path, and hands an append that needs a new
+//! segment to tokio's blocking pool. This module
 //! leaves the byte layout to `format`/`payload`, the file handling to `segment`
 //! and `stream_dir`, and repairing a crashed stream to `recovery`.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,7 +49,7 @@ use super::stream_dir::{StreamDir, StreamLock};
 /// How long an answer "no room for a segment" is reused before the directory is
 /// listed again; keeps a flood of appends against a full budget cheap.
 const NO_ROOM_RECHECK: Duration = Duration::from_millis(10);
-/// A rotation slower than this is logged: appends waited for it.
+/// A rotation slower than this is logged and counted: appends waited for it.
 const SLOW_ROTATION: Duration = Duration::from_millis(20);
 /// How often a blocked append (policy Block) looks for freed space.
 const BLOCK_POLL: Duration = Duration::from_millis(10);
@@ -54,11 +62,103 @@ thread_local! {
     static PAYLOAD_BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
 }
 
+/// Encodes `event` into this thread's reused buffer and hands it to `f`.
+fn with_encoded<T>(
+    event: &AuditEvent,
+    sample_rate: f64,
+    f: impl FnOnce(&[u8]) -> Result<T, WalError>,
+) -> Result<T, WalError> {
+    PAYLOAD_BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        let result = payload::encode_event(event, sample_rate, buf)
+            .map_err(|e| WalError::Encode {
+                reason: e.to_string(),
+            })
+            .and_then(|()| f(buf));
+        if buf.capacity() > KEEP_BUFFER_BYTES {
+            *buf = Vec::with_capacity(1024);
+        }
+        result
+    })
+}
+
+/// What an async append does after the fast path.
+enum AsyncStep {
+    Done(Lsn),
+    /// Rotate on the blocking pool (this call claimed it), then try again.
+    Rotate(RotationClaim, usize),
+    /// Another async call is rotating.
+    AwaitRotation,
+    /// No room under `Block`: the whole append waits on the blocking pool.
+    Block(Vec<u8>),
+}
+
+/// An async call's claim to run the next rotation, so that the calls that
+/// need it meanwhile await it instead of each starting a blocking-pool task.
+/// Dropping it (after the rotation, or if it never ran) wakes them.
+struct RotationClaim(Arc<Inner>);
+
+impl RotationClaim {
+    fn take(inner: &Arc<Inner>) -> Option<RotationClaim> {
+        inner
+            .rotation_claimed
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| RotationClaim(inner.clone()))
+    }
+}
+
+impl Drop for RotationClaim {
+    fn drop(&mut self) {
+        self.0.rotation_claimed.store(false, Ordering::SeqCst);
+        self.0.rotated.notify_waiters();
+    }
+}
+
+/// Runs `f` on tokio's blocking pool and waits for it. A panic in `f` is
+/// resumed here, as if `f` had run inline.
+async fn on_blocking_pool<T: Send + 'static>(
+    inner: &Inner,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, WalError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => Ok(value),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // The runtime is shutting down and never ran it: nothing was written.
+            Err(e) => Err(WalError::io(
+                "append on the blocking pool to",
+                inner.dir.path(),
+                std::io::Error::other(e.to_string()),
+            )),
+        },
+    }
+}
+
+/// What the append fast path found.
+enum FastAppend {
+    Appended(Lsn),
+    /// No room for a new segment, known without I/O (a recent answer).
+    NoRoom(NoRoom),
+    /// The record needs a new segment: rotation must run.
+    NeedsSegment,
+}
+
+/// Why a rotation runs, for telling a stall of appends from the start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rotation {
+    /// The stream's first segment, created by open: no append waits.
+    AtOpen,
+    /// The active segment is full (or absent): appends wait for the next one.
+    Full,
+}
+
 /// Counters a user would page on; read with [`WalWriter::stats`].
 #[derive(Debug, Default)]
 struct Counters {
     dropped_events: AtomicU64,
     rotations: AtomicU64,
+    slow_rotations: AtomicU64,
     fsyncs: AtomicU64,
     fsync_nanos: AtomicU64,
 }
@@ -74,6 +174,10 @@ pub struct WalStats {
     pub dropped_events: u64,
     /// Segments started since open.
     pub rotations: u64,
+    /// Rotations after open that kept appends waiting longer than 20 ms (each
+    /// is also logged as a warning). Starting the first segment at open is not
+    /// one: no append waits for it.
+    pub slow_rotations: u64,
     /// fdatasync rounds completed by the flusher.
     pub fsyncs: u64,
     /// Time spent in those rounds' fdatasyncs, in total (divide by `fsyncs`
@@ -116,6 +220,15 @@ pub(crate) struct Inner {
     pub(crate) config: WalConfig,
     pub(crate) dir: Arc<StreamDir>,
     state: Mutex<AppendState>,
+    /// Serialises rotations: held while the next segment is obtained (taken
+    /// from the preparer, waited for, or created) and installed, so that only
+    /// one caller does it and the append mutex is not held meanwhile. Lock
+    /// order: `rotation` before `state`.
+    rotation: Mutex<()>,
+    /// An async append has claimed the next rotation ([`RotationClaim`]).
+    rotation_claimed: AtomicBool,
+    /// Woken when a claimed rotation ends.
+    rotated: tokio::sync::Notify,
     written: AtomicU64,
     pub(crate) durability: Durability,
     sidecar: Sidecar,
@@ -205,6 +318,9 @@ impl WalWriter {
                 closed: false,
                 no_room: None,
             }),
+            rotation: Mutex::new(()),
+            rotation_claimed: AtomicBool::new(false),
+            rotated: tokio::sync::Notify::new(),
             written: AtomicU64::new(last_lsn),
             sidecar,
             counters: Counters::default(),
@@ -218,19 +334,17 @@ impl WalWriter {
             "WAL writer open"
         );
 
-        // Start the first segment now when there is none to append to, so a
-        // full disk shows at open; no room is not fatal here (the policy applies
-        // to the first append, which tries again).
-        {
-            let mut st = inner.lock_state();
-            if st.active.is_none() {
-                match inner.rotate(&mut st)? {
-                    Ok(()) => {}
-                    Err(no_room) => tracing::warn!(
-                        ?no_room,
-                        "no room for the stream's first segment; appends wait for space per policy"
-                    ),
-                }
+        // Start the first segment now when there is none to append to, so the
+        // first append does not wait for it and a full disk shows at open; no
+        // room is not fatal here (the policy applies to the first append, which
+        // tries again).
+        if inner.lock_state().active.is_none() {
+            match inner.rotate(0, Rotation::AtOpen)? {
+                Ok(()) => {}
+                Err(no_room) => tracing::warn!(
+                    ?no_room,
+                    "no room for the stream's first segment; appends wait for space per policy"
+                ),
             }
         }
 
@@ -270,20 +384,14 @@ impl WalWriter {
     /// Returns its LSN once the record is in the page cache. Does not validate
     /// the event (callers run [`AuditEvent::validate`] first).
     ///
-    /// Blocks only when a new segment is needed and the budget is full under
-    /// [`FullDiskPolicy::Block`] (up to its timeout).
+    /// Blocks the thread when the record needs a new segment: for the spare
+    /// segment's rename (microseconds), for the preparer to finish it or for
+    /// creating it here (tens of milliseconds for 64 MiB) when it is not ready,
+    /// and, under [`FullDiskPolicy::Block`], for freed disk budget (up to its
+    /// timeout). From async code use [`append_with_rate_async`](Self::append_with_rate_async).
     pub fn append_with_rate(&self, event: &AuditEvent, sample_rate: f64) -> Result<Lsn, WalError> {
-        PAYLOAD_BUF.with_borrow_mut(|buf| {
-            buf.clear();
-            let result = payload::encode_event(event, sample_rate, buf)
-                .map_err(|e| WalError::Encode {
-                    reason: e.to_string(),
-                })
-                .and_then(|()| self.inner.append_payload(buf));
-            if buf.capacity() > KEEP_BUFFER_BYTES {
-                *buf = Vec::with_capacity(1024);
-            }
-            result
+        with_encoded(event, sample_rate, |payload| {
+            self.inner.append_payload(payload)
         })
     }
 
@@ -294,6 +402,83 @@ impl WalWriter {
     #[doc(hidden)]
     pub fn append_encoded(&self, payload: &[u8]) -> Result<Lsn, WalError> {
         self.inner.append_payload(payload)
+    }
+
+    /// [`append`](Self::append) for async code. See [`append_with_rate_async`](Self::append_with_rate_async).
+    pub async fn append_async(&self, event: &AuditEvent) -> Result<Lsn, WalError> {
+        self.append_with_rate_async(event, 1.0).await
+    }
+
+    /// [`append_with_rate`](Self::append_with_rate) without holding the runtime
+    /// thread: the common case (the record fits in the current segment) is the
+    /// same memory copy under the append mutex, done inline. When a new segment
+    /// is needed, one call runs the rotation on tokio's blocking pool and the
+    /// others that need it meanwhile await it (one blocking-pool task per
+    /// rotation, however many calls wait); an append that must wait for disk
+    /// budget under [`FullDiskPolicy::Block`] waits on the blocking pool.
+    /// Refusals (`Fail`, `DropNewest`) are returned inline once a rotation
+    /// found no room.
+    ///
+    /// Cancelling the future while it waits on the blocking pool does not stop
+    /// that append: the record may still be written, without a receipt.
+    pub async fn append_with_rate_async(
+        &self,
+        event: &AuditEvent,
+        sample_rate: f64,
+    ) -> Result<Lsn, WalError> {
+        let blocks = matches!(
+            self.inner.config.full_disk_policy,
+            FullDiskPolicy::Block { .. }
+        );
+        loop {
+            let step = with_encoded(event, sample_rate, |payload| {
+                let frame_len = self.inner.frame_len_for(payload)?;
+                Ok(match self.inner.try_append(payload, frame_len)? {
+                    FastAppend::Appended(lsn) => AsyncStep::Done(lsn),
+                    FastAppend::NoRoom(no_room) if !blocks => {
+                        return Err(self.inner.refuse(no_room))
+                    }
+                    // Owned, for the blocking pool, which sleeps out the policy.
+                    FastAppend::NoRoom(_) => AsyncStep::Block(payload.to_vec()),
+                    FastAppend::NeedsSegment => match RotationClaim::take(&self.inner) {
+                        Some(claim) => AsyncStep::Rotate(claim, frame_len),
+                        None => AsyncStep::AwaitRotation,
+                    },
+                })
+            })?;
+            match step {
+                AsyncStep::Done(lsn) => return Ok(lsn),
+                // Another call is rotating: wait for it, then try again. One
+                // blocking-pool task per rotation, however many calls need it.
+                AsyncStep::AwaitRotation => {
+                    let rotated = self.inner.rotated.notified();
+                    let mut rotated = std::pin::pin!(rotated);
+                    // Registered before looking again, so that the rotation
+                    // ending in between still wakes this call.
+                    rotated.as_mut().enable();
+                    if self.inner.rotation_claimed.load(Ordering::SeqCst) {
+                        rotated.await;
+                    }
+                }
+                AsyncStep::Rotate(claim, frame_len) => {
+                    let inner = self.inner.clone();
+                    let rotation = on_blocking_pool(&self.inner, move || {
+                        let _claim = claim;
+                        inner.rotate(frame_len, Rotation::Full)
+                    });
+                    if let Err(no_room) = rotation.await?? {
+                        if !blocks {
+                            return Err(self.inner.refuse(no_room));
+                        }
+                    }
+                }
+                AsyncStep::Block(payload) => {
+                    let inner = self.inner.clone();
+                    return on_blocking_pool(&self.inner, move || inner.append_payload(&payload))
+                        .await?;
+                }
+            }
+        }
     }
 
     /// Appends `event` and returns once an fdatasync covering it completed.
@@ -308,7 +493,7 @@ impl WalWriter {
     /// [`append_durable`](Self::append_durable) for async code: the copy happens
     /// at once, the wait for the fsync does not block the runtime thread.
     pub async fn append_durable_async(&self, event: &AuditEvent) -> Result<Lsn, WalError> {
-        let lsn = self.append(event)?;
+        let lsn = self.append_async(event).await?;
         self.wait_durable_async(lsn).await?;
         Ok(lsn)
     }
@@ -353,6 +538,7 @@ impl WalWriter {
             durable_lsn: self.durable_lsn(),
             dropped_events: c.dropped_events.load(Ordering::Relaxed),
             rotations: c.rotations.load(Ordering::Relaxed),
+            slow_rotations: c.slow_rotations.load(Ordering::Relaxed),
             fsyncs: c.fsyncs.load(Ordering::Relaxed),
             fsync_time: Duration::from_nanos(c.fsync_nanos.load(Ordering::Relaxed)),
         }
@@ -388,6 +574,15 @@ impl WalWriter {
             return outcome.clone();
         }
         self.inner.lock_state().closed = true;
+        // A rotation under way finishes first (installing its segment, which the
+        // flusher's last round then syncs), so nothing is renamed into the
+        // directory after the stream lock is released.
+        drop(
+            self.inner
+                .rotation
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         self.inner.spares.shutdown();
         if let Some(h) = lc.preparer.take() {
             if h.join().is_err() {
@@ -451,9 +646,8 @@ impl Inner {
         self.dir.name()
     }
 
-    /// The append path proper: LSN assignment and copy under the mutex, and the
-    /// full-disk policy when a new segment is needed but has no room.
-    fn append_payload(&self, payload: &[u8]) -> Result<Lsn, WalError> {
+    /// The frame length of `payload`, or `EventTooLarge` if no segment can take it.
+    fn frame_len_for(&self, payload: &[u8]) -> Result<usize, WalError> {
         let frame_len = format::frame_len(payload.len());
         if frame_len > self.max_frame_len {
             return Err(WalError::EventTooLarge {
@@ -461,94 +655,154 @@ impl Inner {
                 max: self.max_frame_len,
             });
         }
+        Ok(frame_len)
+    }
+
+    /// The fast path: LSN assignment and copy under the append mutex, when the
+    /// active segment has room. Makes no system call and never waits (but for
+    /// the mutex, which no one holds across either).
+    fn try_append(&self, payload: &[u8], frame_len: usize) -> Result<FastAppend, WalError> {
+        let mut st = self.lock_state();
+        if let Some(e) = st.refusal(self.stream()) {
+            return Err(e);
+        }
+        let st = &mut *st;
+        if let Some(active) = st.active.as_mut().filter(|a| a.has_room_for(frame_len)) {
+            let lsn = st.next_lsn;
+            active.append(lsn, RecordKind::Event, payload)?;
+            st.next_lsn = lsn + 1;
+            self.written.store(lsn, Ordering::Release);
+            return Ok(FastAppend::Appended(lsn));
+        }
+        Ok(match st.fresh_no_room() {
+            Some(no_room) => FastAppend::NoRoom(no_room),
+            None => FastAppend::NeedsSegment,
+        })
+    }
+
+    /// The whole append path: the fast path, rotation when a new segment is
+    /// needed, and the full-disk policy when it has no room. May block (see
+    /// [`WalWriter::append_with_rate`]).
+    fn append_payload(&self, payload: &[u8]) -> Result<Lsn, WalError> {
+        let frame_len = self.frame_len_for(payload)?;
         let mut blocked_since: Option<Instant> = None;
         loop {
-            let no_room = {
-                let mut st = self.lock_state();
-                if let Some(e) = st.refusal(self.stream()) {
-                    return Err(e);
-                }
-                let st = &mut *st;
-                if let Some(active) = st.active.as_mut().filter(|a| a.has_room_for(frame_len)) {
-                    let lsn = st.next_lsn;
-                    active.append(lsn, RecordKind::Event, payload)?;
-                    st.next_lsn = lsn + 1;
-                    self.written.store(lsn, Ordering::Release);
-                    return Ok(lsn);
-                }
-                match self.rotate(st)? {
+            let no_room = match self.try_append(payload, frame_len)? {
+                FastAppend::Appended(lsn) => return Ok(lsn),
+                FastAppend::NoRoom(no_room) => no_room,
+                FastAppend::NeedsSegment => match self.rotate(frame_len, Rotation::Full)? {
                     Ok(()) => continue,
                     Err(no_room) => no_room,
-                }
+                },
             };
-            // The mutex is released here: a blocked append must not stop
-            // close(), and other appenders apply the policy on their own.
-            match self.config.full_disk_policy {
-                FullDiskPolicy::Fail => {
-                    return Err(no_room.into_error(self.stream(), Duration::ZERO))
-                }
-                FullDiskPolicy::DropNewest => {
-                    let total = self.counters.dropped_events.fetch_add(1, Ordering::Relaxed) + 1;
-                    if total.is_power_of_two() {
-                        tracing::warn!(
-                            stream = self.stream(),
-                            dropped_total = total,
-                            ?no_room,
-                            "dropping new events: the stream is out of disk budget"
-                        );
-                    }
-                    return Err(WalError::EventDropped {
-                        stream: self.stream().to_string(),
-                        dropped_total: total,
-                    });
-                }
-                FullDiskPolicy::Block { timeout } => {
-                    let since = *blocked_since.get_or_insert_with(Instant::now);
-                    let waited = since.elapsed();
-                    if waited >= timeout {
-                        return Err(no_room.into_error(self.stream(), waited));
-                    }
-                    std::thread::sleep(BLOCK_POLL.min(timeout - waited));
-                }
-            }
+            self.on_no_room(no_room, &mut blocked_since)?;
         }
     }
 
-    /// Seals the current segment (if not sealed yet) and starts the next one.
+    /// Applies the full-disk policy to an append that found no room for a new
+    /// segment: an error, or (`Block`, within its timeout) a short sleep after
+    /// which the caller tries again. No lock is held: a blocked append must not
+    /// stop close(), and other appenders apply the policy on their own.
+    fn on_no_room(
+        &self,
+        no_room: NoRoom,
+        blocked_since: &mut Option<Instant>,
+    ) -> Result<(), WalError> {
+        let FullDiskPolicy::Block { timeout } = self.config.full_disk_policy else {
+            return Err(self.refuse(no_room));
+        };
+        let since = *blocked_since.get_or_insert_with(Instant::now);
+        let waited = since.elapsed();
+        if waited >= timeout {
+            return Err(no_room.into_error(self.stream(), waited));
+        }
+        std::thread::sleep(BLOCK_POLL.min(timeout - waited));
+        Ok(())
+    }
+
+    /// The error for an append that found no room under `Fail` or
+    /// `DropNewest` (which counts the drop). No I/O.
+    fn refuse(&self, no_room: NoRoom) -> WalError {
+        if self.config.full_disk_policy != FullDiskPolicy::DropNewest {
+            return no_room.into_error(self.stream(), Duration::ZERO);
+        }
+        let total = self.counters.dropped_events.fetch_add(1, Ordering::Relaxed) + 1;
+        if total.is_power_of_two() {
+            tracing::warn!(
+                stream = self.stream(),
+                dropped_total = total,
+                ?no_room,
+                "dropping new events: the stream is out of disk budget"
+            );
+        }
+        WalError::EventDropped {
+            stream: self.stream().to_string(),
+            dropped_total: total,
+        }
+    }
+
+    /// Seals the current segment (if not sealed yet) and starts the next one,
+    /// unless another caller already did while this one waited for the
+    /// rotation mutex (then the active segment has room for `frame_len`).
     /// `Ok(Err(no_room))` when the budget or the disk has no room for it: the
     /// caller applies the policy; the sealed segment stays as it is, which is a
     /// valid end of the log if the process stops now.
-    fn rotate(&self, st: &mut AppendState) -> Result<Result<(), NoRoom>, WalError> {
-        if let Some(active) = st.active.as_mut() {
-            if !active.is_sealed() {
-                let eos = st.next_lsn;
-                active.seal(eos)?;
-                st.next_lsn = eos + 1;
-                self.written.store(eos, Ordering::Release);
-            }
-        }
-        if let Some((at, no_room)) = &st.no_room {
-            if at.elapsed() < NO_ROOM_RECHECK {
-                return Ok(Err(no_room.clone()));
-            }
-        }
-        let _span = tracing::debug_span!("rotate", stream = self.stream(), first_lsn = st.next_lsn)
-            .entered();
+    ///
+    /// The append mutex is held only to seal and to install; taking, waiting
+    /// for or creating the spare and renaming it happen under `rotation` alone.
+    /// Meanwhile no append can take an LSN (the active segment is sealed or
+    /// absent, and appenders that need the next one wait for `rotation`), so
+    /// the next LSN read after sealing is still the new segment's first.
+    fn rotate(&self, frame_len: usize, why: Rotation) -> Result<Result<(), NoRoom>, WalError> {
+        let _rotating = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
         let started = Instant::now();
+        let first_lsn = {
+            let mut st = self.lock_state();
+            if let Some(e) = st.refusal(self.stream()) {
+                return Err(e);
+            }
+            let st = &mut *st;
+            if let Some(active) = st.active.as_mut() {
+                if active.has_room_for(frame_len) {
+                    return Ok(Ok(()));
+                }
+                if !active.is_sealed() {
+                    let eos = st.next_lsn;
+                    active.seal(eos)?;
+                    st.next_lsn = eos + 1;
+                    self.written.store(eos, Ordering::Release);
+                }
+            }
+            if let Some(no_room) = st.fresh_no_room() {
+                return Ok(Err(no_room));
+            }
+            st.next_lsn
+        };
+        let _span = tracing::debug_span!("rotate", stream = self.stream(), first_lsn).entered();
         let spare = match self.spares.take_or_create()? {
             Ok(spare) => spare,
             Err(no_room) => {
-                st.no_room = Some((Instant::now(), no_room.clone()));
+                self.lock_state().no_room = Some((Instant::now(), no_room.clone()));
                 return Ok(Err(no_room));
             }
         };
-        st.no_room = None;
-        let first_lsn = st.next_lsn;
         let got_spare = started.elapsed();
         let segment = spare.install(&self.dir.segment_path(first_lsn), self.stream(), first_lsn)?;
+        {
+            let mut st = self.lock_state();
+            st.no_room = None;
+            let fresh = ActiveSegment::new(Arc::new(segment), format::SEGMENT_HEADER_LEN);
+            if let Some(old) = st.active.replace(fresh) {
+                st.sealed.push(old.segment().clone());
+            }
+            st.dir_dirty = true;
+        }
         let stall = started.elapsed();
-        if stall > SLOW_ROTATION {
-            // Appends wait for this under the append mutex.
+        self.counters.rotations.fetch_add(1, Ordering::Relaxed);
+        // At open no append is waiting: creating the first segment there, with
+        // no spare prepared yet, is expected to take a while.
+        if why == Rotation::Full && stall > SLOW_ROTATION {
+            self.counters.slow_rotations.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 stream = self.stream(),
                 stall_ms = stall.as_secs_f64() * 1e3,
@@ -556,12 +810,6 @@ impl Inner {
                 "slow segment rotation (a slow fdatasync, or the next segment was not prepared in time)"
             );
         }
-        let fresh = ActiveSegment::new(Arc::new(segment), format::SEGMENT_HEADER_LEN);
-        if let Some(old) = st.active.replace(fresh) {
-            st.sealed.push(old.segment().clone());
-        }
-        st.dir_dirty = true;
-        self.counters.rotations.fetch_add(1, Ordering::Relaxed);
         if self.config.prepare_next_segment {
             self.spares.request();
         }
@@ -666,6 +914,14 @@ impl Inner {
 }
 
 impl AppendState {
+    /// The last "no room" answer, while it is recent enough to reuse.
+    fn fresh_no_room(&self) -> Option<NoRoom> {
+        self.no_room
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < NO_ROOM_RECHECK)
+            .map(|(_, no_room)| no_room.clone())
+    }
+
     /// The error an append gets when the writer cannot take it at all.
     fn refusal(&self, stream: &str) -> Option<WalError> {
         if let Some(f) = &self.failure {
