@@ -42,6 +42,8 @@ enum Command {
     Verify(cmd::inspect::VerifyArgs),
     /// Run a benchmark against a baseline measured in the same run.
     Bench(BenchArgs),
+    /// Record events for other processes over a Unix socket (and loopback HTTP).
+    Agent(cmd::agent::AgentArgs),
 }
 
 #[derive(clap::Args)]
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
         Command::Replay(a) => cmd::load::run_replay(a),
         Command::Inspect(a) => cmd::inspect::run_inspect(a),
         Command::Verify(a) => cmd::inspect::run_verify(a),
+        Command::Agent(a) => cmd::agent::run(a),
         Command::Bench(a) => match (a.which, a.e2e.first_given()) {
             (BenchKind::E2e, _) => cmd::bench_e2e::run(a.e2e, a.json, a.dir),
             (_, Some(flag)) => Err(cmd::Failure::usage(anyhow::anyhow!(

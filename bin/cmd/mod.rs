@@ -1,6 +1,7 @@
 //! Subcommand implementations and what they share: exit codes, logging, and the
 //! bench output format of the contract.
 
+pub mod agent;
 pub mod bench;
 pub mod bench_e2e;
 pub mod bench_load;
