@@ -267,6 +267,9 @@ async fn listen_until_signal(
         max_in_flight: args.max_in_flight,
         allow_uids: args.allow_uid.clone(),
     });
+    // Installed before the socket exists: a SIGTERM that comes as soon as a
+    // client can connect must already take the orderly way out.
+    let signals = Signals::install();
     let listener = bind_socket(socket, args.socket_owner, args.socket_group)?;
     let socket_file = SocketFile(socket.to_path_buf());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -305,7 +308,7 @@ async fn listen_until_signal(
         mode = %log.config().mode,
         "agent listening"
     );
-    wait_for_signal().await;
+    signals.wait().await;
     let _ = stop_tx.send(true);
     if unix_task.await.is_err() {
         tracing::warn!("the socket listener ended abnormally");
@@ -329,17 +332,33 @@ async fn listen_until_signal(
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; SIGTERM will stop the agent abruptly");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: answering what is in flight, then stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: answering what is in flight, then stopping"),
+/// SIGTERM and SIGINT, caught from [`Signals::install`] on.
+struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Signals(Some((term, int))),
+            _ => {
+                tracing::warn!(
+                    "cannot install signal handlers; SIGTERM will stop the agent abruptly"
+                );
+                Signals(None)
+            }
+        }
+    }
+
+    async fn wait(self) {
+        let Some((mut term, mut int)) = self.0 else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: answering what is in flight, then stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: answering what is in flight, then stopping"),
+        }
     }
 }
