@@ -44,6 +44,9 @@ enum Command {
     Bench(BenchArgs),
     /// Record events for other processes over a Unix socket (and loopback HTTP).
     Agent(cmd::agent::AgentArgs),
+    /// A throwaway PostgreSQL for tests in other languages: prints its URL, runs until stdin closes.
+    #[command(hide = true)]
+    ScratchDb(cmd::scratch_db::ScratchDbArgs),
 }
 
 #[derive(clap::Args)]
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd::inspect::run_inspect(a),
         Command::Verify(a) => cmd::inspect::run_verify(a),
         Command::Agent(a) => cmd::agent::run(a),
+        Command::ScratchDb(a) => cmd::scratch_db::run(a),
         Command::Bench(a) => match (a.which, a.e2e.first_given()) {
             (BenchKind::E2e, _) => cmd::bench_e2e::run(a.e2e, a.json, a.dir),
             (_, Some(flag)) => Err(cmd::Failure::usage(anyhow::anyhow!(

@@ -16,6 +16,7 @@ pub mod load;
 pub mod loadgen;
 pub mod migrate;
 pub mod progress;
+pub mod scratch_db;
 
 use std::process::ExitCode;
 
