@@ -563,3 +563,35 @@ fn http_on_a_non_loopback_address_is_refused_as_bad_usage() {
     assert!(stderr.contains("loopback"), "{stderr}");
     assert!(!wal.path().join("agent.sock").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_load_the_agent_moves_its_events_into_postgresql_itself() {
+    let db = TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let agent = start_agent(
+        wal.path(),
+        &["--database-url", db.url(), "--load"],
+        &[("AUDITWAL_FSYNC_INTERVAL_MS", "20")],
+    );
+    let mut client = Client::connect(&agent.socket);
+    for id in 0..50 {
+        client.send(&request(id, "async", "a.load"));
+    }
+    let answered: Vec<Uuid> = client.answers(50).values().map(event_id).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while db.count().await < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "the in-process loader did not load in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_exactly(&db, &answered).await;
+    let mut child = agent.child.take();
+    sigterm(child.id());
+    let status = child.wait().expect("wait");
+    assert!(
+        status.success(),
+        "the agent and its loader stop cleanly: {status:?}"
+    );
+}
