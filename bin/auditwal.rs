@@ -75,6 +75,7 @@ enum BenchKind {
     Sync,
     Load,
     E2e,
+    Agent,
 }
 
 fn main() -> ExitCode {
@@ -98,6 +99,7 @@ fn main() -> ExitCode {
             (BenchKind::Wal, None) => cmd::bench_wal::run(a.json, a.dir),
             (BenchKind::Sync, None) => cmd::bench_sync::run(a.json, a.dir),
             (BenchKind::Load, None) => cmd::bench_load::run(a.json, a.dir),
+            (BenchKind::Agent, None) => cmd::bench_agent::run(a.json, a.dir),
         },
     };
     match result {

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_agent;
 pub mod bench_e2e;
 pub mod bench_load;
 pub mod bench_sync;
