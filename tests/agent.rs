@@ -595,3 +595,50 @@ async fn with_load_the_agent_moves_its_events_into_postgresql_itself() {
         "the agent and its loader stop cleanly: {status:?}"
     );
 }
+
+#[test]
+fn sigterm_is_not_held_up_by_a_client_that_reads_no_answers() {
+    let wal = tempfile::tempdir().expect("tempdir");
+    // Drain grace: twice the sync timeout plus 5 s, so about 6 s here.
+    let agent = start_agent(
+        wal.path(),
+        &["--max-in-flight", "16"],
+        &[("AUDITWAL_SYNC_TIMEOUT_MS", "500")],
+    );
+    let mut client = Client::connect(&agent.socket);
+    client.stream.set_nonblocking(true).expect("nonblocking");
+    let line = format!("{}\n", request(1, "async", "a.stuck"));
+    let started = Instant::now();
+    let mut stalled = 0;
+    while stalled < 50 {
+        match client.stream.write(line.as_bytes()) {
+            Ok(_) => stalled = 0,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                stalled += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "never stalled");
+    }
+    let mut child = agent.child.take();
+    let signalled = Instant::now();
+    sigterm(child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent still runs 30 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(5),
+        "it waited its grace first"
+    );
+    assert!(!agent.socket.exists());
+}

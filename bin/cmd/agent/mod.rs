@@ -91,6 +91,9 @@ pub struct Agent {
     line_limit: usize,
     max_in_flight: usize,
     allow_uids: Vec<u32>,
+    /// How long a closing connection waits for its in-flight requests to be
+    /// answered and the answers taken: past every sync call's own timeout.
+    drain_grace: std::time::Duration,
 }
 
 impl Agent {
@@ -266,6 +269,7 @@ async fn listen_until_signal(
         line_limit: max_event_bytes.saturating_mul(6).saturating_add(4096),
         max_in_flight: args.max_in_flight,
         allow_uids: args.allow_uid.clone(),
+        drain_grace: log.config().sync_timeout * 2 + std::time::Duration::from_secs(5),
     });
     // Installed before the socket exists: a SIGTERM that comes as soon as a
     // client can connect must already take the orderly way out.

@@ -10,7 +10,9 @@
 //! they share fsyncs and group commits; answers are therefore in completion
 //! order, matched by `id`. An answer is written only after `record_with`
 //! returned. On shutdown a connection stops reading, waits for its in-flight
-//! requests, writes their answers and closes.
+//! requests, writes their answers and closes; a client that does not take
+//! its answers within the drain grace (twice the sync timeout, plus 5 s) is
+//! cut off, so that it cannot hold a shutdown.
 
 use std::sync::Arc;
 
@@ -134,7 +136,7 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>, mut stop: watch::Rece
     }
     let in_flight = agent.max_in_flight;
     let (answers, rx) = mpsc::channel::<String>(in_flight);
-    let writer = tokio::spawn(write_answers(write_half, rx));
+    let mut writer = tokio::spawn(write_answers(write_half, rx));
     let permits = Arc::new(Semaphore::new(in_flight));
     let mut reader = BufReader::with_capacity(WRITE_BATCH_BYTES, read_half);
     let mut buf = Vec::with_capacity(1024);
@@ -194,7 +196,7 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>, mut stop: watch::Rece
                 let mode = request.mode.unwrap_or(agent.default_mode);
                 if matches!(mode, Mode::Async | Mode::Sampled) {
                     let answer = agent.answer(&id, request).await;
-                    if answers.send(answer).await.is_err() {
+                    if !deliver(&answers, answer, &mut stop, agent.drain_grace).await {
                         break;
                     }
                 } else {
@@ -210,10 +212,42 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>, mut stop: watch::Rece
             }
         }
     }
-    // Wait for the requests still in flight, so that their answers go out.
-    let _ = permits.acquire_many(in_flight as u32).await;
-    drop(answers);
-    let _ = writer.await;
+    // Wait for the requests still in flight, so that their answers go out;
+    // but not for ever: a client that reads none of its answers would hold
+    // the connection, and a shutdown, for as long as it likes.
+    let drained = tokio::time::timeout(agent.drain_grace, async {
+        let _ = permits.acquire_many(in_flight as u32).await;
+        drop(answers);
+        let _ = (&mut writer).await;
+    })
+    .await;
+    if drained.is_err() {
+        writer.abort();
+        tracing::warn!(
+            grace = ?agent.drain_grace,
+            "closing a connection whose client did not take its answers in time"
+        );
+    }
+}
+
+/// Queues `answer` for the writer. Waiting for room in the queue is the
+/// backpressure of a client slow to read; after `stop`, that wait is bounded by
+/// `grace`. False when the answer cannot go out (the client is gone, or did not
+/// make room in time).
+async fn deliver(
+    answers: &mpsc::Sender<String>,
+    answer: String,
+    stop: &mut watch::Receiver<bool>,
+    grace: std::time::Duration,
+) -> bool {
+    let send = answers.send(answer);
+    tokio::pin!(send);
+    tokio::select! {
+        biased;
+        sent = &mut send => return sent.is_ok(),
+        () = stopped(stop) => {}
+    }
+    matches!(tokio::time::timeout(grace, send).await, Ok(Ok(())))
 }
 
 /// Writes answers as they come, several per write when several are ready.
