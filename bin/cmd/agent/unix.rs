@@ -9,7 +9,11 @@
 //! memory copy into the segment), durable and sync ones in a task each so that
 //! they share fsyncs and group commits; answers are therefore in completion
 //! order, matched by `id`. An answer is written only after `record_with`
-//! returned. On shutdown a connection stops reading, waits for its in-flight
+//! returned: inline answers by the reading task itself, gathered while more
+//! whole requests are already buffered and written before it waits for the
+//! socket again (one write per burst; a lone request's answer goes out with no
+//! hop to another task); a task's answer by that task. A client that does not
+//! read makes those writes block, and so the reading. On shutdown a connection stops reading, waits for its in-flight
 //! requests, writes their answers and closes; a client that does not take
 //! its answers within the drain grace (twice the sync timeout, plus 5 s) is
 //! cut off, so that it cannot hold a shutdown.
@@ -20,13 +24,13 @@ use auditwal::Mode;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::protocol::{self, ErrorKind, Peer, Refusal};
 use super::Agent;
 
-/// Answers gathered into one write when several are ready.
+/// Read buffer, and the most answers gathered into one write.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
 /// Accepts connections until `stop` turns true, then waits for every
@@ -135,12 +139,25 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>, mut stop: watch::Rece
         }
     }
     let in_flight = agent.max_in_flight;
-    let (answers, rx) = mpsc::channel::<String>(in_flight);
-    let mut writer = tokio::spawn(write_answers(write_half, rx));
+    let out = Arc::new(AnswerSink::new(write_half));
     let permits = Arc::new(Semaphore::new(in_flight));
     let mut reader = BufReader::with_capacity(WRITE_BATCH_BYTES, read_half);
     let mut buf = Vec::with_capacity(1024);
+    // Answers of the requests recorded inline, written in one go when no
+    // further whole request is buffered: one write per burst, and for a lone
+    // request one write from this task, with no hop to another.
+    let mut pending: Vec<u8> = Vec::with_capacity(4096);
     loop {
+        let more_buffered = reader.buffer().contains(&b'\n');
+        if !pending.is_empty() && (!more_buffered || pending.len() >= WRITE_BATCH_BYTES) {
+            let ok = out
+                .write_bounded(&pending, &mut stop, agent.drain_grace)
+                .await;
+            pending.clear();
+            if !ok {
+                break;
+            }
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
@@ -168,13 +185,7 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>, mut stop: watch::Rece
                         agent.line_limit
                     ),
                 );
-                if answers
-                    .send(protocol::error_answer(&id, &refusal))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+                push_line(&mut pending, &protocol::error_answer(&id, &refusal));
             }
             Frame::Line if buf.iter().all(u8::is_ascii_whitespace) => {}
             Frame::Line => {
@@ -183,46 +194,39 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>, mut stop: watch::Rece
                 let request = match request {
                     Ok(r) => r,
                     Err(refusal) => {
-                        if answers
-                            .send(protocol::error_answer(&id, &refusal))
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
+                        push_line(&mut pending, &protocol::error_answer(&id, &refusal));
                         continue;
                     }
                 };
                 let mode = request.mode.unwrap_or(agent.default_mode);
                 if matches!(mode, Mode::Async | Mode::Sampled) {
-                    let answer = agent.answer(&id, request).await;
-                    if !deliver(&answers, answer, &mut stop, agent.drain_grace).await {
-                        break;
-                    }
+                    push_line(&mut pending, &agent.answer(&id, request).await);
                 } else {
-                    let (agent, answers) = (agent.clone(), answers.clone());
+                    let (agent, out) = (agent.clone(), out.clone());
                     tokio::spawn(async move {
-                        let answer = agent.answer(&id, request).await;
-                        // A closed channel means the client is gone; the event
-                        // is recorded all the same.
-                        let _ = answers.send(answer).await;
+                        let mut answer = agent.answer(&id, request).await;
+                        answer.push('\n');
+                        // A failed write means the client is gone; the event is
+                        // recorded all the same.
+                        out.write(answer.as_bytes()).await;
                         drop(permit);
                     });
                 }
             }
         }
     }
-    // Wait for the requests still in flight, so that their answers go out;
-    // but not for ever: a client that reads none of its answers would hold
-    // the connection, and a shutdown, for as long as it likes.
+    // Answer what was read, and wait for the requests still in flight, so
+    // that their answers go out; but not for ever: a client that reads none of
+    // its answers would hold the connection, and a shutdown, as long as it likes.
     let drained = tokio::time::timeout(agent.drain_grace, async {
+        if !pending.is_empty() {
+            out.write(&pending).await;
+        }
         let _ = permits.acquire_many(in_flight as u32).await;
-        drop(answers);
-        let _ = (&mut writer).await;
+        out.shutdown().await;
     })
     .await;
     if drained.is_err() {
-        writer.abort();
         tracing::warn!(
             grace = ?agent.drain_grace,
             "closing a connection whose client did not take its answers in time"
@@ -230,48 +234,61 @@ async fn connection(stream: UnixStream, agent: Arc<Agent>, mut stop: watch::Rece
     }
 }
 
-/// Queues `answer` for the writer. Waiting for room in the queue is the
-/// backpressure of a client slow to read; after `stop`, that wait is bounded by
-/// `grace`. False when the answer cannot go out (the client is gone, or did not
-/// make room in time).
-async fn deliver(
-    answers: &mpsc::Sender<String>,
-    answer: String,
-    stop: &mut watch::Receiver<bool>,
-    grace: std::time::Duration,
-) -> bool {
-    let send = answers.send(answer);
-    tokio::pin!(send);
-    tokio::select! {
-        biased;
-        sent = &mut send => return sent.is_ok(),
-        () = stopped(stop) => {}
-    }
-    matches!(tokio::time::timeout(grace, send).await, Ok(Ok(())))
+fn push_line(pending: &mut Vec<u8>, answer: &str) {
+    pending.extend_from_slice(answer.as_bytes());
+    pending.push(b'\n');
 }
 
-/// Writes answers as they come, several per write when several are ready.
-async fn write_answers(mut out: OwnedWriteHalf, mut rx: mpsc::Receiver<String>) {
-    let mut batch = Vec::with_capacity(WRITE_BATCH_BYTES);
-    while let Some(answer) = rx.recv().await {
-        batch.extend_from_slice(answer.as_bytes());
-        batch.push(b'\n');
-        while batch.len() < WRITE_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(answer) => {
-                    batch.extend_from_slice(answer.as_bytes());
-                    batch.push(b'\n');
-                }
-                Err(_) => break,
-            }
+/// The connection's write half, shared by the reader (inline answers) and
+/// the tasks of durable and sync requests. A write that blocks (the client
+/// does not read) blocks its writer: that is the backpressure.
+struct AnswerSink {
+    out: tokio::sync::Mutex<OwnedWriteHalf>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl AnswerSink {
+    fn new(out: OwnedWriteHalf) -> Self {
+        AnswerSink {
+            out: tokio::sync::Mutex::new(out),
+            broken: std::sync::atomic::AtomicBool::new(false),
         }
-        if let Err(e) = out.write_all(&batch).await {
-            tracing::debug!(error = %e, "a client went away before its answers");
-            // Keep draining so that in-flight requests never wait on us.
-            while rx.recv().await.is_some() {}
-            return;
-        }
-        batch.clear();
     }
-    let _ = out.shutdown().await;
+
+    /// Writes `bytes` whole; false once the client is gone.
+    async fn write(&self, bytes: &[u8]) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut out = self.out.lock().await;
+        if let Err(e) = out.write_all(bytes).await {
+            tracing::debug!(error = %e, "a client went away before its answers");
+            self.broken.store(true, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// [`write`](Self::write), whose wait is bounded by `grace` once `stop`
+    /// is set (before it, waiting is the backpressure of a slow reader).
+    async fn write_bounded(
+        &self,
+        bytes: &[u8],
+        stop: &mut watch::Receiver<bool>,
+        grace: std::time::Duration,
+    ) -> bool {
+        let write = self.write(bytes);
+        tokio::pin!(write);
+        tokio::select! {
+            biased;
+            written = &mut write => return written,
+            () = stopped(stop) => {}
+        }
+        tokio::time::timeout(grace, write).await.unwrap_or(false)
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.out.lock().await.shutdown().await;
+    }
 }
