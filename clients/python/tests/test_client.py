@@ -205,3 +205,26 @@ def test_every_answered_event_survives_a_sigkill_of_the_client_and_then_of_the_a
     stored = db.event_ids()
     assert len(stored) == len(set(stored))
     assert set(stored) == kept
+
+
+def test_an_asyncio_service_forked_after_use_connects_anew_in_the_child(start_agent):
+    agent = start_agent()
+    audit = AsyncAuditService(mode="async", socket_path=agent.socket)
+    asyncio.run(audit.log_event("aio.fork.parent"))
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            receipt = asyncio.run(audit.log_event("aio.fork.child"))
+            os.write(w, receipt.event_id.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    child_event = os.read(r, 100).decode()
+    os.close(r)
+    peers = {rec["event_id"]: rec["metadata"][PEER_KEY] for rec in agent.records()}
+    assert peers[child_event]["pid"] == child
