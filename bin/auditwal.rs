@@ -42,6 +42,11 @@ enum Command {
     Verify(cmd::inspect::VerifyArgs),
     /// Run a benchmark against a baseline measured in the same run.
     Bench(BenchArgs),
+    /// Record events for other processes over a Unix socket (and loopback HTTP).
+    Agent(cmd::agent::AgentArgs),
+    /// A throwaway PostgreSQL for tests in other languages: prints its URL, runs until stdin closes.
+    #[command(hide = true)]
+    ScratchDb(cmd::scratch_db::ScratchDbArgs),
 }
 
 #[derive(clap::Args)]
@@ -76,6 +81,7 @@ enum BenchKind {
     E2e,
     Record,
     Fleet,
+    Agent,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +95,8 @@ fn main() -> ExitCode {
         Command::Replay(a) => cmd::load::run_replay(a),
         Command::Inspect(a) => cmd::inspect::run_inspect(a),
         Command::Verify(a) => cmd::inspect::run_verify(a),
+        Command::Agent(a) => cmd::agent::run(a),
+        Command::ScratchDb(a) => cmd::scratch_db::run(a),
         Command::Bench(a) => match (a.which, a.e2e.first_given(), a.fleet.first_given()) {
             (BenchKind::E2e, _, None) => cmd::bench_e2e::run(a.e2e, a.json, a.dir),
             (BenchKind::Fleet, None, _) => cmd::bench_fleet::run(a.fleet, a.json, a.dir),
@@ -102,6 +110,7 @@ fn main() -> ExitCode {
             (BenchKind::Sync, None, None) => cmd::bench_sync::run(a.json, a.dir),
             (BenchKind::Load, None, None) => cmd::bench_load::run(a.json, a.dir),
             (BenchKind::Record, None, None) => cmd::bench_record::run(a.json, a.dir),
+            (BenchKind::Agent, None, None) => cmd::bench_agent::run(a.json, a.dir),
         },
     };
     match result {

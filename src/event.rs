@@ -249,6 +249,76 @@ pub enum EventError {
     InvalidJson { field: &'static str, reason: String },
     #[error("event is {size} bytes, over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
+    /// A known field holds a JSON value of the wrong type (`{"action": 5}`).
+    #[error("field `{field}` must be {expected}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+    },
+}
+
+impl EventError {
+    /// The schema field at fault, when the error is about one field.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            EventError::Malformed { .. } | EventError::TooLarge { .. } => None,
+            EventError::MissingField { field }
+            | EventError::NulByte { field }
+            | EventError::FieldTooLong { field, .. }
+            | EventError::InvalidJson { field, .. }
+            | EventError::WrongType { field, .. } => Some(field),
+            EventError::InvalidIp { .. } => Some("ip"),
+            EventError::InvalidOutcome { .. } => Some("outcome"),
+            EventError::InvalidEventId { .. } => Some("event_id"),
+            EventError::InvalidTimestamp { .. } | EventError::TimestampOutOfRange { .. } => {
+                Some("occurred_at")
+            }
+        }
+    }
+}
+
+/// The fields of [`EventInput`] read as text (a JSON string or null); the
+/// others (`before`, `after`, `metadata`) take any JSON value.
+const STRING_FIELDS: [&str; 14] = [
+    "event_id",
+    "occurred_at",
+    "action",
+    "actor_id",
+    "actor_type",
+    "target_type",
+    "target_id",
+    "target_name",
+    "tenant_id",
+    "outcome",
+    "reason",
+    "ip",
+    "user_agent",
+    "request_id",
+];
+
+/// Why serde refused `line`, named by field where it can be: serde's own message
+/// gives a line and column, not the field, and a caller in another language
+/// needs the field. Called only on the error path.
+fn diagnose(line: &str, serde_reason: String) -> EventError {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(line) else {
+        return EventError::Malformed {
+            reason: serde_reason,
+        };
+    };
+    for field in STRING_FIELDS {
+        if map
+            .get(field)
+            .is_some_and(|v| !v.is_string() && !v.is_null())
+        {
+            return EventError::WrongType {
+                field,
+                expected: "a string",
+            };
+        }
+    }
+    EventError::Malformed {
+        reason: serde_reason,
+    }
 }
 
 /// The loose shape of an incoming JSON line: every field that can be malformed is
@@ -365,9 +435,8 @@ impl AuditEvent {
     /// `occurred_at` when absent, and validates the result against
     /// `max_event_bytes`.
     pub fn from_json(line: &str, max_event_bytes: usize) -> Result<Self, EventError> {
-        let input: EventInput = serde_json::from_str(line).map_err(|e| EventError::Malformed {
-            reason: e.to_string(),
-        })?;
+        let input: EventInput =
+            serde_json::from_str(line).map_err(|e| diagnose(line, e.to_string()))?;
         let event_id = match input.event_id {
             Some(s) => Uuid::parse_str(&s).map_err(|_| EventError::InvalidEventId { value: s })?,
             None => Uuid::now_v7(),
@@ -637,6 +706,21 @@ mod tests {
                 limit: 50
             })
         );
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_is_named() {
+        let err = AuditEvent::from_json(r#"{"action":"a","actor_id":42}"#, 1000);
+        assert_eq!(
+            err,
+            Err(EventError::WrongType {
+                field: "actor_id",
+                expected: "a string"
+            })
+        );
+        assert_eq!(err.err().and_then(|e| e.field()), Some("actor_id"));
+        let not_an_object = AuditEvent::from_json("[1]", 1000);
+        assert!(matches!(not_an_object, Err(EventError::Malformed { .. })));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Subcommand implementations and what they share: exit codes, logging, and the
 //! bench output format of the contract.
 
+pub mod agent;
 pub mod bench;
+pub mod bench_agent;
 pub mod bench_e2e;
 pub mod bench_fleet;
 pub mod bench_load;
@@ -19,6 +21,7 @@ pub mod loadgen;
 pub mod migrate;
 pub mod proc_cpu;
 pub mod progress;
+pub mod scratch_db;
 
 use std::process::ExitCode;
 
