@@ -606,3 +606,166 @@ async fn socket_of(conn: &mut sqlx::PgConnection) -> std::os::fd::OwnedFd {
     }
     panic!("no socket bound to port {port}");
 }
+
+/// A TCP proxy on loopback that forwards until [`FreezingProxy::go_silent`], and
+/// from then on forwards nothing on the connections it holds, ever, while keeping
+/// them open (no FIN, no RST): the case of a NAT or firewall that lost its
+/// state, where even keepalive probes are answered (by the proxy's kernel). Only
+/// the loader's own progress limit can tell. New connections are held while
+/// silent and forwarded again after [`FreezingProxy::answer`].
+struct FreezingProxy {
+    url: String,
+    /// Connections numbered below this are frozen for good.
+    frozen_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The number the next connection gets.
+    next_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingProxy {
+    async fn start(db: &TestDb, target_port: u16) -> FreezingProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let url = db
+            .url()
+            .replace(&format!(":{target_port}/"), &format!(":{port}/"));
+        assert_ne!(url, db.url(), "the proxy's URL must lead through it");
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let silent = Arc::new(AtomicBool::new(false));
+        let next_id = Arc::new(AtomicU64::new(0));
+        let (frozen, hush, ids) = (frozen_below.clone(), silent.clone(), next_id.clone());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((client, _)) = listener.accept().await {
+                if hush.load(Ordering::SeqCst) {
+                    held.push(client);
+                    continue;
+                }
+                let id = ids.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let frozen = frozen.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if id < frozen.load(Ordering::SeqCst) {
+                                // Both ends stay open (this task holds them),
+                                // silent, for ever.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        FreezingProxy {
+            url,
+            frozen_below,
+            next_id,
+            silent,
+        }
+    }
+
+    /// Every connection open now goes silent for good; new ones are held.
+    fn go_silent(&self) {
+        use std::sync::atomic::Ordering;
+        self.silent.store(true, Ordering::SeqCst);
+        self.frozen_below
+            .store(self.next_id.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// New connections are forwarded again; the old ones stay dead.
+    fn answer(&self) {
+        use std::sync::atomic::Ordering;
+        self.silent.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The case, without namespaces: the link goes silent under the loader's
+/// connection mid-load for 8 s and then answers new connections while the old one
+/// stays dead without an RST (keepalive probes answered by the proxy's kernel).
+/// With the old limit of 60 s per batch, nothing loaded for about a minute; with
+/// the progress limit (10 s by default) the loader reconnects once it is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_left_dead_without_an_rst_is_replaced_within_seconds_of_the_link_answering() {
+    let cluster = common::private_cluster();
+    let db = TestDb::on_cluster(&cluster).await;
+    let proxy = FreezingProxy::start(&db, cluster.port()).await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let logs = tempfile::tempdir().expect("tempdir");
+    let ids = emit(wal.path(), 0, 100_000);
+    let log = std::fs::File::create(logs.path().join("loader.log")).expect("loader log");
+    let loader = ChildGuard::new(
+        Command::new(loader_bin())
+            .args([
+                "load",
+                "--metrics-addr",
+                "off",
+                "--batch-rows",
+                "10000",
+                "--wal-dir",
+            ])
+            .arg(wal.path())
+            .args(["--database-url", &proxy.url])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn auditwal load"),
+    );
+    let pool = db.pool();
+    let started = wait_until(Duration::from_secs(60), || async { count(pool).await > 0 }).await;
+    assert!(started, "nothing loaded");
+    proxy.go_silent();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let before_up = count(pool).await;
+    proxy.answer();
+    let up_at = Instant::now();
+    let grew = wait_until(Duration::from_secs(90), || async {
+        count(pool).await > before_up
+    })
+    .await;
+    let recovery = up_at.elapsed();
+    assert!(
+        grew,
+        "rows stuck at {before_up} for 90 s after the link answered"
+    );
+    eprintln!(
+        "dead without an RST: rows growing {:.2} s after the link answered",
+        recovery.as_secs_f64()
+    );
+    assert!(
+        recovery < RECOVERY_LIMIT,
+        "rows grew only {recovery:?} after the link answered again"
+    );
+    let all = wait_until(Duration::from_secs(120), || async {
+        count(pool).await == ids.len() as i64
+    })
+    .await;
+    assert!(all, "{} of {} rows loaded", count(pool).await, ids.len());
+    stop(loader);
+    assert_exactly_over_socket(pool, &ids).await;
+}
