@@ -221,9 +221,22 @@ async fn hold_commits(s: &Setup, hold: bool) {
         .expect("switch the slow commit");
 }
 
-/// Runs one case and returns the seconds from link up to rows growing, after
-/// asserting that every event is loaded exactly once.
-async fn dead_link(net: NetnsCluster, phase: Phase, outage: Outage, down_for: Duration) -> f64 {
+/// What one case showed.
+struct Recovery {
+    /// Seconds from link up to rows growing.
+    secs: f64,
+    /// The loader opened a new connection after the link went down.
+    reconnected: bool,
+}
+
+/// Runs one case and returns how the loader recovered, after asserting that
+/// every event is loaded exactly once.
+async fn dead_link(
+    net: NetnsCluster,
+    phase: Phase,
+    outage: Outage,
+    down_for: Duration,
+) -> Recovery {
     let s = setup(net).await;
     let (backlog, batch_rows) = match phase {
         Phase::MidCopy => (120_000, 20_000),
@@ -260,6 +273,11 @@ async fn dead_link(net: NetnsCluster, phase: Phase, outage: Outage, down_for: Du
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+    let down_at_server: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&s.admin)
+            .await
+            .expect("the server's clock");
     let down_at = Instant::now();
     s.net.link_down();
     if let Phase::MidCommit = phase {
@@ -297,14 +315,30 @@ async fn dead_link(net: NetnsCluster, phase: Phase, outage: Outage, down_for: Du
         ids.len(),
         loader_log(&s)
     );
+    let new_connections: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE client_addr = $1::inet AND backend_start > $2",
+    )
+    .bind(s.net.client_addr())
+    .bind(down_at_server)
+    .fetch_one(&s.admin)
+    .await
+    .expect("the loader's connections");
     stop(loader);
     assert_exactly_over_socket(&s.admin, &ids).await;
+    let on = if new_connections > 0 {
+        "a new"
+    } else {
+        "the old"
+    };
     eprintln!(
-        "{phase:?}/{outage:?}, link down {:.1} s: rows growing {:.2} s after link up",
+        "{phase:?}/{outage:?}, link down {:.1} s: rows growing {:.2} s after link up, on {on} connection",
         down_for.as_secs_f64(),
-        recovery.as_secs_f64()
+        recovery.as_secs_f64(),
     );
-    recovery.as_secs_f64()
+    Recovery {
+        secs: recovery.as_secs_f64(),
+        reconnected: new_connections > 0,
+    }
 }
 
 async fn assert_exactly_over_socket(admin: &PgPool, expected: &[Uuid]) {
@@ -326,10 +360,11 @@ async fn assert_exactly_over_socket(admin: &PgPool, expected: &[Uuid]) {
     assert!(set == want, "the rows are not the events emitted");
 }
 
-fn assert_recovers_in_seconds(secs: f64) {
+fn assert_recovers_in_seconds(r: &Recovery) {
     assert!(
-        secs < RECOVERY_LIMIT.as_secs_f64(),
-        "rows grew only {secs:.1} s after the link came back"
+        r.secs < RECOVERY_LIMIT.as_secs_f64(),
+        "rows grew only {:.1} s after the link came back",
+        r.secs
     );
 }
 
@@ -343,8 +378,11 @@ async fn link_recovery_is_measured() {
         (Phase::Idle, Outage::ServerSideKilled),
     ] {
         let net = crate::netns_cluster_or_skip!();
-        let secs = dead_link(net, phase, outage, Duration::from_secs(15)).await;
-        lines.push(format!("{phase:?}/{outage:?}, link down 15 s: {secs:.2} s"));
+        let r = dead_link(net, phase, outage, Duration::from_secs(15)).await;
+        lines.push(format!(
+            "{phase:?}/{outage:?}, link down 15 s: {:.2} s",
+            r.secs
+        ));
     }
     for l in lines {
         eprintln!("link up -> rows growing: {l}");
@@ -354,67 +392,90 @@ async fn link_recovery_is_measured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_mid_copy_for_4s_resumes_on_the_old_connection_loading_each_event_once() {
     let net = crate::netns_cluster_or_skip!();
-    let secs = dead_link(net, Phase::MidCopy, Outage::Resume, Duration::from_secs(4)).await;
-    assert_recovers_in_seconds(secs);
+    let r = dead_link(net, Phase::MidCopy, Outage::Resume, Duration::from_secs(4)).await;
+    assert_recovers_in_seconds(&r);
+    assert!(
+        !r.reconnected,
+        "a COPY stalled for less than the link timeout was given up"
+    );
+}
+
+/// The connection given up on the client's side lives on in the server unless its
+/// end has keepalive too: its transaction holds the checkpoint row lock, and the
+/// loader's new connection would wait on it for hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_cut_off_for_longer_than_the_link_timeout_is_given_up_and_its_lock_released() {
+    let net = crate::netns_cluster_or_skip!();
+    let r = dead_link(net, Phase::MidCopy, Outage::Resume, Duration::from_secs(15)).await;
+    assert_recovers_in_seconds(&r);
+    assert!(r.reconnected, "a COPY stalled for 15 s was waited out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_mid_copy_whose_server_side_is_killed_is_left_within_seconds_of_link_up() {
     let net = crate::netns_cluster_or_skip!();
-    let secs = dead_link(
+    let r = dead_link(
         net,
         Phase::MidCopy,
         Outage::ServerSideKilled,
         Duration::from_secs(12),
     )
     .await;
-    assert_recovers_in_seconds(secs);
+    assert_recovers_in_seconds(&r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_cut_off_for_15s_is_settled_by_the_checkpoint_loading_each_event_once() {
     let net = crate::netns_cluster_or_skip!();
-    let secs = dead_link(
+    let r = dead_link(
         net,
         Phase::MidCommit,
         Outage::Resume,
         Duration::from_secs(15),
     )
     .await;
-    assert_recovers_in_seconds(secs);
+    assert_recovers_in_seconds(&r);
+    assert!(
+        r.reconnected,
+        "a COMMIT unanswered for longer than the link timeout was waited out"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_cut_off_whose_server_side_is_killed_is_neither_lost_nor_loaded_twice() {
     let net = crate::netns_cluster_or_skip!();
-    let secs = dead_link(
+    let r = dead_link(
         net,
         Phase::MidCommit,
         Outage::ServerSideKilled,
         Duration::from_secs(3),
     )
     .await;
-    assert_recovers_in_seconds(secs);
+    assert_recovers_in_seconds(&r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_loader_cut_off_for_20s_loads_what_arrived_meanwhile_within_seconds_of_link_up() {
     let net = crate::netns_cluster_or_skip!();
-    let secs = dead_link(net, Phase::Idle, Outage::Resume, Duration::from_secs(20)).await;
-    assert_recovers_in_seconds(secs);
+    let r = dead_link(net, Phase::Idle, Outage::Resume, Duration::from_secs(20)).await;
+    assert_recovers_in_seconds(&r);
+    assert!(
+        r.reconnected,
+        "a connection silent for longer than the link timeout was kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_loader_whose_server_side_was_killed_meanwhile_reconnects_within_seconds() {
     let net = crate::netns_cluster_or_skip!();
-    let secs = dead_link(
+    let r = dead_link(
         net,
         Phase::Idle,
         Outage::ServerSideKilled,
         Duration::from_secs(8),
     )
     .await;
-    assert_recovers_in_seconds(secs);
+    assert_recovers_in_seconds(&r);
 }
 
 /// Sync calls while the link is dead, then after it is back: each call during the
@@ -464,6 +525,8 @@ async fn sync_across_a_dead_link(net: NetnsCluster, outage: Outage) {
             Err(PgError::OutcomeUnknown { .. }) => unknown.push(e.event_id),
             other => panic!("a call across a dead link answered {other:?}"),
         }
+        // Calls that fail at once would otherwise spin.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     s.net.link_up();
     let up_at = Instant::now();
@@ -562,6 +625,20 @@ async fn a_tuned_connection_socket_has_keepalive_and_the_user_timeout_set() {
         sockopt::tcp_user_timeout(&fd).expect("TCP_USER_TIMEOUT"),
         10_000
     );
+
+    // The server's end of it too.
+    for (setting, want) in [
+        ("tcp_keepalives_idle", "5"),
+        ("tcp_keepalives_interval", "1"),
+        ("tcp_keepalives_count", "3"),
+        ("tcp_user_timeout", "10000"),
+    ] {
+        let got: String = sqlx::query_scalar(&format!("SHOW {setting}"))
+            .fetch_one(&mut tuned)
+            .await
+            .expect("SHOW");
+        assert_eq!(got, want, "{setting} on the server's end");
+    }
 
     // Only the tuned connection's socket is touched.
     let other = socket_of(&mut plain).await;

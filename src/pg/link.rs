@@ -11,6 +11,15 @@
 //! The loader's own progress limit (`loader`, `batch`) covers what the kernel
 //! cannot see, such as a proxy that acknowledges bytes and forwards none.
 //!
+//! The server's end gets the same (the session settings `tcp_keepalives_idle`,
+//! `_interval`, `_count` and `tcp_user_timeout`, PostgreSQL 12 or later). Without
+//! it, a connection the client gave up while the link was down lives on in the
+//! server, which has nothing to send and so never learns: its transaction, in
+//! the middle of a COPY, holds the stream's checkpoint row lock, and every new
+//! connection of the loader waits on that lock until the server's own TCP
+//! notices, two hours later by default. With it, the server ends its side within
+//! about the link timeout and the lock is released.
+//!
 //! Why the socket is found after the fact: sqlx 0.8 opens the socket itself and
 //! has neither a keepalive option nor a way to hand it a socket of ours (upstream
 //! pull requests for both are unmerged), and no way to reach the socket of a
@@ -87,6 +96,7 @@ pub async fn connect(
     }
     let before = socket_inodes();
     let mut conn = options.connect().await?;
+    tune_server_side(&mut conn, tuning).await?;
     let seen: (Option<String>, Option<i32>) =
         sqlx::query_as("SELECT host(inet_client_addr()), inet_client_port()")
             .fetch_one(&mut conn)
@@ -118,6 +128,35 @@ pub async fn connect(
             tracing::warn!(error = %e, "cannot set keepalive on the database connection");
             Ok((conn, Tuned::NotFound))
         }
+    }
+}
+
+/// Gives the server's end of `conn` the same keepalive and user timeout. A server
+/// that refuses a setting (older than PostgreSQL 12: no `tcp_user_timeout`) is
+/// logged and left as it is; losing the connection meanwhile is an error.
+async fn tune_server_side(conn: &mut PgConnection, t: &LinkTuning) -> Result<(), sqlx::Error> {
+    let result = sqlx::query(
+        "SELECT set_config('tcp_keepalives_idle', $1, false), \
+                set_config('tcp_keepalives_interval', $2, false), \
+                set_config('tcp_keepalives_count', $3, false), \
+                set_config('tcp_user_timeout', $4, false)",
+    )
+    .bind(t.keepalive_idle.as_secs().to_string())
+    .bind(t.keepalive_interval.as_secs().to_string())
+    .bind(t.keepalive_count.to_string())
+    .bind(t.user_timeout.as_millis().to_string())
+    .execute(conn)
+    .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) => {
+            tracing::warn!(
+                "the server refused its side's keepalive settings ({e}); a connection \
+                 given up on a dead link may hold its locks there until its TCP notices"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
