@@ -858,3 +858,24 @@ async fn frozen_link() -> Duration {
     assert_exactly_over_socket(pool, &ids).await;
     recovery
 }
+
+#[test]
+fn a_link_timeout_under_a_second_is_refused_as_bad_usage() {
+    let wal = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(common::auditwal_bin())
+        .args([
+            "load",
+            "--metrics-addr",
+            "off",
+            "--link-timeout-ms",
+            "500",
+            "--wal-dir",
+        ])
+        .arg(wal.path())
+        .args(["--database-url", "postgres://nobody@127.0.0.1:1/none"])
+        .output()
+        .expect("run auditwal load");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--link-timeout-ms"), "{stderr}");
+}
