@@ -879,3 +879,60 @@ fn a_link_timeout_under_a_second_is_refused_as_bad_usage() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--link-timeout-ms"), "{stderr}");
 }
+
+/// Through a proxy (here one inside this process) the server sees the proxy's
+/// address: the socket tuned is then the one new socket to the dialled port, and
+/// the proxy's own socket to the server, bound to what the server sees, is left
+/// alone.
+#[tokio::test]
+async fn through_a_proxy_the_tuned_socket_is_the_one_dialled() {
+    use rustix::net::sockopt;
+    let cluster = common::private_cluster();
+    let db = TestDb::on_cluster(&cluster).await;
+    let proxy = common::BlackHoleProxy::silent(&cluster, &db).await;
+    proxy.answer();
+    let options: sqlx::postgres::PgConnectOptions = proxy.url().parse().expect("url");
+    let tuning = auditwal::pg::link::LinkTuning::for_timeout(Duration::from_secs(6));
+    let (mut conn, how) = auditwal::pg::link::connect(&options, &tuning)
+        .await
+        .expect("connect through the proxy");
+    assert_eq!(how, auditwal::pg::link::Tuned::Socket);
+    let proxy_side = socket_of(&mut conn).await;
+    let peer = |fd: &std::os::fd::OwnedFd| {
+        rustix::net::getpeername(fd)
+            .ok()
+            .flatten()
+            .and_then(|a| std::net::SocketAddr::try_from(a).ok())
+    };
+    assert_eq!(
+        peer(&proxy_side).map(|a| a.port()),
+        Some(cluster.port()),
+        "the socket the server sees is the proxy's"
+    );
+    assert!(!sockopt::socket_keepalive(&proxy_side).expect("SO_KEEPALIVE"));
+    let dialled = options.get_port();
+    let mut ours = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd") {
+        let Ok(fd) = entry
+            .expect("fd")
+            .file_name()
+            .to_string_lossy()
+            .parse::<i32>()
+        else {
+            continue;
+        };
+        // SAFETY: as in `socket_of`: only duplicated, then checked.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if let Ok(own) = rustix::io::fcntl_dupfd_cloexec(borrowed, 0) {
+            if peer(&own).is_some_and(|a| a.port() == dialled) {
+                ours.push(own);
+            }
+        }
+    }
+    assert_eq!(ours.len(), 1, "one socket dialled the proxy");
+    assert!(sockopt::socket_keepalive(&ours[0]).expect("SO_KEEPALIVE"));
+    assert_eq!(
+        sockopt::tcp_user_timeout(&ours[0]).expect("TCP_USER_TIMEOUT"),
+        6_000
+    );
+}

@@ -26,13 +26,15 @@
 //! [`PgConnection`]. So [`connect`] connects as usual, asks the server which
 //! address and port it sees the connection coming from (`inet_client_addr()`,
 //! `inet_client_port()`), and looks among this process's descriptors
-//! (`/proc/self/fd`) for the TCP socket bound to exactly that address and port. A
-//! local address and port identify one socket, so no other connection of the
-//! process is touched. When the server sees another address (a proxy or NAT in
-//! between), the socket is the one TCP socket to the dialled port that appeared
-//! during the connect; if there is no such single socket, nothing is tuned and a
-//! warning says so (the loader's progress limit still holds). A unix-socket
-//! connection needs none of this.
+//! (`/proc/self/fd`) for the TCP socket bound to exactly that address and port and
+//! connected to the port it dialled. A local address and port identify one
+//! socket, so no other connection of the process is touched (the dialled port
+//! rules out a proxy inside the same process, whose socket to the server is bound
+//! to what the server sees too). When the server sees another address (a proxy or
+//! NAT in between), the socket is the one TCP socket to the dialled port that
+//! appeared during the connect; if there is no such single socket, nothing is
+//! tuned and a warning says so (the loader's progress limit still holds). A
+//! unix-socket connection needs none of this.
 //!
 //! This module leaves to its callers the connect timeout, retries and what a lost
 //! connection means for the data; it knows sockets, not batches.
@@ -109,9 +111,10 @@ pub async fn connect(
         // NULL: the server sees a unix socket (the host named a socket directory).
         _ => return Ok((conn, Tuned::NotTcp)),
     };
-    let found = match by_server.and_then(socket_bound_to) {
+    let port = options.get_port();
+    let found = match by_server.and_then(|local| socket_bound_to(local, port)) {
         Some(fd) => Some(fd),
-        None => new_socket_to_port(&before, options.get_port()),
+        None => new_socket_to_port(&before, port),
     };
     let Some(fd) = found else {
         tracing::warn!(
@@ -237,13 +240,15 @@ fn same_addr(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && canon(a.ip()) == canon(b.ip())
 }
 
-/// The TCP socket of this process whose local address is `local`.
-fn socket_bound_to(local: SocketAddr) -> Option<OwnedFd> {
+/// The TCP socket of this process whose local address is `local` and whose peer
+/// port is `port` (the one dialled: a proxy inside this process has a socket
+/// bound to what the server sees too, but that one leads to the server's port).
+fn socket_bound_to(local: SocketAddr, port: u16) -> Option<OwnedFd> {
     sockets().into_iter().find_map(|(fd, _)| {
         let own = tcp_socket(fd)?;
-        local_addr(&own)
-            .is_some_and(|a| same_addr(a, local))
-            .then_some(own)
+        let bound = local_addr(&own).is_some_and(|a| same_addr(a, local));
+        let dialled = peer_addr(&own).is_some_and(|p| p.port() == port);
+        (bound && dialled).then_some(own)
     })
 }
 
