@@ -252,6 +252,11 @@ pub const SETTINGS: &[Setting] = &[
         help: "longest a sync call waits",
     },
     Setting {
+        key: "link_timeout_ms",
+        env: "AUDITWAL_LINK_TIMEOUT_MS",
+        help: "keepalive and TCP user timeout of sync mode's connections: a dead link is noticed within this",
+    },
+    Setting {
         key: "sync_migrate",
         env: "AUDITWAL_SYNC_MIGRATE",
         help: "apply migrations when sync mode connects",
@@ -312,6 +317,8 @@ pub struct Config {
     /// `database_url`: required by sync mode. Never printed with its password.
     pub database_url: Option<String>,
     pub sync_timeout: Duration,
+    /// `link_timeout_ms`: see [`SyncConfig::link_timeout`].
+    pub link_timeout: Duration,
     pub sync_migrate: bool,
     pub max_event_bytes: usize,
     /// Where each value that is not a default came from, by setting key.
@@ -339,6 +346,7 @@ impl Default for Config {
             },
             database_url: None,
             sync_timeout: SyncConfig::default().timeout,
+            link_timeout: SyncConfig::default().link_timeout,
             sync_migrate: true,
             zero_fill_segments: true,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
@@ -365,6 +373,7 @@ impl fmt::Debug for Config {
                 &self.database_url.as_deref().map(redact_url),
             )
             .field("sync_timeout", &self.sync_timeout)
+            .field("link_timeout", &self.link_timeout)
             .field("sync_migrate", &self.sync_migrate)
             .field("zero_fill_segments", &self.zero_fill_segments)
             .field("max_event_bytes", &self.max_event_bytes)
@@ -420,6 +429,7 @@ impl Config {
     pub fn sync_config(&self) -> SyncConfig {
         SyncConfig {
             timeout: self.sync_timeout,
+            link_timeout: self.link_timeout,
             migrate: self.sync_migrate,
             max_event_bytes: self.max_event_bytes,
             ..SyncConfig::default()
@@ -456,6 +466,13 @@ impl Config {
                 "sync_timeout_ms",
                 "0".into(),
                 "must be at least 1 ms".into(),
+            ));
+        }
+        if self.link_timeout < Duration::from_secs(1) {
+            return Err(self.invalid(
+                "link_timeout_ms",
+                self.link_timeout.as_millis().to_string(),
+                "must be at least 1000 (keepalive counts whole seconds)".into(),
             ));
         }
         crate::wal::format::validate_stream_id(&self.stream).map_err(|e| {
@@ -612,6 +629,7 @@ struct Layer {
     block_timeout_ms: Option<Duration>,
     database_url: Option<String>,
     sync_timeout_ms: Option<Duration>,
+    link_timeout_ms: Option<Duration>,
     sync_migrate: Option<bool>,
     zero_fill_segments: Option<bool>,
     max_event_bytes: Option<usize>,
@@ -726,6 +744,7 @@ impl Layer {
             "block_timeout_ms" => self.block_timeout_ms = Some(millis(text()?)?),
             "database_url" => self.database_url = Some(text()?),
             "sync_timeout_ms" => self.sync_timeout_ms = Some(millis(text()?)?),
+            "link_timeout_ms" => self.link_timeout_ms = Some(millis(text()?)?),
             "sync_migrate" => self.sync_migrate = Some(flag(text()?)?),
             "zero_fill_segments" => self.zero_fill_segments = Some(flag(text()?)?),
             "max_event_bytes" => {
@@ -766,6 +785,7 @@ impl Layer {
             block_timeout_ms,
             database_url,
             sync_timeout_ms,
+            link_timeout_ms,
             sync_migrate,
             zero_fill_segments,
             max_event_bytes
@@ -817,6 +837,9 @@ impl Layer {
         c.database_url = self.database_url.or(c.database_url);
         if let Some(v) = self.sync_timeout_ms {
             c.sync_timeout = v;
+        }
+        if let Some(v) = self.link_timeout_ms {
+            c.link_timeout = v;
         }
         if let Some(v) = self.sync_migrate {
             c.sync_migrate = v;
@@ -1014,6 +1037,10 @@ impl ConfigBuilder {
 
     pub fn sync_timeout(self, timeout: Duration) -> Self {
         self.set("sync_timeout_ms", |l| l.sync_timeout_ms = Some(timeout))
+    }
+
+    pub fn link_timeout(self, timeout: Duration) -> Self {
+        self.set("link_timeout_ms", |l| l.link_timeout_ms = Some(timeout))
     }
 
     pub fn sync_migrate(self, on: bool) -> Self {

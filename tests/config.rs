@@ -55,6 +55,7 @@ fn defaults_apply_when_only_the_wal_dir_is_set() {
     assert_eq!(actions, ["admin.*"]);
     assert_eq!(c.database_url, None);
     assert_eq!(c.sync_timeout, Duration::from_secs(5));
+    assert_eq!(c.link_timeout, Duration::from_secs(10));
     assert!(c.sync_migrate);
     assert_eq!(c.max_event_bytes, 64 * 1024);
     assert_eq!(c.origin("sample_rate"), Origin::Default);
@@ -128,6 +129,7 @@ full_disk_policy = "block"
 block_timeout_ms = 250
 database_url = "postgres://auditwal@127.0.0.1:5432/audit"
 sync_timeout_ms = 1500
+link_timeout_ms = 4000
 sync_migrate = false
 zero_fill_segments = false
 max_event_bytes = "8KiB"
@@ -156,6 +158,8 @@ max_event_bytes = "8KiB"
         Some("postgres://auditwal@127.0.0.1:5432/audit")
     );
     assert_eq!(c.sync_timeout, Duration::from_millis(1500));
+    assert_eq!(c.link_timeout, Duration::from_secs(4));
+    assert_eq!(c.sync_config().link_timeout, Duration::from_secs(4));
     assert!(!c.sync_migrate);
     assert!(!c.zero_fill_segments);
     assert_eq!(c.max_event_bytes, 8192);
@@ -188,6 +192,7 @@ fn environment_sets_every_setting() {
         ("AUDITWAL_BLOCK_TIMEOUT_MS", "10"),
         ("DATABASE_URL", "postgres://u:pw@127.0.0.1/db"),
         ("AUDITWAL_SYNC_TIMEOUT_MS", "900"),
+        ("AUDITWAL_LINK_TIMEOUT_MS", "3000"),
         ("AUDITWAL_SYNC_MIGRATE", "no"),
         ("AUDITWAL_ZERO_FILL_SEGMENTS", "off"),
         ("AUDITWAL_MAX_EVENT_BYTES", "4096"),
@@ -207,6 +212,7 @@ fn environment_sets_every_setting() {
     assert_eq!(c.disk_budget, 1 << 20);
     assert_eq!(c.full_disk_policy, FullDiskPolicy::DropNewest);
     assert_eq!(c.sync_timeout, Duration::from_millis(900));
+    assert_eq!(c.link_timeout, Duration::from_secs(3));
     assert!(!c.sync_migrate);
     assert!(!c.zero_fill_segments);
     assert!(
@@ -375,6 +381,10 @@ fn other_out_of_range_settings_are_refused_by_name() {
         (
             "`sync_timeout_ms`",
             base().sync_timeout(Duration::ZERO).build(),
+        ),
+        (
+            "`link_timeout_ms`",
+            base().link_timeout(Duration::from_millis(999)).build(),
         ),
         ("`max_event_bytes`", base().max_event_bytes(0).build()),
         (

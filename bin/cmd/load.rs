@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use auditwal::pg::loader::{Loader, LoaderConfig};
+use auditwal::pg::loader::{Loader, LoaderConfig, DEFAULT_LINK_TIMEOUT};
 use auditwal::wal::Lsn;
 use sqlx::Connection;
 
@@ -51,6 +51,12 @@ pub struct LoadArgs {
     /// Longest a partial batch waits for more rows, in milliseconds.
     #[arg(long, default_value_t = 50)]
     pub batch_delay_ms: u64,
+    /// How long the database may make no progress before the link is taken for
+    /// dead and the loader reconnects, in milliseconds: a round trip unanswered, a
+    /// piece of a COPY not accepted, TCP keepalive probes unanswered. A batch may
+    /// take longer in total as long as it moves. At least 1000.
+    #[arg(long, env = "AUDITWAL_LINK_TIMEOUT_MS", default_value_t = DEFAULT_LINK_TIMEOUT.as_millis() as u64)]
+    pub link_timeout_ms: u64,
     /// Draw no progress bar. With --once, one is drawn on stderr when stderr is a
     /// terminal (never when it is piped or redirected).
     #[arg(long)]
@@ -108,8 +114,15 @@ pub fn run_load(args: LoadArgs) -> CmdResult {
             args.wal_dir.display()
         )));
     }
+    if args.link_timeout_ms < 1000 {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--link-timeout-ms {} is too short: at least 1000 (TCP keepalive counts whole seconds)",
+            args.link_timeout_ms
+        )));
+    }
     let config = LoaderConfig {
         once: args.once,
+        link_timeout: Duration::from_millis(args.link_timeout_ms),
         archive_dir: args.archive_dir,
         batch_max_rows: args.batch_rows.max(1),
         batch_max_bytes: args.batch_bytes.max(64 * 1024),

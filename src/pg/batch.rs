@@ -6,8 +6,17 @@
 //! so a batch whose COMMIT was lost with the connection (it may have committed) is
 //! recognised as already loaded instead of being sent twice. This module knows one
 //! transaction; retries, reconnects and dead-letter files are the loader's.
+//!
+//! [`commit_within`] bounds the transaction by progress, not by its total time:
+//! each round trip must be answered, and each [`COPY_CHUNK`] of the COPY accepted
+//! by the socket, within the link timeout. A batch that needs minutes is fine as
+//! long as it keeps moving; a link that died under it is noticed within one
+//! timeout, whatever the batch size. (COPY ignores `statement_timeout`, so the
+//! limit has to be the client's.)
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
 
@@ -63,19 +72,64 @@ pub enum BatchError {
     /// transaction was rolled back.
     #[error("COPY stored {stored} rows, {sent} were sent")]
     RowCountMismatch { sent: u64, stored: u64 },
+    /// A step made no progress within the link timeout: the link is taken for
+    /// dead. The connection is in an unknown state (a COMMIT may have been
+    /// applied): drop it, and settle the batch by re-reading the checkpoint.
+    #[error("{step}: no progress within {after:?}, the database link is taken for dead")]
+    LinkTimeout { step: &'static str, after: Duration },
 }
 
-/// Runs one batch transaction on `conn` for `stream_id` into `table`.
+/// The COPY is sent in pieces of this size, each of which the socket must accept
+/// within the link timeout: a link moving less than this per timeout (6.4 kB/s at
+/// 10 s) counts as dead. Small enough for that, large enough that the per-piece
+/// cost is nothing beside the bytes.
+pub const COPY_CHUNK: usize = 64 * 1024;
+
+/// `fut`, or [`BatchError::LinkTimeout`] naming `step` if it takes longer than `limit`.
+async fn within<T, E>(
+    limit: Duration,
+    step: &'static str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, BatchError>
+where
+    BatchError: From<E>,
+{
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(BatchError::from),
+        Err(_) => Err(BatchError::LinkTimeout { step, after: limit }),
+    }
+}
+
+/// Runs one batch transaction on `conn` for `stream_id` into `table`, with no
+/// limit on the time it takes.
 pub async fn commit(
     conn: &mut PgConnection,
     table: &str,
     stream_id: &str,
     batch: &Batch,
 ) -> Result<BatchOutcome, BatchError> {
-    let mut tx = conn.begin().await?;
-    let checkpoint = checkpoint::lock(&mut tx, stream_id).await?;
+    commit_within(conn, table, stream_id, batch, Duration::MAX).await
+}
+
+/// [`commit`], each step of which must make progress within `link_timeout`
+/// (see the module comment).
+pub async fn commit_within(
+    conn: &mut PgConnection,
+    table: &str,
+    stream_id: &str,
+    batch: &Batch,
+    link_timeout: Duration,
+) -> Result<BatchOutcome, BatchError> {
+    let t = link_timeout;
+    let mut tx = within(t, "BEGIN", conn.begin()).await?;
+    let checkpoint = within(
+        t,
+        "locking the checkpoint",
+        checkpoint::lock(&mut tx, stream_id),
+    )
+    .await?;
     if checkpoint >= batch.end_lsn {
-        tx.rollback().await?;
+        within(t, "ROLLBACK", tx.rollback()).await?;
         return Ok(BatchOutcome::AlreadyLoaded { checkpoint });
     }
     // Rows at or below the checkpoint are already in the table (another loader got
@@ -98,21 +152,51 @@ pub async fn commit(
         sent = body.rows() as u64;
         let body = body.finish();
         let result = {
-            let mut copy = tx.copy_in_raw(&copy_statement(table)).await?;
-            match copy.send(body).await {
-                Ok(_) => copy.finish().await,
-                // Dropping `copy` sends CopyFail; the transaction is then aborted.
+            let statement = copy_statement(table);
+            let mut copy = within(t, "starting the COPY", tx.copy_in_raw(&statement)).await?;
+            let mut sent_all = Ok(());
+            for piece in body.chunks(COPY_CHUNK) {
+                // Dropping `copy` (on an error or a timeout) sends CopyFail; the
+                // transaction is then aborted.
+                match tokio::time::timeout(t, copy.send(piece)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        sent_all = Err(classify_copy_error(e, first));
+                        break;
+                    }
+                    Err(_) => {
+                        sent_all = Err(BatchError::LinkTimeout {
+                            step: "sending the COPY",
+                            after: t,
+                        });
+                        break;
+                    }
+                }
+            }
+            match sent_all {
+                Ok(()) => match tokio::time::timeout(t, copy.finish()).await {
+                    Ok(r) => r.map_err(|e| classify_copy_error(e, first)),
+                    Err(_) => Err(BatchError::LinkTimeout {
+                        step: "finishing the COPY",
+                        after: t,
+                    }),
+                },
                 Err(e) => Err(e),
             }
         };
-        let stored = result.map_err(|e| classify_copy_error(e, first))?;
+        let stored = result?;
         if stored != sent {
-            tx.rollback().await?;
+            within(t, "ROLLBACK", tx.rollback()).await?;
             return Err(BatchError::RowCountMismatch { sent, stored });
         }
     }
-    checkpoint::advance(&mut tx, stream_id, batch.end_lsn).await?;
-    tx.commit().await?;
+    within(
+        t,
+        "advancing the checkpoint",
+        checkpoint::advance(&mut tx, stream_id, batch.end_lsn),
+    )
+    .await?;
+    within(t, "COMMIT", tx.commit()).await?;
     Ok(BatchOutcome::Committed { rows: sent })
 }
 

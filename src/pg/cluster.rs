@@ -1,9 +1,12 @@
 //! A throwaway private PostgreSQL cluster, for tests, `auditwal demo` and the benches.
 //!
 //! [`Cluster::start`] runs `initdb` in a fresh temp dir and starts the server with
-//! `pg_ctl` on a free port of 127.0.0.1 (never another address; the unix socket sits
-//! in the temp dir), trust authentication, UTF8, C locale. As root it runs both as
-//! the `postgres` system user, because PostgreSQL refuses to run as root.
+//! `pg_ctl` on a free port of 127.0.0.1 (the unix socket sits in the temp dir),
+//! trust authentication, UTF8, C locale. As root it runs both as the `postgres`
+//! system user, because PostgreSQL refuses to run as root. The one other address it
+//! listens on is one a test asks for with [`ClusterOptions::network`]: an address
+//! inside a network namespace the test created, the server started through a
+//! command prefix (`ip netns exec NS`), so that the test can take the link down.
 //!
 //! The invariant this module keeps: **a server it started never outlives the
 //! process that started it, and neither does its directory.** `Drop` stops the
@@ -85,7 +88,7 @@ pub enum ClusterError {
         output: String,
     },
 
-    #[error("the PostgreSQL server did not start on 127.0.0.1:{port}; server log:\n{log_tail}")]
+    #[error("the PostgreSQL server did not start on port {port}; server log:\n{log_tail}")]
     StartFailed { port: u16, log_tail: String },
 
     #[error("the shared test cluster could not be started: {0}")]
@@ -116,6 +119,23 @@ pub struct ClusterOptions {
     /// the `openssl` command; [`Cluster::tls_cert`] is the CA certificate (for
     /// `sslrootcert=` with `sslmode=verify-full`). For tests of TLS connections.
     pub tls: bool,
+    /// Listen on an address of the caller's instead of a free port of 127.0.0.1.
+    pub network: Option<ClusterNetwork>,
+}
+
+/// Where a cluster listens when not on loopback: for tests that run the server in a
+/// network namespace of their own and cut the link to it.
+#[derive(Debug, Clone)]
+pub struct ClusterNetwork {
+    /// The address the server listens on (inside the caller's namespace).
+    pub listen: std::net::IpAddr,
+    /// Its port (in a namespace of its own, any port is free).
+    pub port: u16,
+    /// The clients trusted in pg_hba.conf, as a CIDR (e.g. `10.200.7.0/30`).
+    pub clients: String,
+    /// The command prefix `pg_ctl start` runs under, e.g. `ip netns exec NS`: the
+    /// server it forks stays in that namespace.
+    pub wrapper: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -127,6 +147,7 @@ impl Default for ClusterOptions {
             shared_buffers_mb: 128,
             install_if_missing: true,
             tls: false,
+            network: None,
         }
     }
 }
@@ -170,6 +191,7 @@ pub struct Cluster {
     data: PathBuf,
     log: PathBuf,
     port: u16,
+    network: Option<ClusterNetwork>,
     bins: PgBins,
     run_as: Option<RunAs>,
     running: Mutex<bool>,
@@ -227,6 +249,7 @@ impl Cluster {
             log: root.join("server.log"),
             root,
             port: 0,
+            network: opts.network.clone(),
             bins,
             run_as,
             running: Mutex::new(false),
@@ -250,6 +273,23 @@ impl Cluster {
         self.port
     }
 
+    /// The address the server listens on: 127.0.0.1, or [`ClusterNetwork::listen`].
+    pub fn host(&self) -> std::net::IpAddr {
+        self.network
+            .as_ref()
+            .map_or(Ipv4Addr::LOCALHOST.into(), |n| n.listen)
+    }
+
+    /// URL of database `dbname` over the server's unix socket: reachable whatever
+    /// happens to the network (a test that cut the link administers through it).
+    pub fn socket_url_for(&self, dbname: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}@localhost:{}/{dbname}?host={}",
+            self.port,
+            self.root.join("sock").display()
+        )
+    }
+
     /// URL of the `postgres` database, as the superuser `postgres`.
     pub fn url(&self) -> String {
         self.url_for(SUPERUSER)
@@ -259,7 +299,8 @@ impl Cluster {
     pub fn url_for(&self, dbname: &str) -> String {
         // TLS is pointless on loopback and costs a round trip per connection.
         format!(
-            "postgres://{SUPERUSER}@127.0.0.1:{}/{dbname}?sslmode=disable",
+            "postgres://{SUPERUSER}@{}:{}/{dbname}?sslmode=disable",
+            self.host(),
             self.port
         )
     }
@@ -374,7 +415,7 @@ impl Cluster {
         // landed on whichever case happened to be running.
         let conf = format!(
             "\n# auditwal throwaway cluster\n\
-             listen_addresses = '127.0.0.1'\n\
+             listen_addresses = '{listen}'\n\
              unix_socket_directories = '{sock}'\n\
              fsync = {fsync}\n\
              full_page_writes = {fsync}\n\
@@ -385,6 +426,7 @@ impl Cluster {
              checkpoint_timeout = 30min\n\
              huge_pages = off\n\
              logging_collector = off\n",
+            listen = self.host(),
             sock = sock.display(),
             fsync = onoff(opts.fsync),
             maxconn = opts.max_connections,
@@ -403,6 +445,16 @@ impl Cluster {
             .map_err(io_err(format!("cannot open {}", conf_path.display())))?;
         io::Write::write_all(&mut f, conf.as_bytes())
             .map_err(io_err(format!("cannot write {}", conf_path.display())))?;
+        if let Some(net) = &self.network {
+            let hba_path = self.data.join("pg_hba.conf");
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(&hba_path)
+                .map_err(io_err(format!("cannot open {}", hba_path.display())))?;
+            let line = format!("host all all {} trust\n", net.clients);
+            io::Write::write_all(&mut f, line.as_bytes())
+                .map_err(io_err(format!("cannot write {}", hba_path.display())))?;
+        }
         Ok(())
     }
 
@@ -494,6 +546,12 @@ impl Cluster {
     }
 
     fn start_on_free_port(&mut self) -> Result<(), ClusterError> {
+        if let Some(port) = self.network.as_ref().map(|n| n.port) {
+            self.pg_ctl_start(port)?;
+            self.port = port;
+            *lock(&self.running) = true;
+            return Ok(());
+        }
         let mut last = None;
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port()?;
@@ -522,7 +580,23 @@ impl Cluster {
     }
 
     fn pg_ctl_start(&self, port: u16) -> Result<(), ClusterError> {
-        let mut cmd = self.command(&self.bins.pg_ctl);
+        let mut cmd = match self.network.as_ref().and_then(|n| n.wrapper.split_first()) {
+            // Only the start goes through the wrapper: the server it forks stays
+            // where it was started, and stopping is a signal, which works from here
+            // (and from the guardian) even after the wrapper's namespace is gone.
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args);
+                if self.run_as.is_some() {
+                    c.args(["runuser", "-u", SUPERUSER, "--"]);
+                }
+                c.arg(&self.bins.pg_ctl)
+                    .current_dir(&self.root)
+                    .stdin(Stdio::null());
+                c
+            }
+            None => self.command(&self.bins.pg_ctl),
+        };
         cmd.arg("-D")
             .arg(&self.data)
             .arg("-l")

@@ -22,6 +22,13 @@
 //! blocking pool ([`off_worker`], `DeadLetterFile::append`). A stuck disk then
 //! holds only its own stream's task.
 //!
+//! A dead link is noticed by progress, not by a limit on the whole batch: every
+//! round trip (checkpoint read, BEGIN, COMMIT...) must be answered, and every piece
+//! of a COPY accepted by the socket, within `link_timeout`; and every connection's
+//! socket gets keepalive and `TCP_USER_TIMEOUT` for the same time (`link`). So a
+//! link that died under a batch costs one `link_timeout` plus a reconnect, however
+//! large the batch, and a large batch on a slow but live link is never cut off.
+//!
 //! What this module leaves to others: the bytes of a COPY (`copy`), one
 //! transaction (`batch`), reading segments (`wal::reader` via `cursor`), and the
 //! figures (`metrics`).
@@ -39,7 +46,13 @@ use crate::pg::batch::{self, Batch, BatchError, BatchOutcome};
 use crate::pg::checkpoint;
 use crate::pg::cursor::{Cursor, CursorError};
 use crate::pg::dead_letter::DeadLetterFile;
+use crate::pg::link::{self, LinkTuning};
 use crate::pg::metrics::{LoaderMetrics, StreamMetrics};
+
+/// The default [`LoaderConfig::link_timeout`] (and sync mode's): a dead link
+/// costs about this much before reconnecting; a healthy server answers any step
+/// of a batch well within it.
+pub const DEFAULT_LINK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The loader's settings. [`LoaderConfig::new`] gives the defaults.
 #[derive(Debug, Clone)]
@@ -61,8 +74,11 @@ pub struct LoaderConfig {
     /// How often a stream looks for new records when no file event woke it, and how
     /// often the WAL dir is scanned for new streams.
     pub poll_interval: Duration,
-    /// Client-side limit on one batch transaction (COPY ignores statement_timeout).
-    pub batch_timeout: Duration,
+    /// How long the database may make no progress (a round trip unanswered, a
+    /// COPY piece not accepted by the socket, TCP data unacknowledged, keepalive
+    /// probes unanswered) before the link is taken for dead and the connection
+    /// dropped. A batch may take longer in total as long as it moves.
+    pub link_timeout: Duration,
     /// Limit on establishing a connection.
     pub connect_timeout: Duration,
     pub backoff_initial: Duration,
@@ -86,7 +102,7 @@ impl LoaderConfig {
             batch_max_bytes: 16 * 1024 * 1024,
             batch_max_delay: Duration::from_millis(50),
             poll_interval: Duration::from_millis(200),
-            batch_timeout: Duration::from_secs(60),
+            link_timeout: DEFAULT_LINK_TIMEOUT,
             connect_timeout: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
@@ -352,13 +368,14 @@ impl StreamCtx {
     }
 
     async fn connect(&self) -> Result<PgConnection, sqlx::Error> {
+        let tuning = LinkTuning::for_timeout(self.config.link_timeout);
         match tokio::time::timeout(
             self.config.connect_timeout,
-            PgConnection::connect_with(&self.options),
+            link::connect(&self.options, &tuning),
         )
         .await
         {
-            Ok(r) => r,
+            Ok(r) => r.map(|(conn, _)| conn),
             Err(_) => Err(sqlx::Error::PoolTimedOut),
         }
     }
@@ -481,7 +498,15 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
 
         // 2. A cursor just past the committed checkpoint.
         if cursor.is_none() {
-            match checkpoint::read(c, stream).await {
+            let read = tokio::time::timeout(ctx.config.link_timeout, checkpoint::read(c, stream))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(sqlx::Error::Protocol(format!(
+                        "reading the checkpoint: no answer within {:?}",
+                        ctx.config.link_timeout
+                    )))
+                });
+            match read {
                 Ok(cp) => {
                     let cp = cp.unwrap_or(0);
                     m.checkpoint_lsn.store(cp, Ordering::Relaxed);
@@ -556,13 +581,18 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
         }
 
         // 4. COPY + checkpoint in one transaction; refused rows to the dead-letter file.
-        let result = tokio::time::timeout(
-            ctx.config.batch_timeout,
-            commit_with_dead_letters(c, &ctx.config.table, stream, batch, &mut dead, &m),
+        let result = commit_with_dead_letters(
+            c,
+            &ctx.config.table,
+            stream,
+            batch,
+            ctx.config.link_timeout,
+            &mut dead,
+            &m,
         )
         .await;
         match result {
-            Ok(Ok((outcome, end_lsn))) => {
+            Ok((outcome, end_lsn)) => {
                 last_commit = Some(Instant::now());
                 link.backoff.reset();
                 if let BatchOutcome::Committed { rows } = outcome {
@@ -596,24 +626,19 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
                     source,
                 })?;
             }
-            Ok(Err(StreamFailure::DeadLetter(path, source))) => {
+            Err(StreamFailure::DeadLetter(path, source)) => {
                 return Err(LoadError::DeadLetter {
                     stream: stream.to_string(),
                     path,
                     source,
                 })
             }
-            Ok(Err(StreamFailure::Database(e))) => {
-                // Unusable or uncertain: close it, never reuse it, and start again
-                // from the checkpoint.
+            Err(StreamFailure::Database(e)) => {
+                // Unusable or uncertain (a COMMIT without an answer may have been
+                // applied): close it, never reuse it, and start again from the
+                // checkpoint, which settles the batch.
                 conn = None;
                 cursor = None;
-                lost(&ctx, &mut link, &m, &e).await;
-            }
-            Err(_) => {
-                conn = None;
-                cursor = None;
-                let e = format!("batch timed out after {:?}", ctx.config.batch_timeout);
                 lost(&ctx, &mut link, &m, &e).await;
             }
         }
@@ -649,11 +674,12 @@ async fn commit_with_dead_letters(
     table: &str,
     stream: &str,
     mut batch: Batch,
+    link_timeout: Duration,
     dead: &mut DeadLetterFile,
     m: &StreamMetrics,
 ) -> Result<(BatchOutcome, u64), StreamFailure> {
     loop {
-        match batch::commit(conn, table, stream, &batch).await {
+        match batch::commit_within(conn, table, stream, &batch, link_timeout).await {
             Ok(outcome) => return Ok((outcome, batch.end_lsn)),
             Err(BatchError::PoisonRow {
                 index,
@@ -665,7 +691,7 @@ async fn commit_with_dead_letters(
             }
             Err(BatchError::PoisonRow { .. } | BatchError::PoisonUnknownRow { .. }) => {
                 // The server did not say which row: find it by loading one at a time.
-                return commit_row_by_row(conn, table, stream, batch, dead, m).await;
+                return commit_row_by_row(conn, table, stream, batch, link_timeout, dead, m).await;
             }
             Err(e) => return Err(StreamFailure::Database(e.to_string())),
         }
@@ -706,6 +732,7 @@ async fn commit_row_by_row(
     table: &str,
     stream: &str,
     batch: Batch,
+    link_timeout: Duration,
     dead: &mut DeadLetterFile,
     m: &StreamMetrics,
 ) -> Result<(BatchOutcome, u64), StreamFailure> {
@@ -715,7 +742,7 @@ async fn commit_row_by_row(
             rows: vec![row.clone()],
             end_lsn: row.lsn,
         };
-        match batch::commit(conn, table, stream, &one).await {
+        match batch::commit_within(conn, table, stream, &one, link_timeout).await {
             Ok(BatchOutcome::Committed { rows: n }) => rows += n,
             Ok(BatchOutcome::AlreadyLoaded { .. }) => {}
             Err(
@@ -729,7 +756,7 @@ async fn commit_row_by_row(
                     rows: Vec::new(),
                     end_lsn: row.lsn,
                 };
-                batch::commit(conn, table, stream, &skip)
+                batch::commit_within(conn, table, stream, &skip, link_timeout)
                     .await
                     .map_err(|e| StreamFailure::Database(e.to_string()))?;
             }
@@ -740,7 +767,7 @@ async fn commit_row_by_row(
         rows: Vec::new(),
         end_lsn: batch.end_lsn,
     };
-    batch::commit(conn, table, stream, &end)
+    batch::commit_within(conn, table, stream, &end, link_timeout)
         .await
         .map_err(|e| StreamFailure::Database(e.to_string()))?;
     Ok((BatchOutcome::Committed { rows }, batch.end_lsn))

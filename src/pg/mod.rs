@@ -23,13 +23,14 @@ pub mod copy;
 pub mod cursor;
 pub mod dead_letter;
 pub mod error;
+pub mod link;
 pub mod loader;
 pub mod metrics;
 pub mod replay;
 pub mod schema;
 pub mod sync;
 
-pub use cluster::{Cluster, ClusterError, ClusterOptions};
+pub use cluster::{Cluster, ClusterError, ClusterNetwork, ClusterOptions};
 pub use error::PgError;
 pub use schema::{ensure_partitions, migrate, MIGRATOR, PARTITIONS_AHEAD};
 pub use sync::{RowId, SyncConfig, SyncWriter};

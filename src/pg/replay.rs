@@ -58,9 +58,26 @@ pub async fn replay_with_progress(
         Some(s) => vec![s.to_string()],
         None => list_streams(&config.wal_dir)?,
     };
-    let mut conn = PgConnection::connect(&config.database_url)
-        .await
-        .map_err(|e| LoadError::Url(format!("cannot connect: {e}")))?;
+    // Tuned like the loader's: on a link that dies mid-replay the kernel ends the
+    // connection within the link timeout and replay fails (it is idempotent: run
+    // it again) instead of hanging.
+    let options: sqlx::postgres::PgConnectOptions = config
+        .database_url
+        .parse()
+        .map_err(|e: sqlx::Error| LoadError::Url(e.to_string()))?;
+    let tuning = crate::pg::link::LinkTuning::for_timeout(config.link_timeout);
+    let (mut conn, _) = tokio::time::timeout(
+        config.connect_timeout,
+        crate::pg::link::connect(&options, &tuning),
+    )
+    .await
+    .map_err(|_| {
+        LoadError::Url(format!(
+            "cannot connect within {:?}",
+            config.connect_timeout
+        ))
+    })?
+    .map_err(|e| LoadError::Url(format!("cannot connect: {e}")))?;
     if config.migrate {
         crate::pg::schema::MIGRATOR
             .run(&mut conn)

@@ -60,6 +60,7 @@ use uuid::Uuid;
 use super::error::{classify, PgError, Stage};
 use super::schema::{self, PARTITIONS_AHEAD};
 use crate::event::{AuditEvent, DEFAULT_MAX_EVENT_BYTES};
+use crate::pg::link::{self, LinkTuning};
 
 /// The id of a stored row (`audit_events.id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,6 +92,10 @@ pub struct SyncConfig {
     pub max_event_bytes: usize,
     /// How often to make sure the monthly partitions ahead exist.
     pub partition_check_interval: Duration,
+    /// Keepalive and `TCP_USER_TIMEOUT` of the committers' connections
+    /// ([`crate::pg::link`]): a connection whose link died is ended by the kernel
+    /// within this, so the next call opens a new one instead of sending into it.
+    pub link_timeout: Duration,
 }
 
 /// `committers` was chosen with `auditwal bench sync` at 64 callers on a 2-core
@@ -112,6 +117,7 @@ impl Default for SyncConfig {
             max_batch: 512,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             partition_check_interval: Duration::from_secs(3600),
+            link_timeout: crate::pg::loader::DEFAULT_LINK_TIMEOUT,
         }
     }
 }
@@ -431,6 +437,7 @@ impl SyncWriter {
                 conn: None,
                 last_used: Instant::now(),
                 timeout: config.timeout,
+                tuning: LinkTuning::for_timeout(config.link_timeout),
             };
             tokio::spawn(committer.run(queue.clone()));
         }
@@ -570,6 +577,7 @@ struct Committer {
     conn: Option<PgConnection>,
     last_used: Instant,
     timeout: Duration,
+    tuning: LinkTuning,
 }
 
 impl Committer {
@@ -758,8 +766,8 @@ impl Committer {
         }
         if self.conn.is_none() {
             let attempt = self.reconnect.attempt(Instant::now())?;
-            match timeout_at(deadline, PgConnection::connect_with(&self.options)).await {
-                Ok(Ok(c)) => {
+            match timeout_at(deadline, link::connect(&self.options, &self.tuning)).await {
+                Ok(Ok((c, _))) => {
                     attempt.answered();
                     self.conn = Some(c);
                 }

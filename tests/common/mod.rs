@@ -13,6 +13,8 @@
 //! [`TestDb::on_cluster`].
 #![allow(dead_code)] // each test file uses its own subset of these helpers
 
+pub mod netns;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
