@@ -545,7 +545,7 @@ impl AuditEvent {
         for (field, value) in self.text_fields() {
             if let Some(v) = value {
                 size += v.len();
-                if v.as_bytes().contains(&0) {
+                if has_nul(v.as_bytes()) {
                     return Err(EventError::NulByte { field });
                 }
             }
@@ -571,6 +571,13 @@ impl AuditEvent {
         }
         Ok(())
     }
+}
+
+/// True when `bytes` holds a NUL. Audit fields are short and a NUL is rare, so
+/// this looks at every byte without branching (a loop LLVM vectorizes) rather
+/// than stopping at the first: a memchr's set-up costs more than the scan here.
+fn has_nul(bytes: &[u8]) -> bool {
+    bytes.iter().fold(false, |found, &b| found | (b == 0))
 }
 
 /// True when PostgreSQL's timestamptz can hold `t`: from 4713 BC (year -4712)
