@@ -1600,42 +1600,211 @@ mod tests {
         assert_eq!(r.extra["target_rate"], serde_json::json!(1000));
     }
 
-    #[test]
-    fn with_the_loader_paused_the_wal_cases_are_marked_and_the_target_is_not_judged() {
-        let args = E2eArgs {
-            settings: Some(vec!["async".into(), "sync".into()]),
-            pause_loader: true,
-            ..E2eArgs::default()
-        };
-        let Ok(params) = Params::from_args(&args) else {
-            panic!("valid arguments refused")
-        };
-        let run = |us: u64, lag: Option<u64>| SettingRun {
-            fixed: phase(&[us; 10], lag, Some(10)),
-            saturated: phase(&[us; 10], lag, Some(10)),
+    /// One round of off (100 µs), async (104 µs, or `async_us`) and sync
+    /// (500 µs), fixed and saturated alike.
+    fn runs_of(async_us: u64) -> Vec<Vec<SettingRun>> {
+        let run = |us: u64, lag: Option<u64>| {
+            let mut fixed = phase(&[us; 10], lag, Some(10));
+            fixed.cpu = Some(CpuPerRequest {
+                service_us: us as f64 / 10.0,
+                ..CpuPerRequest::default()
+            });
+            SettingRun {
+                fixed,
+                saturated: phase(&vec![us; (1000 / us) as usize], lag, Some(10)),
+            }
         };
         let mut runs: Vec<Vec<SettingRun>> = Setting::REPORT.iter().map(|_| Vec::new()).collect();
         runs[Setting::Off.index()].push(run(100, None));
-        runs[Setting::Async.index()].push(run(104, Some(5)));
+        runs[Setting::Async.index()].push(run(async_us, Some(5)));
         runs[Setting::Sync.index()].push(run(500, None));
-        let results = summarize(&runs, &params);
-        let marked = |name: &str| {
-            let r = results.iter().find(|r| r.case == name).expect(name);
-            r.extra.get("loader_paused").cloned()
+        runs
+    }
+
+    fn params_of(args: E2eArgs) -> Params {
+        let Ok(params) = Params::from_args(&args) else {
+            panic!("valid arguments refused: {args:?}")
         };
-        assert_eq!(marked("async"), Some(serde_json::json!(true)));
-        for unmarked in ["off", "sync", "async-saturated"] {
-            assert_eq!(marked(unmarked), None, "{unmarked}");
+        params
+    }
+
+    /// Parses `bench e2e` flags as the command line does.
+    fn parse(argv: &[&str]) -> Result<E2eArgs, clap::Error> {
+        use clap::{Args, FromArgMatches};
+        let cmd = E2eArgs::augment_args(clap::Command::new("e2e").no_binary_name(true));
+        E2eArgs::from_arg_matches(&cmd.try_get_matches_from(argv)?)
+    }
+
+    #[test]
+    fn both_deployments_run_by_default_and_only_separated_pauses_the_loader() {
+        let p = params_of(E2eArgs::default());
+        assert_eq!(
+            p.deployments,
+            [Deployment::Colocated, Deployment::Separated]
+        );
+        assert_eq!(p.separated_data_dir, Path::new("/dev/shm"));
+        assert!(!p.pauses_loader(Deployment::Colocated));
+        assert!(p.pauses_loader(Deployment::Separated));
+
+        let Ok(args) = parse(&[
+            "--deployment",
+            "separated",
+            "--separated-data-dir",
+            "/mnt/ram",
+        ]) else {
+            panic!("valid flags refused")
+        };
+        assert_eq!(args.first_given(), Some("--deployment"));
+        let p = params_of(args);
+        assert_eq!(p.deployments, [Deployment::Separated]);
+        assert_eq!(p.separated_data_dir, Path::new("/mnt/ram"));
+
+        let Ok(args) = parse(&["--deployment", "colocated", "--pause-loader"]) else {
+            panic!("valid flags refused")
+        };
+        let p = params_of(args);
+        assert_eq!(p.deployments, [Deployment::Colocated]);
+        assert!(p.pauses_loader(Deployment::Colocated), "--pause-loader");
+
+        assert!(parse(&["--deployment", "remote"]).is_err());
+        let Ok(args) = parse(&["--separated-data-dir", "/dev/shm"]) else {
+            panic!("valid flags refused")
+        };
+        assert_eq!(args.first_given(), Some("--separated-data-dir"));
+    }
+
+    #[test]
+    fn the_separated_data_dir_must_be_tmpfs_and_the_refusal_names_it() {
+        // /dev/shm is tmpfs on every Linux this runs on; the worktree is not.
+        assert!(check_tmpfs(Path::new("/dev/shm")).is_ok());
+        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let Err(e) = check_tmpfs(here) else {
+            panic!("{} taken for tmpfs", here.display())
+        };
+        let msg = format!("{e:#}");
+        assert!(msg.contains(&here.display().to_string()), "{msg}");
+        assert!(msg.contains("not on tmpfs"), "{msg}");
+        let missing = here.join("no-such-dir");
+        let Err(e) = check_tmpfs(&missing) else {
+            panic!("a missing directory accepted")
+        };
+        assert!(
+            format!("{e:#}").contains(&missing.display().to_string()),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn each_deployments_lines_say_which_it_is_and_compare_with_its_own_off() {
+        let p = params_of(E2eArgs {
+            settings: Some(vec!["async".into(), "sync".into()]),
+            ..E2eArgs::default()
+        });
+        let mut results = summarize(&runs_of(104), &p, Deployment::Colocated, DatabaseDir::Disk);
+        results.extend(summarize(
+            &runs_of(104),
+            &p,
+            Deployment::Separated,
+            DatabaseDir::Tmpfs,
+        ));
+        let line = |case: &str| -> serde_json::Value {
+            let r = results.iter().find(|r| r.case == case).expect(case);
+            serde_json::to_value(r).expect("a JSON line")
+        };
+        for (suffix, deployment, dir) in [
+            ("", "colocated", "disk"),
+            ("-separated", "separated", "tmpfs"),
+        ] {
+            for base in ["off", "async", "sync", "off-saturated", "async-saturated"] {
+                let v = line(&format!("{base}{suffix}"));
+                for key in [
+                    "bench",
+                    "case",
+                    "events",
+                    "secs",
+                    "events_per_sec",
+                    "p50_us",
+                    "p99_us",
+                    "p999_us",
+                ] {
+                    assert!(v.get(key).is_some(), "{base}{suffix}: no {key}");
+                }
+                assert_eq!(v["deployment"], deployment, "{base}{suffix}");
+                assert_eq!(v["database_dir"], dir, "{base}{suffix}");
+            }
+            let off = format!("off{suffix}");
+            let off_saturated = format!("off-saturated{suffix}");
+            let a = line(&format!("async{suffix}"));
+            assert_eq!(a["baseline"], serde_json::json!(off));
+            assert_eq!(a["p99_vs_off"], serde_json::json!(1.04));
+            // Saturation: 10 requests a second for off, 9 for async.
+            let s = line(&format!("async-saturated{suffix}"));
+            assert_eq!(s["baseline"], serde_json::json!(off_saturated));
+            assert_eq!(s["ratio"], serde_json::json!(0.9));
+        }
+        let paused = |case: &str| line(case).get("loader_paused").cloned();
+        assert_eq!(paused("async-separated"), Some(serde_json::json!(true)));
+        for unpaused in [
+            "async",
+            "off-separated",
+            "sync-separated",
+            "async-saturated-separated",
+        ] {
+            assert_eq!(paused(unpaused), None, "{unpaused}");
         }
 
-        let paused = verdict(&results, true);
-        assert!(paused.contains("--pause-loader"), "{paused}");
+        let v = verdict(&results, &p);
+        let judged: Vec<&str> = v.lines().filter(|l| l.contains("— ")).collect();
+        assert_eq!(judged.len(), 1, "{v}");
+        assert!(judged[0].starts_with("separated"), "{v}");
+        assert!(judged[0].contains("1.040 — met"), "{v}");
         assert!(
-            !paused.contains("met") && !paused.contains("MISSED"),
-            "{paused}"
+            judged[0].contains("service CPU per request 1.040 × off"),
+            "{v}"
         );
-        let live = verdict(&results, false);
-        assert!(live.contains("1.040 — met"), "{live}");
+        assert!(
+            v.contains(
+                "separated: requests/s at saturation as a ratio to off: sync 0.20, async 0.90"
+            ),
+            "{v}"
+        );
+        assert!(
+            v.contains(
+                "colocated: requests/s at saturation as a ratio to off: sync 0.20, async 0.90"
+            ),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn the_async_target_is_missed_on_separated_and_only_reported_on_colocated() {
+        let p = params_of(E2eArgs {
+            settings: Some(vec!["async".into()]),
+            pause_loader: true,
+            ..E2eArgs::default()
+        });
+        let mut results = summarize(&runs_of(125), &p, Deployment::Colocated, DatabaseDir::Disk);
+        results.extend(summarize(
+            &runs_of(125),
+            &p,
+            Deployment::Separated,
+            DatabaseDir::External,
+        ));
+        let paused = results
+            .iter()
+            .find(|r| r.case == "async")
+            .and_then(|r| r.extra.get("loader_paused").cloned());
+        assert_eq!(paused, Some(serde_json::json!(true)), "--pause-loader");
+        let v = verdict(&results, &p);
+        let colocated = v.lines().next().expect("a colocated line");
+        assert!(colocated.contains("--pause-loader"), "{v}");
+        assert!(!colocated.contains("— "), "{v}");
+        assert!(v.contains("1.250 — MISSED"), "{v}");
+        let external = results
+            .iter()
+            .find(|r| r.case == "async-separated")
+            .map(|r| r.extra["database_dir"].clone());
+        assert_eq!(external, Some(serde_json::json!("external")));
     }
 
     #[test]
@@ -1666,6 +1835,12 @@ mod tests {
             DEFAULT_ROUNDS,
             DEFAULT_CONNECTIONS,
         ] {
+            assert!(
+                help.contains(&format!("[default: {default}]")),
+                "{default} missing from:\n{help}"
+            );
+        }
+        for default in ["both", DEFAULT_SEPARATED_DATA_DIR] {
             assert!(
                 help.contains(&format!("[default: {default}]")),
                 "{default} missing from:\n{help}"
