@@ -709,14 +709,7 @@ impl FreezingProxy {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let url = db
-            .url()
-            .replace(&format!(":{target_port}/"), &format!(":{port}/"));
-        assert_ne!(url, db.url(), "the proxy's URL must lead through it");
+        let (listener, url) = common::proxy_listener(db, target_port).await;
         let frozen_below = Arc::new(AtomicU64::new(0));
         let silent = Arc::new(AtomicBool::new(false));
         let next_id = Arc::new(AtomicU64::new(0));

@@ -125,16 +125,23 @@ async fn a_corrupt_record_mid_segment_is_skipped_and_the_rest_loads() {
     assert_exactly(&db, &expected).await;
 }
 
+/// One event as an `emit` line, with a fixed event_id and occurred_at: emitted
+/// into two streams, the second copy violates the table's unique key, a poison
+/// row for its stream.
+fn poison_line() -> String {
+    format!(
+        "{{\"event_id\":\"{}\",\"occurred_at\":\"2026-11-01T00:00:00Z\",\"action\":\"dup\"}}\n",
+        Uuid::now_v7()
+    )
+}
+
 #[tokio::test]
 async fn a_row_postgres_refuses_is_dead_lettered_and_the_stream_goes_on() {
     let db = TestDb::new().await;
     let wal = tempfile::tempdir().expect("tempdir");
     // The same event (same event_id and occurred_at) in two streams: the second
     // copy violates the table's unique key, a poison row for its stream.
-    let line = format!(
-        "{{\"event_id\":\"{}\",\"occurred_at\":\"2026-11-01T00:00:00Z\",\"action\":\"dup\"}}\n",
-        Uuid::now_v7()
-    );
+    let line = poison_line();
     let first = emit_lines(wal.path(), "a", "durable", line.clone());
     let out = load_once(wal.path(), db.url(), &[]);
     assert_ok(&out);
@@ -465,10 +472,7 @@ async fn a_hung_dead_letter_write_holds_neither_the_metrics_endpoint_nor_other_s
     let db = TestDb::new().await;
     let wal = tempfile::tempdir().expect("tempdir");
     // A poison row in stream b, as in the dead-letter test above.
-    let line = format!(
-        "{{\"event_id\":\"{}\",\"occurred_at\":\"2026-11-01T00:00:00Z\",\"action\":\"dup\"}}\n",
-        Uuid::now_v7()
-    );
+    let line = poison_line();
     let first = emit_lines(wal.path(), "a", "durable", line.clone());
     assert_ok(&load_once(wal.path(), db.url(), &[]));
     emit(wal.path(), "b", 20, "durable");

@@ -293,6 +293,20 @@ pub async fn assert_exactly(db: &TestDb, expected: &[uuid::Uuid]) {
     );
 }
 
+/// A loopback listener for a test proxy in front of `db`, and `db`'s URL with
+/// the server's port `target_port` replaced by the listener's.
+pub async fn proxy_listener(db: &TestDb, target_port: u16) -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let port = listener.local_addr().expect("proxy address").port();
+    let url = db
+        .url()
+        .replace(&format!(":{target_port}/"), &format!(":{port}/"));
+    assert_ne!(url, db.url(), "the proxy's URL must lead through it");
+    (listener, url)
+}
+
 /// A TCP proxy on loopback in front of a test database that can be switched
 /// into a black hole: while it is, new connections are accepted and held
 /// without a byte either way, which is how a link that drops packets looks to
@@ -306,14 +320,7 @@ impl BlackHoleProxy {
     /// A proxy to `db` on `cluster`, silent from the start.
     pub async fn silent(cluster: &Cluster, db: &TestDb) -> BlackHoleProxy {
         let target = cluster.port();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let url = db
-            .url()
-            .replace(&format!(":{target}/"), &format!(":{port}/"));
-        assert_ne!(url, db.url(), "the proxy's URL must lead through it");
+        let (listener, url) = proxy_listener(db, target).await;
         let silent = Arc::new(AtomicBool::new(true));
         let holes = silent.clone();
         tokio::spawn(async move {
