@@ -6,11 +6,12 @@
 //! - **async**: appended to the WAL (page cache) and fsynced by a background flusher;
 //! - **sampled**: a fraction of events, delivered async.
 //!
-//! A separate loader process tails the WAL and bulk-COPYs it into PostgreSQL.
+//! A separate loader process ([`loader`]) tails the WAL and bulk-COPYs it into PostgreSQL.
 //! See docs/modes.md for what each mode can lose and when.
 
 pub mod config;
 pub mod event;
+pub mod loader;
 pub mod log;
 pub mod pg;
 pub mod sampling;

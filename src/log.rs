@@ -40,14 +40,11 @@ use uuid::Uuid;
 
 use crate::config::{Config, ConfigError, Mode};
 use crate::event::{AuditEvent, EventError};
-use crate::pg::sync::Reconnect;
+use crate::pg::reconnect::Reconnect;
 use crate::pg::{PgError, RowId, SyncWriter};
 use crate::sampling::{Decision, Sampler};
 use crate::wal::error::chain;
-use crate::wal::{FullDiskPolicy, Lsn, WalError, WalStats, WalWriter};
-
-/// How often an append waiting for disk budget (policy `Block`) tries again.
-const BLOCK_POLL: Duration = Duration::from_millis(10);
+use crate::wal::{BlockStep, BlockWait, FullDiskPolicy, Lsn, WalError, WalStats, WalWriter};
 /// At most one log line per failure kind in this period.
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
@@ -599,7 +596,7 @@ impl AuditLog {
         event: &AuditEvent,
         rate: f64,
     ) -> Result<Lsn, AuditError> {
-        let mut blocked_since: Option<Instant> = None;
+        let mut block = self.inner.block_timeout.map(BlockWait::new);
         loop {
             let e = match wal.append_with_rate_async(event, rate).await {
                 Ok(lsn) => return Ok(lsn),
@@ -609,23 +606,23 @@ impl AuditLog {
                 e,
                 WalError::DiskBudgetExceeded { .. } | WalError::DiskFull { .. }
             );
-            let Some(timeout) = self.inner.block_timeout.filter(|_| no_room) else {
+            let Some(wait) = block.as_mut().filter(|_| no_room) else {
                 self.note_wal_error(&e);
                 return Err(e.into());
             };
-            let since = *blocked_since.get_or_insert_with(|| {
+            if wait.is_first() {
                 self.inner
                     .counters
                     .blocked_appends
                     .fetch_add(1, Ordering::Relaxed);
                 self.log(Kind::Blocked, Mode::Async, &e);
-                Instant::now()
-            });
-            let waited = since.elapsed();
-            if waited >= timeout {
-                return Err(AuditError::Wal(with_waited(e, waited)));
             }
-            tokio::time::sleep(BLOCK_POLL.min(timeout - waited)).await;
+            match wait.next() {
+                BlockStep::GiveUp { waited } => {
+                    return Err(AuditError::Wal(with_waited(e, waited)))
+                }
+                BlockStep::Sleep(pause) => tokio::time::sleep(pause).await,
+            }
         }
     }
 

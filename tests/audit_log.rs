@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use auditwal::pg::loader::{LoadSummary, Loader, LoaderConfig};
+use auditwal::loader::{LoadSummary, Loader, LoaderConfig};
 use auditwal::pg::PgError;
 use auditwal::wal::{FullDiskPolicy, WalError};
 use auditwal::{

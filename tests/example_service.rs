@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use auditwal::pg::loader::{Loader, LoaderConfig};
+use auditwal::loader::{Loader, LoaderConfig};
 use auditwal::{AuditLog, Config, Mode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -4,7 +4,7 @@
 
 mod common;
 
-use auditwal::pg::batch::{self, Batch, BatchError, BatchOutcome, BatchRow};
+use auditwal::loader::batch::{self, Batch, BatchError, BatchOutcome, BatchRow};
 use auditwal::{AuditEvent, Outcome};
 use chrono::{DateTime, Utc};
 use common::TestDb;

@@ -1044,7 +1044,7 @@ impl Sink {
         let deadline = Instant::now() + CATCH_UP_LIMIT;
         let mut polls = 0u64;
         loop {
-            let checkpoint = auditwal::pg::checkpoint::read(pg, &self.stream)
+            let checkpoint = auditwal::loader::checkpoint::read(pg, &self.stream)
                 .await
                 .context("reading the loader's checkpoint")?
                 .unwrap_or(0);

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use auditwal::pg::copy::{CopyBuffer, RowOrigin, COPY_COLUMNS};
+use auditwal::loader::copy::{CopyBuffer, RowOrigin, COPY_COLUMNS};
 use auditwal::pg::{Cluster, ClusterOptions};
 use auditwal::wal::reader::{Follow, ReadItem, StreamReader};
 use auditwal::wal::{WalConfig, WalWriter};

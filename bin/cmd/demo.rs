@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use auditwal::pg::loader::{Loader, LoaderConfig};
+use auditwal::loader::{Loader, LoaderConfig};
 use auditwal::pg::{Cluster, ClusterError, ClusterOptions, SyncConfig, SyncWriter};
 use auditwal::wal::{WalConfig, WalWriter};
 use auditwal::{AuditEvent, Outcome};

@@ -1,6 +1,6 @@
 //! `auditwal load` and `auditwal replay`: the loader process.
 //!
-//! Flags map onto [`auditwal::pg::loader::LoaderConfig`]; SIGTERM and SIGINT stop the
+//! Flags map onto [`auditwal::loader::LoaderConfig`]; SIGTERM and SIGINT stop the
 //! loader after the batch in flight commits or aborts (nothing partial), exit 0.
 //! `load --once` and `replay` draw a progress bar on stderr when it is a terminal
 //! (`progress`); the loader proper (no `--once`) runs for ever and draws none.
@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use auditwal::pg::loader::{Loader, LoaderConfig, DEFAULT_LINK_TIMEOUT};
+use auditwal::loader::{Loader, LoaderConfig};
+use auditwal::pg::link::DEFAULT_LINK_TIMEOUT;
 use auditwal::wal::Lsn;
 use sqlx::Connection;
 
@@ -182,7 +183,7 @@ async fn load_estimate(wal_dir: &Path, database_url: &str) -> Option<Estimate> {
         let mut conn = sqlx::PgConnection::connect(database_url).await?;
         let mut done = Vec::with_capacity(streams.len());
         for s in &streams {
-            let checkpoint = match auditwal::pg::checkpoint::read(&mut conn, s).await {
+            let checkpoint = match auditwal::loader::checkpoint::read(&mut conn, s).await {
                 Ok(cp) => cp.unwrap_or(0),
                 // A database never loaded into (the loader migrates it first): no
                 // checkpoints yet.
@@ -232,7 +233,7 @@ pub fn run_replay(args: ReplayArgs) -> CmdResult {
                 rows_sent.load(Ordering::Relaxed)
             })
         });
-        let result = auditwal::pg::replay::replay_with_progress(
+        let result = auditwal::loader::replay::replay_with_progress(
             &config,
             args.from_lsn,
             args.stream.as_deref(),

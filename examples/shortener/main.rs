@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
-use auditwal::pg::loader::{Loader, LoaderConfig};
+use auditwal::loader::{Loader, LoaderConfig};
 use auditwal::pg::{Cluster, ClusterError, ClusterOptions};
 use auditwal::{AuditLog, Config};
 use clap::Parser;

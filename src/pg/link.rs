@@ -8,7 +8,7 @@
 //! the connection, and `TCP_USER_TIMEOUT` ends it when data it sent stays
 //! unacknowledged for the whole of it. Either way the next read or write on the
 //! connection fails (ETIMEDOUT) and the caller's usual "connection lost" path runs.
-//! The loader's own progress limit (`loader`, `batch`) covers what the kernel
+//! The loader's own progress limit (`crate::loader`) covers what the kernel
 //! cannot see, such as a proxy that acknowledges bytes and forwards none.
 //!
 //! The server's end gets the same (the session settings `tcp_keepalives_idle`,
@@ -46,6 +46,14 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
+
+/// The default link timeout of the loader ([`LoaderConfig::link_timeout`]) and
+/// of sync mode ([`SyncConfig`]): a dead link costs about this much before
+/// reconnecting; a healthy server answers any step of a batch well within it.
+///
+/// [`LoaderConfig::link_timeout`]: crate::loader::LoaderConfig::link_timeout
+/// [`SyncConfig`]: crate::pg::SyncConfig
+pub const DEFAULT_LINK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The keepalive and user-timeout values one link timeout stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! PostgreSQL side of auditwal.
+//! PostgreSQL side of auditwal, shared by sync mode and the loader.
 //!
 //! - [`schema`]: the embedded migrations (migrations/*.sql: the partitioned,
 //!   append-only `audit_events` table, the loader's `audit_checkpoints`, the roles)
@@ -6,27 +6,25 @@
 //! - [`sync`]: sync mode, [`SyncWriter`]: each event committed in its own
 //!   transaction before the call returns, calls that arrive during a commit
 //!   coalesced into one multi-row INSERT (group commit without a timer window).
+//! - `reconnect`: when a new connection is worth trying after one got no
+//!   answer (sync mode's committers and the audit log's start of sync mode).
+//! - [`link`]: the TCP tuning (keepalive, `TCP_USER_TIMEOUT`) of every connection
+//!   auditwal opens, sync mode's and the loader's alike, so it lives here with
+//!   the other connection concerns and the loader depends on it, not the reverse.
 //! - [`cluster`]: a throwaway private PostgreSQL (initdb + pg_ctl in a temp dir on a
 //!   loopback port) for tests, `auditwal demo` and the benches, never outliving the
 //!   process that started it.
 //! - [`error`]: [`PgError`], which tells a caller whether an event may have been
 //!   stored.
 //!
-//! The binary COPY encoder and the loader (the async path from the WAL) live beside
-//! these and reuse the schema and the errors.
+//! The loader (the async path from the WAL, with its binary COPY encoder) is
+//! [`crate::loader`]; it uses the schema, the link tuning and the errors from
+//! here.
 
-pub mod backoff;
-pub mod batch;
-pub mod checkpoint;
 pub mod cluster;
-pub mod copy;
-pub mod cursor;
-pub mod dead_letter;
 pub mod error;
 pub mod link;
-pub mod loader;
-pub mod metrics;
-pub mod replay;
+pub(crate) mod reconnect;
 pub mod schema;
 pub mod sync;
 

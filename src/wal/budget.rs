@@ -8,12 +8,15 @@
 //! A full file system (fallocate failing with ENOSPC) is the same situation from
 //! the writer's point of view and goes through the same policy.
 //!
-//! This module decides "room or no room"; what an append does about "no room"
-//! ([`FullDiskPolicy`](super::FullDiskPolicy)) is the writer's.
+//! This module decides "room or no room", and, under
+//! [`FullDiskPolicy::Block`](super::FullDiskPolicy::Block), how long an append
+//! keeps waiting for room ([`BlockWait`]): the one rule for both places that
+//! wait, the writer (a thread asleep) and the audit log (a task asleep). Refusing
+//! or dropping an event under the other policies is the writer's.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::error::WalError;
 use super::stream_dir::StreamDir;
@@ -53,6 +56,53 @@ impl NoRoom {
                 source,
             },
         }
+    }
+}
+
+/// How often an append waiting for disk budget (policy `Block`) tries again:
+/// space is freed by the loader deleting a segment, which no event announces.
+const BLOCK_POLL: Duration = Duration::from_millis(10);
+
+/// The `Block` policy for one append that finds no room: try again after a
+/// short sleep until `timeout` has passed since the first time it found none,
+/// then give up. The caller does the sleeping, in whatever way suits it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockWait {
+    timeout: Duration,
+    since: Option<Instant>,
+}
+
+/// What [`BlockWait::next`] says to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockStep {
+    /// Sleep this long, then try the append again.
+    Sleep(Duration),
+    /// The timeout has passed: fail the append, saying how long it waited.
+    GiveUp { waited: Duration },
+}
+
+impl BlockWait {
+    pub(crate) fn new(timeout: Duration) -> BlockWait {
+        BlockWait {
+            timeout,
+            since: None,
+        }
+    }
+
+    /// True until the first [`next`](Self::next): the append has not waited yet.
+    pub(crate) fn is_first(&self) -> bool {
+        self.since.is_none()
+    }
+
+    /// The append just found no room again: sleep or give up. The wait starts
+    /// at the first call.
+    pub(crate) fn next(&mut self) -> BlockStep {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let waited = since.elapsed();
+        if waited >= self.timeout {
+            return BlockStep::GiveUp { waited };
+        }
+        BlockStep::Sleep(BLOCK_POLL.min(self.timeout - waited))
     }
 }
 

@@ -15,7 +15,7 @@
 //! written after the fsync, never before, so it can lag the data but never run
 //! ahead of it; it is fsynced at open and close, and in the round that makes a
 //! last segment sealed with no successor durable (then it is the floor recovery
-//! continues from; see `Inner::sync_round`).
+//! continues from; see `Flusher::sync_round`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

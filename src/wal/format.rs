@@ -658,6 +658,68 @@ pub fn check_after_end(bytes: &[u8], position: ScanPosition) -> AfterEnd {
     }
 }
 
+/// Where the written data of a segment image ends, as [`scan_to_end`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataEnd {
+    /// The last valid record's LSN (the end-of-segment record's when sealed);
+    /// `None` when the segment holds no valid record.
+    pub last_lsn: Option<Lsn>,
+    /// Just past the last valid record, or past the header when there is none:
+    /// where an append to this segment would go.
+    pub offset: usize,
+    /// The segment ends with its end-of-segment record, of this LSN.
+    pub sealed_at: Option<Lsn>,
+    /// A torn record (a crash mid-append) starts here, after the last valid one.
+    pub torn_tail: Option<usize>,
+}
+
+impl DataEnd {
+    /// The last LSN the segment accounts for: its last valid record's, and at
+    /// least `before_first` (the LSN before the one its file name starts at,
+    /// which the previous segment ended with).
+    pub fn last_lsn_or(&self, before_first: Lsn) -> Lsn {
+        self.last_lsn.map_or(before_first, |l| l.max(before_first))
+    }
+}
+
+/// Finds where the log in a segment image ends: scans it with [`scan_segment`]
+/// to its end (end of data, torn tail or end-of-segment record), handing every
+/// item to `each` on the way, for the caller's counts, warnings or page release;
+/// an error from `each` stops the scan and is returned. This is the one
+/// definition of "the end of the log" that opening a writer (recovery) and
+/// settling an idle stream share: nothing after the first end-of-data marker
+/// or torn tail counts (recovery zeroes it; a reader reports it as damage).
+pub fn scan_to_end<'a, E>(
+    bytes: &'a [u8],
+    mut each: impl FnMut(&ScanItem<'a>) -> Result<(), E>,
+) -> Result<DataEnd, E> {
+    let mut end = DataEnd {
+        last_lsn: None,
+        offset: SEGMENT_HEADER_LEN,
+        sealed_at: None,
+        torn_tail: None,
+    };
+    for item in scan_segment(bytes) {
+        each(&item)?;
+        match item {
+            ScanItem::Record { offset, record } => {
+                end.last_lsn = Some(record.lsn);
+                end.offset = offset + frame_len(record.payload.len());
+                if record.kind == RecordKind::EndOfSegment {
+                    end.sealed_at = Some(record.lsn);
+                }
+            }
+            ScanItem::TornTail { offset, .. } => end.torn_tail = Some(offset),
+            ScanItem::BadHeader { .. }
+            | ScanItem::LsnGap { .. }
+            | ScanItem::Skipped { .. }
+            | ScanItem::EndOfData { .. }
+            | ScanItem::Sealed { .. } => {}
+        }
+    }
+    Ok(end)
+}
+
 impl<'a> SegmentScan<'a> {
     /// Continues a scan at `position` (from [`SegmentScan::position`] of an earlier
     /// scan of the same segment, or [`ScanPosition::at_first_frame`]) over `bytes`,

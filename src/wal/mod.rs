@@ -67,6 +67,7 @@ mod preparer;
 mod segment;
 mod stream_dir;
 
+pub(crate) use budget::{BlockStep, BlockWait};
 pub use config::{
     FullDiskPolicy, WalConfig, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DISK_BUDGET, DEFAULT_FSYNC_INTERVAL,
     DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE,

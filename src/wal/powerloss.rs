@@ -30,7 +30,7 @@ use super::fs::FileSystem;
 use super::reader::{Follow, ReadItem, StreamReader};
 use super::{FullDiskPolicy, Lsn, WalConfig, WalError, WalWriter, MIN_SEGMENT_SIZE};
 use crate::event::AuditEvent;
-use crate::pg::cursor::{BatchLimits, Cursor};
+use crate::loader::cursor::{BatchLimits, Cursor};
 
 const STREAM: &str = "pl";
 

@@ -8,7 +8,8 @@
 //! fdatasyncs every segment that may hold
 //! records beyond the durable watermark (a SIGKILLed writer leaves them in the
 //! page cache only, and the new writer declares them durable); scans the last
-//! segment with [`format::scan_segment`] and keeps every valid record, including
+//! segment with [`format::scan_to_end`] (the end of the log settling finds
+//! too) and keeps every valid record, including
 //! those after mid-segment corruption (reported with `tracing::warn!`); zeroes
 //! the torn tail and any other garbage after the last valid record. It zeroes and
 //! never truncates: a reader may have the file mapped, and shrinking a mapped
@@ -392,23 +393,14 @@ fn scan_last_segment(segment: &Segment, stream: &str) -> Result<LastSegmentScan,
             ),
         ));
     }
-    let mut out = LastSegmentScan {
-        events: 0,
-        last_lsn: None,
-        resume_offset: format::SEGMENT_HEADER_LEN,
-        sealed_at: None,
-        torn_tail: None,
-        skipped: Vec::new(),
-    };
-    for item in format::scan_segment(bytes) {
+    let mut events = 0;
+    let mut skipped = Vec::new();
+    let end = format::scan_to_end(bytes, |item| {
         match item {
             ScanItem::BadHeader { error } => return Err(corrupt(0, error.to_string())),
-            ScanItem::Record { offset, record } => {
-                out.last_lsn = Some(record.lsn);
-                out.resume_offset = offset + format::frame_len(record.payload.len());
-                match record.kind {
-                    RecordKind::Event => out.events += 1,
-                    RecordKind::EndOfSegment => out.sealed_at = Some(record.lsn),
+            ScanItem::Record { record, .. } => {
+                if record.kind == RecordKind::Event {
+                    events += 1;
                 }
             }
             ScanItem::LsnGap {
@@ -430,11 +422,18 @@ fn scan_last_segment(segment: &Segment, stream: &str) -> Result<LastSegmentScan,
                     %error,
                     "skipped a damaged range in the last segment; the records after it are kept"
                 );
-                out.skipped.push((start as u64, end as u64));
+                skipped.push((*start as u64, *end as u64));
             }
-            ScanItem::TornTail { offset, .. } => out.torn_tail = Some(offset),
-            ScanItem::EndOfData { .. } | ScanItem::Sealed { .. } => {}
+            ScanItem::TornTail { .. } | ScanItem::EndOfData { .. } | ScanItem::Sealed { .. } => {}
         }
-    }
-    Ok(out)
+        Ok(())
+    })?;
+    Ok(LastSegmentScan {
+        events,
+        last_lsn: end.last_lsn,
+        resume_offset: end.offset,
+        sealed_at: end.sealed_at,
+        torn_tail: end.torn_tail,
+        skipped,
+    })
 }

@@ -8,7 +8,8 @@
 //! of records exactly there, above a stale watermark, and nobody would ever raise
 //! it. Settling does what the writer's next flush would have done: under the
 //! stream's writer lock (so no writer is appending meanwhile), fdatasync every
-//! segment, find the last complete record, and publish its LSN as the watermark.
+//! segment, find the last complete record (`format::scan_to_end`, the same end
+//! of the log recovery finds), and publish its LSN as the watermark.
 //! When a writer holds the lock it is alive and keeps the watermark itself;
 //! settling then does nothing.
 //!
@@ -27,7 +28,7 @@ const RELEASE_STEP: usize = 1 << 20;
 
 use super::durable::Sidecar;
 use super::error::WalError;
-use super::format::{scan_segment, Lsn, ScanItem};
+use super::format::{scan_to_end, Lsn, ScanItem};
 use super::stream_dir::StreamDir;
 
 /// What [`settle_idle_stream`] found.
@@ -67,11 +68,9 @@ pub fn settle_idle_stream(wal_dir: &Path, stream: &str) -> Result<Settled, WalEr
     // this file while it is mapped; readers never write. The file is not shrunk by
     // anyone (writers cut torn tails by zeroing), so the map stays valid.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| WalError::io("mmap", &last.path, e))?;
-    let mut last_lsn = last.first_lsn.saturating_sub(1);
     let mut released = 0usize;
-    for item in scan_segment(&map) {
-        if let ScanItem::Record { record, offset } = item {
-            last_lsn = last_lsn.max(record.lsn);
+    let Ok(end) = scan_to_end(&map, |item| {
+        if let ScanItem::Record { offset, .. } = item {
             // Hand scanned pages back as we go, so settling a full 64 MiB segment
             // does not make the loader's resident set grow by the segment's size.
             let upto = offset / RELEASE_STEP * RELEASE_STEP;
@@ -79,14 +78,16 @@ pub fn settle_idle_stream(wal_dir: &Path, stream: &str) -> Result<Settled, WalEr
                 // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops
                 // this process's page table entries; a later access would fault the
                 // same file contents back in. Nothing borrowed from [released, upto)
-                // is used again: only LSNs were kept.
+                // is used again: only LSNs and offsets are kept.
                 let _ = unsafe {
                     map.unchecked_advise_range(UncheckedAdvice::DontNeed, released, upto - released)
                 };
                 released = upto;
             }
         }
-    }
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let last_lsn = end.last_lsn_or(last.first_lsn.saturating_sub(1));
     let durable_lsn = last_lsn.max(old.unwrap_or(0));
     if Some(durable_lsn) != old {
         sidecar.write(durable_lsn)?;

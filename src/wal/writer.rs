@@ -34,10 +34,11 @@ use std::time::{Duration, Instant};
 
 use crate::event::AuditEvent;
 
-use super::budget::{DiskBudget, NoRoom};
+use super::budget::{BlockStep, BlockWait, DiskBudget, NoRoom};
 use super::config::{FullDiskPolicy, WalConfig};
 use super::durable::{Durability, Sidecar};
 use super::error::WalError;
+use super::flusher::{Flusher, RoundSource, SyncRound};
 use super::format::{self, Lsn, RecordKind};
 use super::fs::FileSystem;
 use super::payload;
@@ -51,8 +52,6 @@ use super::stream_dir::{StreamDir, StreamLock};
 const NO_ROOM_RECHECK: Duration = Duration::from_millis(10);
 /// A rotation slower than this is logged and counted: appends waited for it.
 const SLOW_ROTATION: Duration = Duration::from_millis(20);
-/// How often a blocked append (policy Block) looks for freed space.
-const BLOCK_POLL: Duration = Duration::from_millis(10);
 /// A per-thread encode buffer larger than this is released after use, so one
 /// huge event does not pin memory in every thread that ever appended.
 const KEEP_BUFFER_BYTES: usize = 64 * 1024;
@@ -159,8 +158,6 @@ struct Counters {
     dropped_events: AtomicU64,
     rotations: AtomicU64,
     slow_rotations: AtomicU64,
-    fsyncs: AtomicU64,
-    fsync_nanos: AtomicU64,
 }
 
 /// A snapshot of the writer's watermarks and counters.
@@ -204,16 +201,6 @@ pub(crate) struct AppendState {
     no_room: Option<(Instant, NoRoom)>,
 }
 
-/// What the flusher syncs in one round, taken under the append mutex.
-pub(crate) struct SyncRound {
-    pub written: Lsn,
-    pub active: Option<Arc<Segment>>,
-    pub sealed: Vec<Arc<Segment>>,
-    pub dir_dirty: bool,
-    /// The last segment is sealed and has no successor (the budget was full).
-    pub active_sealed: bool,
-}
-
 /// Everything the writer's threads share.
 #[derive(Debug)]
 pub(crate) struct Inner {
@@ -231,7 +218,8 @@ pub(crate) struct Inner {
     rotated: tokio::sync::Notify,
     written: AtomicU64,
     pub(crate) durability: Durability,
-    sidecar: Sidecar,
+    /// Makes records durable: the sync rounds, run by its own thread.
+    flusher: Flusher,
     spares: Arc<SpareSlot>,
     counters: Counters,
     /// Largest frame a new segment can take (with its EndOfSegment after it).
@@ -303,6 +291,7 @@ impl WalWriter {
         let max_frame_len = segment_size - format::SEGMENT_HEADER_LEN - format::EOS_FRAME_LEN;
         let inner = Arc::new(Inner {
             durability: Durability::new(dir.name(), last_lsn),
+            flusher: Flusher::new(dir.clone(), sidecar, config.fsync_interval),
             spares: Arc::new(SpareSlot::new(
                 dir.clone(),
                 budget,
@@ -322,7 +311,6 @@ impl WalWriter {
             rotation_claimed: AtomicBool::new(false),
             rotated: tokio::sync::Notify::new(),
             written: AtomicU64::new(last_lsn),
-            sidecar,
             counters: Counters::default(),
             max_frame_len,
             config,
@@ -361,7 +349,7 @@ impl WalWriter {
         let flusher_inner = inner.clone();
         lifecycle.flusher = Some(spawn(
             "wal-flush",
-            Box::new(move || super::flusher::run(&flusher_inner)),
+            Box::new(move || flusher_inner.flusher.run(&*flusher_inner)),
         )?);
         if inner.config.prepare_next_segment {
             let slot = inner.spares.clone();
@@ -533,14 +521,15 @@ impl WalWriter {
     /// Watermarks and counters.
     pub fn stats(&self) -> WalStats {
         let c = &self.inner.counters;
+        let (fsyncs, fsync_time) = self.inner.flusher.fsyncs();
         WalStats {
             written_lsn: self.written_lsn(),
             durable_lsn: self.durable_lsn(),
             dropped_events: c.dropped_events.load(Ordering::Relaxed),
             rotations: c.rotations.load(Ordering::Relaxed),
             slow_rotations: c.slow_rotations.load(Ordering::Relaxed),
-            fsyncs: c.fsyncs.load(Ordering::Relaxed),
-            fsync_time: Duration::from_nanos(c.fsync_nanos.load(Ordering::Relaxed)),
+            fsyncs,
+            fsync_time,
         }
     }
 
@@ -601,8 +590,9 @@ impl WalWriter {
             Some(failure) => Err(failure),
             None => self
                 .inner
-                .sync_round()
-                .and_then(|()| self.inner.sidecar.sync()),
+                .flusher
+                .sync_round(&*self.inner)
+                .and_then(|()| self.inner.flusher.sync_sidecar()),
         };
         if let Err(e) = &outcome {
             self.inner.poison(e.clone());
@@ -685,7 +675,10 @@ impl Inner {
     /// [`WalWriter::append_with_rate`]).
     fn append_payload(&self, payload: &[u8]) -> Result<Lsn, WalError> {
         let frame_len = self.frame_len_for(payload)?;
-        let mut blocked_since: Option<Instant> = None;
+        let mut block = match self.config.full_disk_policy {
+            FullDiskPolicy::Block { timeout } => Some(BlockWait::new(timeout)),
+            _ => None,
+        };
         loop {
             let no_room = match self.try_append(payload, frame_len)? {
                 FastAppend::Appended(lsn) => return Ok(lsn),
@@ -695,29 +688,25 @@ impl Inner {
                     Err(no_room) => no_room,
                 },
             };
-            self.on_no_room(no_room, &mut blocked_since)?;
+            self.on_no_room(no_room, block.as_mut())?;
         }
     }
 
     /// Applies the full-disk policy to an append that found no room for a new
-    /// segment: an error, or (`Block`, within its timeout) a short sleep after
-    /// which the caller tries again. No lock is held: a blocked append must not
-    /// stop close(), and other appenders apply the policy on their own.
-    fn on_no_room(
-        &self,
-        no_room: NoRoom,
-        blocked_since: &mut Option<Instant>,
-    ) -> Result<(), WalError> {
-        let FullDiskPolicy::Block { timeout } = self.config.full_disk_policy else {
+    /// segment: an error, or (`Block`, `block` within its timeout) a short sleep
+    /// after which the caller tries again. No lock is held: a blocked append
+    /// must not stop close(), and other appenders apply the policy on their own.
+    fn on_no_room(&self, no_room: NoRoom, block: Option<&mut BlockWait>) -> Result<(), WalError> {
+        let Some(block) = block else {
             return Err(self.refuse(no_room));
         };
-        let since = *blocked_since.get_or_insert_with(Instant::now);
-        let waited = since.elapsed();
-        if waited >= timeout {
-            return Err(no_room.into_error(self.stream(), waited));
+        match block.next() {
+            BlockStep::GiveUp { waited } => Err(no_room.into_error(self.stream(), waited)),
+            BlockStep::Sleep(pause) => {
+                std::thread::sleep(pause);
+                Ok(())
+            }
         }
-        std::thread::sleep(BLOCK_POLL.min(timeout - waited));
-        Ok(())
     }
 
     /// The error for an append that found no room under `Fail` or
@@ -816,89 +805,6 @@ impl Inner {
         Ok(Ok(()))
     }
 
-    /// What the next sync round must cover, taken atomically with the written
-    /// LSN: every record up to `written` is complete in `sealed` or `active`.
-    fn take_sync_round(&self) -> SyncRound {
-        let mut st = self.lock_state();
-        SyncRound {
-            written: self.written.load(Ordering::Acquire),
-            active: st.active.as_ref().map(|a| a.segment().clone()),
-            sealed: std::mem::take(&mut st.sealed),
-            dir_dirty: std::mem::take(&mut st.dir_dirty),
-            active_sealed: st.active.as_ref().is_some_and(ActiveSegment::is_sealed),
-        }
-    }
-
-    /// One flusher round: fdatasync the segments sealed since the last round and
-    /// the active one, fsync the directory if a segment was renamed in, then
-    /// publish the written LSN taken before the syncs as durable. A failure is
-    /// returned as [`WalError::SyncFailed`]; the caller poisons the writer.
-    pub(crate) fn sync_round(&self) -> Result<(), WalError> {
-        let round = self.take_sync_round();
-        let durable = self.durability.durable_lsn();
-        if round.written <= durable && round.sealed.is_empty() && !round.dir_dirty {
-            return Ok(());
-        }
-        let _span =
-            tracing::trace_span!("fsync", stream = self.stream(), lsn = round.written).entered();
-        let started = Instant::now();
-        let failed = |path: &std::path::Path, e: std::io::Error| WalError::SyncFailed {
-            path: path.to_path_buf(),
-            durable_lsn: durable,
-            source: Arc::new(e),
-        };
-        for segment in &round.sealed {
-            segment.sync_data().map_err(|e| failed(segment.path(), e))?;
-        }
-        if let Some(active) = &round.active {
-            active.sync_data().map_err(|e| failed(active.path(), e))?;
-        }
-        if round.dir_dirty {
-            self.dir.sync().map_err(|e| match e {
-                WalError::Io { source, .. } => WalError::SyncFailed {
-                    path: self.dir.path().to_path_buf(),
-                    durable_lsn: durable,
-                    source,
-                },
-                other => other,
-            })?;
-        }
-        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.counters.fsync_nanos.fetch_add(took, Ordering::Relaxed);
-        // Sidecar first, then the waiters: once a caller learns its record is
-        // durable, readers in other processes may load it too.
-        if round.active_sealed {
-            // A sealed last segment with no successor: no segment name carries
-            // the LSN after it, and a loader may retire this segment once it has
-            // loaded it (older loaders do; the current one keeps the newest), so
-            // the watermark is the floor recovery continues from, and it must be
-            // on disk. One extra fsync, only when the budget was full.
-            let synced = self
-                .sidecar
-                .write(round.written)
-                .and_then(|()| self.sidecar.sync());
-            if let Err(e) = synced {
-                let source = match e {
-                    WalError::Io { source, .. } => source,
-                    other => Arc::new(std::io::Error::other(other.to_string())),
-                };
-                return Err(WalError::SyncFailed {
-                    path: self.dir.sidecar_path(),
-                    durable_lsn: durable,
-                    source,
-                });
-            }
-        } else if let Err(e) = self.sidecar.write(round.written) {
-            // Readers then lag behind; the data itself is durable.
-            tracing::warn!(error = %super::error::chain(&e), "cannot update the durable watermark file");
-        }
-        self.durability.publish(round.written);
-        // Sealed segments are unmapped here, outside the append mutex.
-        drop(round);
-        Ok(())
-    }
-
     /// Puts the writer in its failed state: every later append and wait returns
     /// `failure`. Not undone: the kernel may have dropped the unsynced pages.
     pub(crate) fn poison(&self, failure: WalError) {
@@ -910,6 +816,27 @@ impl Inner {
             }
         }
         self.durability.fail(failure);
+    }
+}
+
+impl RoundSource for Inner {
+    fn take_sync_round(&self) -> SyncRound {
+        let mut st = self.lock_state();
+        SyncRound {
+            written: self.written.load(Ordering::Acquire),
+            active: st.active.as_ref().map(|a| a.segment().clone()),
+            sealed: std::mem::take(&mut st.sealed),
+            dir_dirty: std::mem::take(&mut st.dir_dirty),
+            active_sealed: st.active.as_ref().is_some_and(ActiveSegment::is_sealed),
+        }
+    }
+
+    fn durability(&self) -> &Durability {
+        &self.durability
+    }
+
+    fn poison(&self, failure: WalError) {
+        Inner::poison(self, failure);
     }
 }
 

@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use auditwal::pg::loader::{Loader, LoaderConfig};
+use auditwal::loader::{Loader, LoaderConfig};
 use auditwal::{AuditLog, Config, Mode, Receipt};
 use tokio::net::UnixListener;
 use tokio::sync::watch;

@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::{Connection, PgConnection};
 
-use crate::pg::batch::BatchRow;
-use crate::pg::checkpoint;
-use crate::pg::copy::{CopyBuffer, RowOrigin, COPY_COLUMNS};
-use crate::pg::loader::{list_streams, LoadError, LoaderConfig};
+use crate::loader::batch::BatchRow;
+use crate::loader::checkpoint;
+use crate::loader::copy::{CopyBuffer, RowOrigin, COPY_COLUMNS};
+use crate::loader::{list_streams, LoadError, LoaderConfig};
 use crate::wal::reader::{self, Follow, ReadItem, StreamReader};
 use crate::wal::settle::settle_idle_stream;
 
@@ -190,7 +190,7 @@ async fn insert_missing(
     }
     {
         let mut copy = tx
-            .copy_in_raw(&crate::pg::copy::copy_statement("auditwal_replay"))
+            .copy_in_raw(&crate::loader::copy::copy_statement("auditwal_replay"))
             .await?;
         copy.send(body.finish()).await?;
         copy.finish().await?;

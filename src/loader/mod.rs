@@ -25,13 +25,17 @@
 //! A dead link is noticed by progress, not by a limit on the whole batch: every
 //! round trip (checkpoint read, BEGIN, COMMIT...) must be answered, and every piece
 //! of a COPY accepted by the socket, within `link_timeout`; and every connection's
-//! socket gets keepalive and `TCP_USER_TIMEOUT` for the same time (`link`). So a
+//! socket gets keepalive and `TCP_USER_TIMEOUT` for the same time
+//! ([`crate::pg::link`]). So a
 //! link that died under a batch costs one `link_timeout` plus a reconnect, however
 //! large the batch, and a large batch on a slow but live link is never cut off.
 //!
-//! What this module leaves to others: the bytes of a COPY (`copy`), one
-//! transaction (`batch`), reading segments (`wal::reader` via `cursor`), and the
-//! figures (`metrics`).
+//! What this module leaves to its parts: the bytes of a COPY ([`copy`]), one
+//! transaction with its checkpoint ([`batch`], [`checkpoint`]), reading segments
+//! ([`cursor`], over `wal::reader`), refused rows ([`dead_letter`]), the retry
+//! delays ([`backoff`]), the figures ([`metrics`]), and re-sending a range after
+//! a database restore ([`replay`]). The schema, the connection tuning and the
+//! errors are `crate::pg`'s, shared with sync mode.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -41,18 +45,21 @@ use std::time::{Duration, Instant};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::{watch, Notify};
 
-use crate::pg::backoff::Backoff;
-use crate::pg::batch::{self, Batch, BatchError, BatchOutcome};
-use crate::pg::checkpoint;
-use crate::pg::cursor::{Cursor, CursorError};
-use crate::pg::dead_letter::DeadLetterFile;
-use crate::pg::link::{self, LinkTuning};
-use crate::pg::metrics::{LoaderMetrics, StreamMetrics};
+use crate::pg::link::{self, LinkTuning, DEFAULT_LINK_TIMEOUT};
+use backoff::Backoff;
+use batch::{Batch, BatchError, BatchOutcome};
+use cursor::{Cursor, CursorError};
+use dead_letter::DeadLetterFile;
+use metrics::{LoaderMetrics, StreamMetrics};
 
-/// The default [`LoaderConfig::link_timeout`] (and sync mode's): a dead link
-/// costs about this much before reconnecting; a healthy server answers any step
-/// of a batch well within it.
-pub const DEFAULT_LINK_TIMEOUT: Duration = Duration::from_secs(10);
+pub mod backoff;
+pub mod batch;
+pub mod checkpoint;
+pub mod copy;
+pub mod cursor;
+pub mod dead_letter;
+pub mod metrics;
+pub mod replay;
 
 /// The loader's settings. [`LoaderConfig::new`] gives the defaults.
 #[derive(Debug, Clone)]
@@ -205,7 +212,7 @@ impl Loader {
                 .await
                 .map_err(|source| LoadError::Metrics { addr, source })?;
             tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "metrics endpoint listening");
-            tokio::spawn(crate::pg::metrics::serve(listener, self.metrics.clone()));
+            tokio::spawn(metrics::serve(listener, self.metrics.clone()));
         }
         if !self.wait_for_wal_dir().await {
             return Ok(LoadSummary::default());
@@ -408,27 +415,30 @@ async fn migrate_with_retry(ctx: &StreamCtx) {
     }
 }
 
-/// The state of one stream's database link, for logging one line per change
-/// rather than one per retry.
+/// Where one stream's task stands (connecting, loading, caught up, or waiting
+/// out a lost database link), for logging one line per change rather than one
+/// per retry or batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LinkState {
+enum StreamPhase {
     Starting,
     Loading,
     CaughtUp,
     Lost,
 }
 
+/// One stream's phase, its reconnect backoff, and what it loaded since the
+/// phase began (for the "caught up" line).
 struct Link<'a> {
     stream: &'a str,
-    state: LinkState,
+    phase: StreamPhase,
     backoff: Backoff,
     since: Instant,
     rows_since: u64,
 }
 
 impl<'a> Link<'a> {
-    fn set(&mut self, state: LinkState, detail: &str, m: &StreamMetrics) {
-        if self.state == state {
+    fn set(&mut self, phase: StreamPhase, detail: &str, m: &StreamMetrics) {
+        if self.phase == phase {
             return;
         }
         let secs = self.since.elapsed().as_secs_f64();
@@ -437,28 +447,30 @@ impl<'a> Link<'a> {
         } else {
             0.0
         };
-        match state {
-            LinkState::Loading
-                if self.state == LinkState::Lost || self.state == LinkState::Starting =>
+        match phase {
+            StreamPhase::Loading
+                if self.phase == StreamPhase::Lost || self.phase == StreamPhase::Starting =>
             {
                 tracing::info!(stream = self.stream, "connected; loading")
             }
-            LinkState::Loading => tracing::info!(
+            StreamPhase::Loading => tracing::info!(
                 stream = self.stream,
                 lag_records = m.lag_records.load(Ordering::Relaxed),
                 "behind; loading"
             ),
-            LinkState::CaughtUp => tracing::info!(
+            StreamPhase::CaughtUp => tracing::info!(
                 stream = self.stream,
                 rows = self.rows_since,
                 rows_per_sec = rate as u64,
                 checkpoint = m.checkpoint_lsn.load(Ordering::Relaxed),
                 "caught up"
             ),
-            LinkState::Lost => tracing::warn!(stream = self.stream, "database link lost: {detail}"),
-            LinkState::Starting => {}
+            StreamPhase::Lost => {
+                tracing::warn!(stream = self.stream, "database link lost: {detail}")
+            }
+            StreamPhase::Starting => {}
         }
-        self.state = state;
+        self.phase = phase;
         self.since = Instant::now();
         self.rows_since = 0;
     }
@@ -470,7 +482,7 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
     let mut dead = DeadLetterFile::new(&dir);
     let mut link = Link {
         stream,
-        state: LinkState::Starting,
+        phase: StreamPhase::Starting,
         backoff: Backoff::new(ctx.config.backoff_initial, ctx.config.backoff_max),
         since: Instant::now(),
         rows_since: 0,
@@ -537,7 +549,7 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
                 }
             }
         }
-        let limits = crate::pg::cursor::BatchLimits {
+        let limits = cursor::BatchLimits {
             max_rows: ctx.config.batch_max_rows,
             max_bytes: ctx.config.batch_max_bytes,
             max_time: ctx.config.batch_max_delay,
@@ -569,15 +581,15 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
         let batch = gathered.batch;
         if batch.end_lsn <= cur.committed() {
             if ctx.config.once && cur.at_end() {
-                link.set(LinkState::CaughtUp, "", &m);
+                link.set(StreamPhase::CaughtUp, "", &m);
                 return Ok(());
             }
-            link.set(LinkState::CaughtUp, "", &m);
+            link.set(StreamPhase::CaughtUp, "", &m);
             ctx.pause(ctx.config.poll_interval).await;
             continue;
         }
-        if link.state != LinkState::Loading {
-            link.set(LinkState::Loading, "", &m);
+        if link.phase != StreamPhase::Loading {
+            link.set(StreamPhase::Loading, "", &m);
         }
 
         // 4. COPY + checkpoint in one transaction; refused rows to the dead-letter file.
@@ -650,8 +662,8 @@ async fn lost(ctx: &StreamCtx, link: &mut Link<'_>, m: &StreamMetrics, detail: &
     ctx.metrics.errors.fetch_add(1, Ordering::Relaxed);
     ctx.metrics.retries.fetch_add(1, Ordering::Relaxed);
     let d = link.backoff.next_delay();
-    if link.state != LinkState::Lost {
-        link.set(LinkState::Lost, detail, m);
+    if link.phase != StreamPhase::Lost {
+        link.set(StreamPhase::Lost, detail, m);
         tracing::info!(
             stream = link.stream,
             "retrying with backoff, first in {:.1}s",
@@ -702,7 +714,7 @@ async fn commit_with_dead_letters(
 async fn dead_letter(
     dead: &mut DeadLetterFile,
     stream: &str,
-    row: &crate::pg::batch::BatchRow,
+    row: &batch::BatchRow,
     sqlstate: &str,
     message: &str,
     m: &StreamMetrics,

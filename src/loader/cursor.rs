@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::pg::batch::{Batch, BatchRow};
-use crate::pg::metrics::StreamMetrics;
+use crate::loader::batch::{Batch, BatchRow};
+use crate::loader::metrics::StreamMetrics;
 use crate::wal::format::Lsn;
 use crate::wal::reader::{self, Follow, ReadError, ReadItem, StreamReader};
 use crate::wal::settle::{settle_idle_stream, Settled};

@@ -21,8 +21,8 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection};
 
 use crate::event::AuditEvent;
-use crate::pg::checkpoint;
-use crate::pg::copy::{copy_statement, CopyBuffer, RowOrigin};
+use crate::loader::checkpoint;
+use crate::loader::copy::{copy_statement, CopyBuffer, RowOrigin};
 
 /// One row of a batch, decoded from the WAL.
 #[derive(Debug, Clone)]
