@@ -17,13 +17,14 @@
 //!   pool and is awaited ([`WalWriter::append_with_rate_async`]); durable
 //!   waits are async; the full-disk policy `Block` is carried out here as an
 //!   async wait (the writer itself is opened with `Fail`, and a refused append
-//!   is retried after a short sleep until the block timeout); opening and
+//!   is retried after a short sleep until the block timeout, by the same rule
+//!   the writer's own blocking wait follows, `wal::BlockWait`); opening and
 //!   closing the stream run on the blocking pool. What is left on the runtime
 //!   thread: the copy into the mapped segment can page-fault (a minor fault
 //!   normally; with `zero_fill_segments = false` the first store into each
-//!   page of a segment starts a file-system journal transaction, measured at
-//!   2–12 ms under heavy writeback), and dropping the last clone without
-//!   [`AuditLog::close`] fsyncs in `Drop`. docs/modes.md says the same;
+//!   page of a segment starts a file-system journal transaction, which can
+//!   take milliseconds under heavy writeback), and dropping the last clone
+//!   without [`AuditLog::close`] fsyncs in `Drop`. docs/modes.md says the same;
 //! - failures are counted and logged at most once per second per kind, with the
 //!   number of lines suppressed since the last one.
 //!

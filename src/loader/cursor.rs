@@ -207,9 +207,10 @@ impl Cursor {
         self.take_consumed_where(|last| last < committed)
     }
 
-    /// The retirement rule before the power-loss model found it unsafe: every
-    /// segment whose records are all committed, the newest included. Kept for
-    /// that model, which plays a loader of an older release against the writer.
+    /// The retirement rule of older releases, which the power-loss model shows
+    /// unsafe: every segment whose records are all committed, the newest
+    /// included. Kept for that model, which plays such a loader against the
+    /// writer.
     #[cfg(test)]
     pub(crate) fn take_finished_old_rule(&mut self) -> Vec<PathBuf> {
         let committed = self.committed;

@@ -37,6 +37,15 @@
 //! a database restore ([`replay`]). The schema, the connection tuning and the
 //! errors are `crate::pg`'s, shared with sync mode.
 
+pub mod backoff;
+pub mod batch;
+pub mod checkpoint;
+pub mod copy;
+pub mod cursor;
+pub mod dead_letter;
+pub mod metrics;
+pub mod replay;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -51,15 +60,6 @@ use batch::{Batch, BatchError, BatchOutcome};
 use cursor::{Cursor, CursorError};
 use dead_letter::DeadLetterFile;
 use metrics::{LoaderMetrics, StreamMetrics};
-
-pub mod backoff;
-pub mod batch;
-pub mod checkpoint;
-pub mod copy;
-pub mod cursor;
-pub mod dead_letter;
-pub mod metrics;
-pub mod replay;
 
 /// The loader's settings. [`LoaderConfig::new`] gives the defaults.
 #[derive(Debug, Clone)]

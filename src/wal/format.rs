@@ -957,6 +957,53 @@ mod tests {
     }
 
     #[test]
+    fn scan_to_end_finds_the_last_record_and_where_appends_resume() {
+        let (bytes, offsets) = segment(7, &[b"a", b"bb", b"ccc"], false, 256);
+        let mut seen = 0;
+        let end = scan_to_end(&bytes, |_| {
+            seen += 1;
+            Ok::<(), ()>(())
+        })
+        .expect("infallible");
+        assert_eq!(end.last_lsn, Some(9));
+        assert_eq!(end.offset, offsets[2] + frame_len(3));
+        assert_eq!((end.sealed_at, end.torn_tail), (None, None));
+        assert_eq!(seen, 4, "three records and the end of data");
+        assert_eq!(end.last_lsn_or(6), 9);
+
+        let (sealed, _) = segment(7, &[b"a"], true, 64);
+        let end = scan_to_end(&sealed, |_| Ok::<(), ()>(())).expect("infallible");
+        assert_eq!((end.last_lsn, end.sealed_at), (Some(8), Some(8)));
+
+        let (mut torn, offsets) = segment(7, &[b"a", b"bb"], false, 64);
+        torn[offsets[1] + FRAME_HEADER_LEN] ^= 0xFF;
+        let end = scan_to_end(&torn, |_| Ok::<(), ()>(())).expect("infallible");
+        assert_eq!(end.last_lsn, Some(7));
+        assert_eq!(end.torn_tail, Some(offsets[1]));
+        assert_eq!(end.offset, offsets[1]);
+
+        let (empty, _) = segment(7, &[], false, 64);
+        let end = scan_to_end(&empty, |_| Ok::<(), ()>(())).expect("infallible");
+        assert_eq!((end.last_lsn, end.offset), (None, SEGMENT_HEADER_LEN));
+        assert_eq!(end.last_lsn_or(6), 6);
+    }
+
+    #[test]
+    fn scan_to_end_stops_at_the_first_error_of_its_callback() {
+        let (bytes, _) = segment(1, &[b"a", b"b"], false, 64);
+        let mut seen = 0;
+        let stopped = scan_to_end(&bytes, |item| {
+            seen += 1;
+            match item {
+                ScanItem::Record { record, .. } if record.lsn == 1 => Err("stop"),
+                _ => Ok(()),
+            }
+        });
+        assert_eq!(stopped, Err("stop"));
+        assert_eq!(seen, 1);
+    }
+
+    #[test]
     fn header_round_trips_every_field() {
         let h = SegmentHeader {
             stream_id: "orders-eu_1.a".into(),

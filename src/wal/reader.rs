@@ -386,9 +386,9 @@ impl OpenSegment {
         // were zero (appends) or zeroes a torn tail during recovery, so a concurrent
         // read sees either old or new bytes of a frame and the CRC, checked before a
         // frame's content is believed, rejects any mix. No writer shrinks a segment
-        // file (DESIGN.md: never shrink a file a reader may have mapped); a file
-        // truncated by someone else would raise SIGBUS here, which is the documented
-        // limit of reading through maps. Deleting the file does not affect the map.
+        // file (docs/segment-format.md, "Files"); a file truncated by someone else
+        // would raise SIGBUS here, the limit of reading through maps that
+        // docs/segment-format.md documents. Deleting the file does not affect the map.
         let map = unsafe { Mmap::map(&self.handle) }.map_err(|source| ReadError::MapSegment {
             path: self.file.path.clone(),
             source,
