@@ -269,8 +269,9 @@ struct Inner {
     sync: tokio::sync::OnceCell<SyncWriter>,
     /// When to try connecting `sync` again after an attempt got no answer.
     sync_reconnect: Reconnect,
-    /// `Some` under policy `Block`: the wait this module carries out.
-    block_timeout: Option<Duration>,
+    /// `Some` under policy `Block`: the wait this module carries out, a fresh
+    /// copy for each append.
+    block: Option<BlockWait>,
     closed: AtomicBool,
     counters: Counters,
     limits: [RateLimit; KINDS],
@@ -309,10 +310,7 @@ impl AuditLog {
     pub async fn open(config: Config) -> Result<AuditLog, AuditError> {
         config.validate()?;
         let sampler = config.sampler()?;
-        let block_timeout = match config.full_disk_policy {
-            FullDiskPolicy::Block { timeout } => Some(timeout),
-            _ => None,
-        };
+        let block = BlockWait::for_policy(config.full_disk_policy);
         let wal = match config.wal_config() {
             Some(wal_config) => {
                 // `Block` is carried out here, asynchronously (module docs).
@@ -343,7 +341,7 @@ impl AuditLog {
                 wal,
                 sync: tokio::sync::OnceCell::new(),
                 sync_reconnect: Reconnect::default(),
-                block_timeout,
+                block,
                 closed: AtomicBool::new(false),
                 counters: Counters::default(),
                 limits: Default::default(),
@@ -597,7 +595,7 @@ impl AuditLog {
         event: &AuditEvent,
         rate: f64,
     ) -> Result<Lsn, AuditError> {
-        let mut block = self.inner.block_timeout.map(BlockWait::new);
+        let mut block = self.inner.block;
         loop {
             let e = match wal.append_with_rate_async(event, rate).await {
                 Ok(lsn) => return Ok(lsn),

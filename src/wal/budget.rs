@@ -8,16 +8,17 @@
 //! A full file system (fallocate failing with ENOSPC) is the same situation from
 //! the writer's point of view and goes through the same policy.
 //!
-//! This module decides "room or no room", and, under
-//! [`FullDiskPolicy::Block`](super::FullDiskPolicy::Block), how long an append
-//! keeps waiting for room ([`BlockWait`]): the one rule for both places that
-//! wait, the writer (a thread asleep) and the audit log (a task asleep). Refusing
-//! or dropping an event under the other policies is the writer's.
+//! This module decides "room or no room", and, under [`FullDiskPolicy::Block`],
+//! how long an append keeps waiting for room ([`BlockWait`]): the one rule for
+//! both places that wait, the writer (a thread asleep) and the audit log (a
+//! task asleep). Refusing or dropping an event under the other policies is the
+//! writer's.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::config::FullDiskPolicy;
 use super::error::WalError;
 use super::stream_dir::StreamDir;
 
@@ -82,10 +83,15 @@ pub(crate) enum BlockStep {
 }
 
 impl BlockWait {
-    pub(crate) fn new(timeout: Duration) -> BlockWait {
-        BlockWait {
-            timeout,
-            since: None,
+    /// The wait `policy` asks of an append that finds no room: `None` unless
+    /// it is `Block`.
+    pub(crate) fn for_policy(policy: FullDiskPolicy) -> Option<BlockWait> {
+        match policy {
+            FullDiskPolicy::Block { timeout } => Some(BlockWait {
+                timeout,
+                since: None,
+            }),
+            FullDiskPolicy::DropNewest | FullDiskPolicy::Fail => None,
         }
     }
 
@@ -159,5 +165,40 @@ impl DiskBudget {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_wait_sleeps_in_short_steps_until_its_timeout_then_gives_up() {
+        let policy = FullDiskPolicy::Block {
+            timeout: Duration::from_millis(30),
+        };
+        let mut wait = BlockWait::for_policy(policy).expect("Block waits");
+        assert!(wait.is_first());
+        match wait.next() {
+            BlockStep::Sleep(pause) => assert!(pause <= BLOCK_POLL, "{pause:?}"),
+            other => panic!("expected a sleep, got {other:?}"),
+        }
+        assert!(!wait.is_first());
+        std::thread::sleep(Duration::from_millis(40));
+        match wait.next() {
+            BlockStep::GiveUp { waited } => assert!(waited >= Duration::from_millis(30)),
+            other => panic!("expected to give up, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_the_block_policy_waits() {
+        assert!(BlockWait::for_policy(FullDiskPolicy::Fail).is_none());
+        assert!(BlockWait::for_policy(FullDiskPolicy::DropNewest).is_none());
+        let zero = FullDiskPolicy::Block {
+            timeout: Duration::ZERO,
+        };
+        let mut wait = BlockWait::for_policy(zero).expect("Block waits");
+        assert!(matches!(wait.next(), BlockStep::GiveUp { .. }));
     }
 }

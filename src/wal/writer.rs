@@ -675,10 +675,7 @@ impl Inner {
     /// [`WalWriter::append_with_rate`]).
     fn append_payload(&self, payload: &[u8]) -> Result<Lsn, WalError> {
         let frame_len = self.frame_len_for(payload)?;
-        let mut block = match self.config.full_disk_policy {
-            FullDiskPolicy::Block { timeout } => Some(BlockWait::new(timeout)),
-            _ => None,
-        };
+        let mut block = BlockWait::for_policy(self.config.full_disk_policy);
         loop {
             let no_room = match self.try_append(payload, frame_len)? {
                 FastAppend::Appended(lsn) => return Ok(lsn),
