@@ -26,9 +26,9 @@
 //! round trip (checkpoint read, BEGIN, COMMIT...) must be answered, and every piece
 //! of a COPY accepted by the socket, within `link_timeout`; and every connection's
 //! socket gets keepalive and `TCP_USER_TIMEOUT` for the same time
-//! ([`crate::pg::link`]). So a
-//! link that died under a batch costs one `link_timeout` plus a reconnect, however
-//! large the batch, and a large batch on a slow but live link is never cut off.
+//! ([`crate::pg::link`]). So a link that died under a batch costs one
+//! `link_timeout` plus a reconnect, however large the batch, and a large batch on
+//! a slow but live link is never cut off.
 //!
 //! What this module leaves to its parts: the bytes of a COPY ([`copy`]), one
 //! transaction with its checkpoint ([`batch`], [`checkpoint`]), reading segments
