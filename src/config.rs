@@ -557,11 +557,14 @@ impl Config {
         std::fs::create_dir_all(dir).map_err(failed)?;
         // A file created and removed at once: the only reliable test of write
         // access (permission bits say nothing about read-only mounts or ACLs).
-        tempfile::Builder::new()
-            .prefix(".auditwal-probe-")
-            .tempfile_in(dir)
-            .map(drop)
-            .map_err(failed)
+        // The name is this process's and create_new never touches another's.
+        let probe = dir.join(format!(".auditwal-probe-{}", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map_err(failed)?;
+        std::fs::remove_file(&probe).map_err(failed)
     }
 }
 

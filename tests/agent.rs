@@ -9,7 +9,7 @@
 //! does not read stops being read, SIGTERM answers what is in flight and
 //! removes the socket, and HTTP stays on loopback.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};

@@ -2,7 +2,7 @@
 //! real WAL: every mode's rows are asserted in `audit_events` (WAL modes after
 //! loading with the real loader), with their row ids, LSNs and sample rates.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;

@@ -3,7 +3,7 @@
 //! link) and the JSON lines it prints. The figures themselves are not
 //! asserted: they belong to docs/benchmarks.md, not to a test.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::process::Command;
 

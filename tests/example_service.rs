@@ -8,11 +8,9 @@
 //! The client is a few lines over a TcpStream (HTTP/1.1, `Connection: close`),
 //! so the test needs no HTTP client crate.
 
-mod common;
+use auditwal_test_support as common;
 
-#[path = "../examples/shortener/app.rs"]
-#[allow(dead_code)] // the test uses the public surface only
-mod app;
+use shortener_app as app;
 
 use std::net::SocketAddr;
 use std::path::Path;

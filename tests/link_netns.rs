@@ -17,7 +17,7 @@
 //! cargo test --test link_netns -- --ignored --nocapture link_recovery_is_measured
 //! ```
 
-mod common;
+use auditwal_test_support as common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -377,7 +377,7 @@ async fn link_recovery_is_measured() {
         (Phase::MidCopy, Outage::ServerSideKilled),
         (Phase::Idle, Outage::ServerSideKilled),
     ] {
-        let net = crate::netns_cluster_or_skip!();
+        let net = auditwal_test_support::netns_cluster_or_skip!();
         let r = dead_link(net, phase, outage, Duration::from_secs(15)).await;
         lines.push(format!(
             "{phase:?}/{outage:?}, link down 15 s: {:.2} s",
@@ -396,7 +396,7 @@ async fn link_recovery_is_measured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_mid_copy_for_4s_resumes_on_the_old_connection_loading_each_event_once() {
-    let net = crate::netns_cluster_or_skip!();
+    let net = auditwal_test_support::netns_cluster_or_skip!();
     let r = dead_link(net, Phase::MidCopy, Outage::Resume, Duration::from_secs(4)).await;
     assert_recovers_in_seconds(&r);
     assert!(
@@ -410,7 +410,7 @@ async fn a_link_cut_mid_copy_for_4s_resumes_on_the_old_connection_loading_each_e
 /// loader's new connection would wait on it for hours.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_cut_off_for_longer_than_the_link_timeout_is_given_up_and_its_lock_released() {
-    let net = crate::netns_cluster_or_skip!();
+    let net = auditwal_test_support::netns_cluster_or_skip!();
     let r = dead_link(net, Phase::MidCopy, Outage::Resume, Duration::from_secs(15)).await;
     assert_recovers_in_seconds(&r);
     assert!(r.reconnected, "a COPY stalled for 15 s was waited out");
@@ -418,7 +418,7 @@ async fn a_copy_cut_off_for_longer_than_the_link_timeout_is_given_up_and_its_loc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_cut_mid_copy_whose_server_side_is_killed_is_left_within_seconds_of_link_up() {
-    let net = crate::netns_cluster_or_skip!();
+    let net = auditwal_test_support::netns_cluster_or_skip!();
     let r = dead_link(
         net,
         Phase::MidCopy,
@@ -431,7 +431,7 @@ async fn a_link_cut_mid_copy_whose_server_side_is_killed_is_left_within_seconds_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_cut_off_for_15s_is_settled_by_the_checkpoint_loading_each_event_once() {
-    let net = crate::netns_cluster_or_skip!();
+    let net = auditwal_test_support::netns_cluster_or_skip!();
     let r = dead_link(
         net,
         Phase::MidCommit,
@@ -448,7 +448,7 @@ async fn a_commit_cut_off_for_15s_is_settled_by_the_checkpoint_loading_each_even
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_cut_off_whose_server_side_is_killed_is_neither_lost_nor_loaded_twice() {
-    let net = crate::netns_cluster_or_skip!();
+    let net = auditwal_test_support::netns_cluster_or_skip!();
     let r = dead_link(
         net,
         Phase::MidCommit,
@@ -461,7 +461,7 @@ async fn a_commit_cut_off_whose_server_side_is_killed_is_neither_lost_nor_loaded
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_loader_cut_off_for_20s_loads_what_arrived_meanwhile_within_seconds_of_link_up() {
-    let net = crate::netns_cluster_or_skip!();
+    let net = auditwal_test_support::netns_cluster_or_skip!();
     let r = dead_link(net, Phase::Idle, Outage::Resume, Duration::from_secs(20)).await;
     assert_recovers_in_seconds(&r);
     assert!(
@@ -472,7 +472,7 @@ async fn an_idle_loader_cut_off_for_20s_loads_what_arrived_meanwhile_within_seco
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_loader_whose_server_side_was_killed_meanwhile_reconnects_within_seconds() {
-    let net = crate::netns_cluster_or_skip!();
+    let net = auditwal_test_support::netns_cluster_or_skip!();
     let r = dead_link(
         net,
         Phase::Idle,
@@ -588,13 +588,13 @@ async fn sync_across_a_dead_link(net: NetnsCluster, outage: Outage) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_calls_across_a_dead_link_fail_within_the_timeout_and_recover_when_it_resumes() {
-    let net = crate::netns_cluster_or_skip!();
+    let net = auditwal_test_support::netns_cluster_or_skip!();
     sync_across_a_dead_link(net, Outage::Resume).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_calls_across_a_dead_link_whose_server_side_was_killed_fail_in_time_and_recover() {
-    let net = crate::netns_cluster_or_skip!();
+    let net = auditwal_test_support::netns_cluster_or_skip!();
     sync_across_a_dead_link(net, Outage::ServerSideKilled).await;
 }
 

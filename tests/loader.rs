@@ -1,7 +1,7 @@
 //! The loader against the real server, through the real CLI: every test asserts
 //! the exact set of event_ids in `audit_events`, never counts log lines.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::io::Write;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! stopped with an immediate shutdown and started again mid-load, and with a
 //! writer appending while it loads. Each test asserts the exact set of event_ids.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -144,9 +144,9 @@ async fn writer_and_loader_run_at_the_same_time() {
 
 #[tokio::test]
 async fn the_loader_connects_over_tls_when_the_url_asks() {
-    let cluster = auditwal::pg::Cluster::start(auditwal::pg::ClusterOptions {
+    let cluster = auditwal_test_support::Cluster::start(auditwal_test_support::ClusterOptions {
         tls: true,
-        ..auditwal::pg::ClusterOptions::for_tests()
+        ..auditwal_test_support::ClusterOptions::for_tests()
     })
     .expect("start a TLS cluster");
     let db = TestDb::on_cluster(&cluster).await;

@@ -3,7 +3,7 @@
 //! from util-linux `script`), and not one byte of it otherwise — stderr piped,
 //! stderr redirected to a file, `--no-progress` — nor ever on stdout.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

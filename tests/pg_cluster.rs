@@ -1,7 +1,7 @@
 //! The throwaway cluster: it answers, restarts on the same port with its data, and
 //! never outlives its owner: not on drop, and not when the owner is SIGKILLed.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use auditwal::pg::{Cluster, ClusterOptions};
+use auditwal_test_support::{Cluster, ClusterOptions};
 use sqlx::{Connection, PgConnection};
 
 fn port_answers(port: u16) -> bool {

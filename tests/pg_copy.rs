@@ -2,7 +2,7 @@
 //! every field lands in its column exactly, a batch and its checkpoint commit
 //! together, a batch sent twice loads once, and a refused row is named by index.
 
-mod common;
+use auditwal_test_support as common;
 
 use auditwal::loader::batch::{self, Batch, BatchError, BatchOutcome, BatchRow};
 use auditwal::{AuditEvent, Outcome};

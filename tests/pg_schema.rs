@@ -2,7 +2,7 @@
 //! append-only enforcement, roles, retention, and migrations that are idempotent
 //! and safe to run concurrently.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! errors within the timeout when the database is down, and `auditwal emit --mode
 //! sync`.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, TcpListener};

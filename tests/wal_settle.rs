@@ -6,7 +6,7 @@
 //! meet on many restarts; the second runs the real `auditwal load` against a real
 //! PostgreSQL beside the restarting writer and checks every event arrives once.
 
-mod common;
+use auditwal_test_support as common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

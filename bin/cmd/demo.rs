@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use auditwal::loader::{Loader, LoaderConfig};
-use auditwal::pg::{Cluster, ClusterError, ClusterOptions, SyncConfig, SyncWriter};
+use auditwal::pg::{SyncConfig, SyncWriter};
 use auditwal::wal::{WalConfig, WalWriter};
 use auditwal::{AuditEvent, Outcome};
+use auditwal_test_support::{Cluster, ClusterError, ClusterOptions};
 use sqlx::Connection;
 
-use super::bench::percentile;
 use super::{CmdResult, Failure};
+use auditwal_bench::percentile;
 
 /// Threads appending the demo's events.
 const THREADS: u64 = 2;

@@ -1,25 +1,14 @@
-//! Subcommand implementations and what they share: exit codes, logging, and the
-//! bench output format of the contract.
+//! Subcommand implementations and what they share: exit codes and logging. The
+//! benches are crates/bench.
 
 pub mod agent;
-pub mod bench;
-pub mod bench_agent;
-pub mod bench_e2e;
-pub mod bench_fleet;
-pub mod bench_load;
-pub mod bench_record;
-pub mod bench_sync;
-pub mod bench_wal;
 pub mod demo;
 pub mod emit;
 pub mod emit_sync;
 pub mod emit_wal;
-pub mod flaky_link;
 pub mod inspect;
 pub mod load;
-pub mod loadgen;
 pub mod migrate;
-pub mod proc_cpu;
 pub mod progress;
 pub mod scratch_db;
 
@@ -49,6 +38,15 @@ impl Failure {
         Failure {
             code: EXIT_RUNTIME,
             error: error.into(),
+        }
+    }
+}
+
+impl From<auditwal_bench::Failure> for Failure {
+    fn from(f: auditwal_bench::Failure) -> Self {
+        match f {
+            auditwal_bench::Failure::Usage(e) => Failure::usage(e),
+            auditwal_bench::Failure::Runtime(e) => Failure::runtime(e),
         }
     }
 }

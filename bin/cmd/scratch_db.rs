@@ -1,6 +1,6 @@
 //! `auditwal scratch-db` (hidden): a throwaway PostgreSQL for tests and
 //! examples in other languages (the Python client's pytest run, the FastAPI
-//! example), from the same harness the Rust tests use (`auditwal::pg::Cluster`).
+//! example), from the same harness the Rust tests use (`auditwal_test_support::Cluster`).
 //!
 //! Prints the server's URL on one stdout line once it accepts connections, then
 //! runs until its stdin reaches end of file (the parent closed it, or died: a
@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
-use auditwal::pg::{Cluster, ClusterError, ClusterOptions};
+use auditwal_test_support::{Cluster, ClusterError, ClusterOptions};
 
 use super::{CmdResult, Failure};
 

@@ -9,7 +9,7 @@
 //! nothing: stop serving, close the log (fsync), load the WAL to its end, stop
 //! the loader, stop the database. What is audited how is app.rs's business.
 
-mod app;
+use shortener_app as app;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use auditwal::loader::{Loader, LoaderConfig};
-use auditwal::pg::{Cluster, ClusterError, ClusterOptions};
 use auditwal::{AuditLog, Config};
+use auditwal_test_support::{Cluster, ClusterError, ClusterOptions};
 use clap::Parser;
 
 use app::UserAudit;

@@ -11,9 +11,6 @@
 //! - [`link`]: the TCP tuning (keepalive, `TCP_USER_TIMEOUT`) of every connection
 //!   auditwal opens, sync mode's and the loader's alike, so it lives here with
 //!   the other connection concerns and the loader depends on it, not the reverse.
-//! - [`cluster`]: a throwaway private PostgreSQL (initdb + pg_ctl in a temp dir on a
-//!   loopback port) for tests, `auditwal demo` and the benches, never outliving the
-//!   process that started it.
 //! - [`error`]: [`PgError`], which tells a caller whether an event may have been
 //!   stored.
 //!
@@ -21,14 +18,12 @@
 //! [`crate::loader`]; it uses the schema, the link tuning and the errors from
 //! here.
 
-pub mod cluster;
 pub mod error;
 pub mod link;
 pub(crate) mod reconnect;
 pub mod schema;
 pub mod sync;
 
-pub use cluster::{Cluster, ClusterError, ClusterNetwork, ClusterOptions};
 pub use error::PgError;
 pub use schema::{ensure_partitions, migrate, MIGRATOR, PARTITIONS_AHEAD};
 pub use sync::{RowId, SyncConfig, SyncWriter};

@@ -26,8 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use auditwal::pg::{self, Cluster, ClusterOptions, SyncConfig, SyncWriter};
+use auditwal::pg::{self, SyncConfig, SyncWriter};
 use auditwal::{AuditEvent, Outcome};
+use auditwal_test_support::{Cluster, ClusterOptions};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 
@@ -94,7 +95,7 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
         ..ClusterOptions::default()
     })
     .map_err(|e| match e {
-        e @ auditwal::pg::ClusterError::NotInstalled => Failure::usage(anyhow!(e)),
+        e @ auditwal_test_support::ClusterError::NotInstalled => Failure::usage(anyhow!(e)),
         e => Failure::runtime(anyhow!(e).context("starting the private PostgreSQL")),
     })?;
     eprintln!(

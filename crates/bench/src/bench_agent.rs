@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{anyhow, Context};
-use auditwal::pg::{Cluster, ClusterError, ClusterOptions};
+use auditwal_test_support::{Cluster, ClusterError, ClusterOptions};
 
 use super::bench::{env_u64, report, BenchResult};
 use super::{CmdResult, Failure};

@@ -58,10 +58,6 @@
 //! With `DATABASE_URL` the database is the user's: both deployments use it,
 //! and separated only pauses the loader (`database_dir` says `external`).
 
-#[path = "../../examples/shortener/app.rs"]
-#[allow(dead_code)] // the bench drives one endpoint of the example service
-mod shortener_app;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
@@ -72,8 +68,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use auditwal::pg::{Cluster, ClusterOptions};
 use auditwal::{AuditLog, AuditStats, Config, Mode, SampleKey};
+use auditwal_test_support::{Cluster, ClusterOptions};
 use sqlx::{Connection, PgConnection};
 
 use super::bench::{median, median_of_rounds, report, BenchResult};
@@ -494,7 +490,9 @@ pub fn run(args: E2eArgs, json: bool, dir: Option<PathBuf>) -> CmdResult {
                     ..ClusterOptions::default()
                 })
                 .map_err(|e| match e {
-                    e @ auditwal::pg::ClusterError::NotInstalled => Failure::usage(anyhow!(e)),
+                    e @ auditwal_test_support::ClusterError::NotInstalled => {
+                        Failure::usage(anyhow!(e))
+                    }
                     e => Failure::runtime(anyhow!(e).context("starting the private PostgreSQL")),
                 })?;
                 let url = cluster.url();

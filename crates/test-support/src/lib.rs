@@ -1,4 +1,7 @@
-//! The test database every integration test uses: `mod common;` then
+//! What the integration tests (tests/), `auditwal demo` and the benches share:
+//! the throwaway PostgreSQL cluster ([`cluster`]), network namespaces for the
+//! dead-link tests ([`netns`]), and the helpers below. A test file says
+//! `use auditwal_test_support as common;` then
 //! `let db = common::TestDb::new().await;`.
 //!
 //! With `DATABASE_URL` unset, tests run against a private PostgreSQL cluster started
@@ -11,15 +14,15 @@
 //!
 //! Tests that stop and restart the server use [`private_cluster`] and
 //! [`TestDb::on_cluster`].
-#![allow(dead_code)] // each test file uses its own subset of these helpers
-
+pub mod cluster;
 pub mod netns;
+
+pub use cluster::{Cluster, ClusterError, ClusterNetwork, ClusterOptions};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use auditwal::pg::{Cluster, ClusterOptions};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 
@@ -172,9 +175,18 @@ impl Drop for TestDb {
     }
 }
 
-/// The `auditwal` binary built for these tests.
+/// The `auditwal` binary built for these tests. Cargo tells the integration
+/// tests of the package that owns the binary (bin/Cargo.toml) its path in
+/// `CARGO_BIN_EXE_auditwal`, at build time and at run time; this crate reads the
+/// run-time one.
 pub fn auditwal_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_auditwal")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CARGO_BIN_EXE_auditwal").expect(
+            "CARGO_BIN_EXE_auditwal is unset: run the tests with `cargo test` \
+             (they belong to the auditwal-cli package)",
+        )
+    })
 }
 
 /// A child process that is killed (SIGKILL) and reaped when dropped, so a test

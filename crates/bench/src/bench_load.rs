@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use auditwal::loader::copy::{CopyBuffer, RowOrigin, COPY_COLUMNS};
-use auditwal::pg::{Cluster, ClusterOptions};
 use auditwal::wal::reader::{Follow, ReadItem, StreamReader};
 use auditwal::wal::{WalConfig, WalWriter};
 use auditwal::{AuditEvent, Outcome};
+use auditwal_test_support::{Cluster, ClusterOptions};
 use sqlx::{Connection, Executor, PgConnection};
 
 use super::bench::{env_u64, median, percentile, report, BenchResult};

@@ -55,7 +55,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use auditwal::pg::{Cluster, ClusterOptions};
+use auditwal_test_support::{Cluster, ClusterOptions};
 use sqlx::{Connection, Executor, PgConnection};
 
 use super::bench::{percentile, report, BenchResult};
@@ -223,7 +223,7 @@ pub fn run(args: FleetArgs, json: bool, dir: Option<PathBuf>) -> CmdResult {
         ..ClusterOptions::default()
     })
     .map_err(|e| match e {
-        e @ auditwal::pg::ClusterError::NotInstalled => Failure::usage(anyhow!(e)),
+        e @ auditwal_test_support::ClusterError::NotInstalled => Failure::usage(anyhow!(e)),
         e => Failure::runtime(anyhow!(e).context("starting the private PostgreSQL")),
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1025,7 +1025,7 @@ mod tests {
         ];
         for args in bad {
             match Params::from_args(&args) {
-                Err(f) => assert_eq!(f.code, super::super::EXIT_USAGE, "{args:?}"),
+                Err(f) => assert!(matches!(f, Failure::Usage(_)), "{args:?}: {f:?}"),
                 Ok(p) => panic!("{args:?} accepted as {p:?}"),
             }
         }

@@ -25,7 +25,7 @@
 
 use std::process::{Command, Stdio};
 
-use auditwal::pg::{Cluster, ClusterNetwork, ClusterOptions};
+use crate::cluster::{Cluster, ClusterNetwork, ClusterOptions};
 
 /// Prefix of every namespace these tests create: `auditwal-PID-N`.
 const NS_PREFIX: &str = "auditwal-";
@@ -251,7 +251,7 @@ fn remove_stale_namespaces() {
 #[macro_export]
 macro_rules! netns_cluster_or_skip {
     () => {
-        match $crate::common::netns::NetnsCluster::start() {
+        match $crate::netns::NetnsCluster::start() {
             Ok(c) => c,
             Err(why) => {
                 eprintln!("SKIPPED: this test needs a network namespace: {why}");
