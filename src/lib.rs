@@ -9,6 +9,7 @@
 //! A separate loader process tails the WAL and bulk-COPYs it into PostgreSQL.
 //! See docs/modes.md for what each mode can lose and when.
 
+pub mod columns;
 pub mod config;
 pub mod event;
 pub mod log;
