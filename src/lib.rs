@@ -13,6 +13,7 @@ pub mod columns;
 pub mod config;
 pub mod event;
 pub mod log;
+mod mode;
 pub mod pg;
 pub mod sampling;
 pub mod wal;
