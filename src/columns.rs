@@ -4,7 +4,7 @@
 //! Every writer of rows and of WAL records takes its field order from here: the
 //! binary COPY encoder (`pg::copy`), sync mode's INSERT statements and binds
 //! (`pg::sync`), replay's INSERT ... SELECT (`pg::replay`) and the WAL payload
-//! encoder (`wal::payload`). The list is written once, in [`event_columns!`]
+//! encoder (`wal::payload`). The list is written once, in `event_columns!`
 //! below, which makes both the data ([`EVENT_COLUMNS`]: names and types, for SQL
 //! text and for the schema test against the migrations) and the code
 //! ([`visit_event`]: one call per column, in the same order, with the value read
