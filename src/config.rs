@@ -2,9 +2,10 @@
 //! lives, how the database is reached, from a TOML file, the environment and
 //! code.
 //!
-//! This module owns the names of the settings (one table, [`SETTINGS`]: TOML
-//! key and environment variable side by side), their defaults (in one place,
-//! `Config::default`), the precedence between sources (set in code >
+//! This module owns the settings, each defined once in the `settings!` table
+//! below (TOML key, environment variable, type, default, parser, help and, for
+//! most, the builder setter), from which [`SETTINGS`] and the file, environment
+//! and code layers are made; the precedence between sources (set in code >
 //! environment > file > defaults, whatever order the builder's calls came in),
 //! and validation: [`ConfigBuilder::build`] refuses any setting out of range
 //! with a [`ConfigError`] that names the setting, its value and where that value
@@ -16,8 +17,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
+
+pub use crate::mode::{Mode, ParseModeError};
 
 use crate::event::{Outcome, DEFAULT_MAX_EVENT_BYTES};
 use crate::pg::SyncConfig;
@@ -27,72 +29,6 @@ use crate::wal::{
     FullDiskPolicy, WalConfig, WalError, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DISK_BUDGET,
     DEFAULT_FSYNC_INTERVAL, DEFAULT_SEGMENT_SIZE,
 };
-
-/// The delivery mode of one call (see docs/modes.md for what each can lose).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// Committed in PostgreSQL, in its own transaction, before the call returns.
-    Sync,
-    /// Fsynced to the local WAL before the call returns.
-    Durable,
-    /// Appended to the local WAL (page cache); fsynced within `fsync_interval`.
-    Async,
-    /// Kept or dropped by the sampler; kept events are delivered as async.
-    Sampled,
-}
-
-impl Mode {
-    /// Every mode, in the order [`crate::log::PerMode`] counts them.
-    pub const ALL: [Mode; 4] = [Mode::Sync, Mode::Durable, Mode::Async, Mode::Sampled];
-
-    /// The spelling used in configuration and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Sync => "sync",
-            Mode::Durable => "durable",
-            Mode::Async => "async",
-            Mode::Sampled => "sampled",
-        }
-    }
-
-    pub(crate) fn index(self) -> usize {
-        match self {
-            Mode::Sync => 0,
-            Mode::Durable => 1,
-            Mode::Async => 2,
-            Mode::Sampled => 3,
-        }
-    }
-
-    /// True for the modes that write to the local WAL.
-    pub fn uses_wal(self) -> bool {
-        self != Mode::Sync
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A mode name that is none of sync, durable, async, sampled.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown mode {0:?}: use sync, durable, async or sampled")]
-pub struct ParseModeError(pub String);
-
-impl FromStr for Mode {
-    type Err = ParseModeError;
-    fn from_str(s: &str) -> Result<Mode, ParseModeError> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "sync" => Ok(Mode::Sync),
-            "durable" => Ok(Mode::Durable),
-            "async" => Ok(Mode::Async),
-            "sampled" => Ok(Mode::Sampled),
-            _ => Err(ParseModeError(s.to_string())),
-        }
-    }
-}
 
 /// Where a setting's value came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,100 +109,198 @@ pub struct Setting {
     pub help: &'static str,
 }
 
-/// Every setting, in the order docs/modes.md lists them. `AUDIT_*` variables
-/// say what is recorded; `AUDITWAL_*` where and how.
-pub const SETTINGS: &[Setting] = &[
-    Setting {
-        key: "audit_mode",
-        env: "AUDIT_MODE",
-        help: "default mode: sync, durable, async, sampled",
-    },
-    Setting {
-        key: "sample_rate",
-        env: "AUDIT_SAMPLE_RATE",
-        help: "fraction kept in sampled mode, in [0, 1]",
-    },
-    Setting {
-        key: "force_keep_actions",
-        env: "AUDIT_FORCE_KEEP_ACTIONS",
-        help: "actions kept whatever the rate: exact, prefix.* or *",
-    },
-    Setting {
-        key: "force_keep_outcomes",
-        env: "AUDIT_FORCE_KEEP_OUTCOMES",
-        help: "outcomes kept whatever the rate",
-    },
-    Setting {
-        key: "sample_key",
-        env: "AUDIT_SAMPLE_KEY",
-        help: "field that keeps events together: request_id, actor_id, tenant_id, target_id, none",
-    },
-    Setting {
-        key: "wal_dir",
-        env: "AUDITWAL_WAL_DIR",
-        help: "directory of the local WAL",
-    },
-    Setting {
-        key: "stream",
-        env: "AUDITWAL_STREAM",
-        help: "this process's stream under wal_dir",
-    },
-    Setting {
-        key: "fsync_interval_ms",
-        env: "AUDITWAL_FSYNC_INTERVAL_MS",
-        help: "flusher period: what async can lose on power loss",
-    },
-    Setting {
-        key: "segment_size",
-        env: "AUDITWAL_SEGMENT_SIZE",
-        help: "bytes per segment file (64MiB)",
-    },
-    Setting {
-        key: "disk_budget",
-        env: "AUDITWAL_DISK_BUDGET",
-        help: "bytes of segment files the stream may use",
-    },
-    Setting {
-        key: "full_disk_policy",
-        env: "AUDITWAL_FULL_DISK_POLICY",
-        help: "at the budget: block, drop-newest, fail",
-    },
-    Setting {
-        key: "block_timeout_ms",
-        env: "AUDITWAL_BLOCK_TIMEOUT_MS",
-        help: "longest wait for space under block",
-    },
-    Setting {
-        key: "zero_fill_segments",
-        env: "AUDITWAL_ZERO_FILL_SEGMENTS",
-        help: "write zeros over each new segment (off on copy-on-write file systems)",
-    },
-    Setting {
-        key: "database_url",
-        env: "DATABASE_URL",
-        help: "PostgreSQL URL for sync mode",
-    },
-    Setting {
-        key: "sync_timeout_ms",
-        env: "AUDITWAL_SYNC_TIMEOUT_MS",
-        help: "longest a sync call waits",
-    },
-    Setting {
-        key: "link_timeout_ms",
-        env: "AUDITWAL_LINK_TIMEOUT_MS",
-        help: "keepalive and TCP user timeout of sync mode's connections: a dead link is noticed within this",
-    },
-    Setting {
-        key: "sync_migrate",
-        env: "AUDITWAL_SYNC_MIGRATE",
-        help: "apply migrations when sync mode connects",
-    },
-    Setting {
-        key: "max_event_bytes",
-        env: "AUDITWAL_MAX_EVENT_BYTES",
-        help: "event size limit",
-    },
-];
+/// Makes, from one entry per setting: [`SETTINGS`]; `Layer`, one source's
+/// settings, with its parser (`Layer::parse`), its precedence
+/// (`Layer::overlay`) and its defaults (`Layer::values`); and the
+/// [`ConfigBuilder`] setters of the entries that name one. An entry:
+///
+/// ```text
+/// key: Type = default, env "VAR", help "text", parse fn(&Raw) -> Result<Type, String>
+///     [, builder method(arg: ArgType) => value of Type];
+/// ```
+macro_rules! settings {
+    ($(
+        $key:ident: $ty:ty = $default:expr,
+        env $env:literal,
+        help $help:literal,
+        parse $parse:expr
+        $(, builder $(#[doc = $doc:literal])* $method:ident($arg:ident: $arg_ty:ty) => $value:expr)?;
+    )*) => {
+        /// Every setting, in the order docs/modes.md lists them. `AUDIT_*`
+        /// variables say what is recorded; `AUDITWAL_*` where and how.
+        pub const SETTINGS: &[Setting] = &[$(Setting {
+            key: stringify!($key),
+            env: $env,
+            help: $help,
+        },)*];
+
+        /// One source's settings, each `None` where the source says nothing.
+        #[derive(Debug, Clone, Default)]
+        struct Layer {
+            $($key: Option<$ty>,)*
+            origins: BTreeMap<&'static str, Origin>,
+        }
+
+        /// Every setting's value, the defaults filled in.
+        struct Values {
+            $($key: $ty,)*
+        }
+
+        impl Layer {
+            /// Parses `raw` for `key` into this layer; `None` when `key` is not
+            /// a setting.
+            fn parse(&mut self, key: &str, raw: &Raw) -> Option<Result<(), String>> {
+                match key {
+                    $(stringify!($key) => {
+                        let parse: fn(&Raw) -> Result<$ty, String> = $parse;
+                        Some(parse(raw).map(|v| self.$key = Some(v)))
+                    })*
+                    _ => None,
+                }
+            }
+
+            /// `self` with every setting `top` has replaced by `top`'s.
+            fn overlay(mut self, top: Layer) -> Layer {
+                $(if top.$key.is_some() {
+                    self.$key = top.$key;
+                    if let Some(o) = top.origins.get(stringify!($key)) {
+                        self.origins.insert(stringify!($key), o.clone());
+                    }
+                })*
+                self
+            }
+
+            /// This layer's settings over the defaults.
+            fn values(self) -> (Values, BTreeMap<&'static str, Origin>) {
+                let values = Values {
+                    $($key: self.$key.unwrap_or_else(|| $default),)*
+                };
+                (values, self.origins)
+            }
+        }
+
+        impl ConfigBuilder {
+            $($(
+                $(#[doc = $doc])*
+                pub fn $method(self, $arg: $arg_ty) -> Self {
+                    let value: $ty = $value;
+                    self.set(stringify!($key), |l| l.$key = Some(value))
+                }
+            )?)*
+        }
+    };
+}
+
+settings! {
+    audit_mode: Mode = Mode::Async,
+        env "AUDIT_MODE",
+        help "default mode: sync, durable, async, sampled",
+        parse |r| text(r)?.parse().map_err(|e: ParseModeError| e.to_string()),
+        builder mode(mode: Mode) => mode;
+    sample_rate: f64 = 1.0,
+        env "AUDIT_SAMPLE_RATE",
+        help "fraction kept in sampled mode, in [0, 1]",
+        parse parse_rate,
+        builder sample_rate(rate: f64) => rate;
+    force_keep_actions: Vec<ActionPattern> = ActionPattern::parse("admin.*").into_iter().collect(),
+        env "AUDIT_FORCE_KEEP_ACTIONS",
+        help "actions kept whatever the rate: exact, prefix.* or *",
+        parse |r| {
+            list(r)
+                .iter()
+                .map(|p| ActionPattern::parse(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())
+        };
+    force_keep_outcomes: Vec<Outcome> = vec![Outcome::Failure, Outcome::Denied],
+        env "AUDIT_FORCE_KEEP_OUTCOMES",
+        help "outcomes kept whatever the rate",
+        parse |r| {
+            list(r)
+                .iter()
+                .map(|o| o.to_ascii_lowercase().parse::<Outcome>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())
+        },
+        builder
+            /// Replaces the force-keep outcomes.
+            force_keep_outcomes(outcomes: impl IntoIterator<Item = Outcome>) => outcomes.into_iter().collect();
+    sample_key: SampleKey = SampleKey::RequestId,
+        env "AUDIT_SAMPLE_KEY",
+        help "field that keeps events together: request_id, actor_id, tenant_id, target_id, none",
+        parse |r| text(r)?.parse().map_err(|e: crate::sampling::SamplingError| e.to_string()),
+        builder sample_key(key: SampleKey) => key;
+    wal_dir: Option<PathBuf> = None,
+        env "AUDITWAL_WAL_DIR",
+        help "directory of the local WAL",
+        parse |r| text(r).map(|t| Some(PathBuf::from(t))),
+        builder wal_dir(dir: impl Into<PathBuf>) => Some(dir.into());
+    stream: String = "default".to_string(),
+        env "AUDITWAL_STREAM",
+        help "this process's stream under wal_dir",
+        parse text,
+        builder stream(stream: impl Into<String>) => stream.into();
+    fsync_interval_ms: Duration = DEFAULT_FSYNC_INTERVAL,
+        env "AUDITWAL_FSYNC_INTERVAL_MS",
+        help "flusher period: what async can lose on power loss",
+        parse millis,
+        builder fsync_interval(interval: Duration) => interval;
+    segment_size: u64 = DEFAULT_SEGMENT_SIZE,
+        env "AUDITWAL_SEGMENT_SIZE",
+        help "bytes per segment file (64MiB)",
+        parse size,
+        builder segment_size(bytes: u64) => bytes;
+    disk_budget: u64 = DEFAULT_DISK_BUDGET,
+        env "AUDITWAL_DISK_BUDGET",
+        help "bytes of segment files the stream may use",
+        parse size,
+        builder disk_budget(bytes: u64) => bytes;
+    full_disk_policy: PolicyKind = PolicyKind::Block,
+        env "AUDITWAL_FULL_DISK_POLICY",
+        help "at the budget: block, drop-newest, fail",
+        parse |r| match text(r)?.to_ascii_lowercase().as_str() {
+            "block" => Ok(PolicyKind::Block),
+            "drop-newest" | "drop_newest" => Ok(PolicyKind::DropNewest),
+            "fail" => Ok(PolicyKind::Fail),
+            _ => Err("expected block, drop-newest or fail".into()),
+        };
+    block_timeout_ms: Duration = DEFAULT_BLOCK_TIMEOUT,
+        env "AUDITWAL_BLOCK_TIMEOUT_MS",
+        help "longest wait for space under block",
+        parse millis;
+    zero_fill_segments: bool = true,
+        env "AUDITWAL_ZERO_FILL_SEGMENTS",
+        help "write zeros over each new segment (off on copy-on-write file systems)",
+        parse flag,
+        builder
+            /// Sets `zero_fill_segments` (see [`WalConfig::zero_fill_segments`]).
+            zero_fill_segments(on: bool) => on;
+    database_url: Option<String> = None,
+        env "DATABASE_URL",
+        help "PostgreSQL URL for sync mode",
+        parse |r| text(r).map(Some),
+        builder database_url(url: impl Into<String>) => Some(url.into());
+    sync_timeout_ms: Duration = SyncConfig::default().timeout,
+        env "AUDITWAL_SYNC_TIMEOUT_MS",
+        help "longest a sync call waits",
+        parse millis,
+        builder sync_timeout(timeout: Duration) => timeout;
+    link_timeout_ms: Duration = SyncConfig::default().link_timeout,
+        env "AUDITWAL_LINK_TIMEOUT_MS",
+        help "keepalive and TCP user timeout of sync mode's connections: a dead link is noticed within this",
+        parse millis,
+        builder link_timeout(timeout: Duration) => timeout;
+    sync_migrate: bool = true,
+        env "AUDITWAL_SYNC_MIGRATE",
+        help "apply migrations when sync mode connects",
+        parse flag,
+        builder sync_migrate(on: bool) => on;
+    max_event_bytes: usize = DEFAULT_MAX_EVENT_BYTES,
+        env "AUDITWAL_MAX_EVENT_BYTES",
+        help "event size limit",
+        parse |r| usize::try_from(size(r)?).map_err(|_| "too large".to_string()),
+        builder max_event_bytes(bytes: usize) => bytes;
+}
 
 /// The environment variable naming a TOML file, read by [`ConfigBuilder::env`]
 /// when no file was given in code.
@@ -326,32 +360,10 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// The defaults, all in one place. `wal_dir` and `database_url` have none.
+    /// The defaults (the `settings!` table's). `wal_dir` and `database_url`
+    /// have none.
     fn default() -> Self {
-        Config {
-            mode: Mode::Async,
-            sample_rate: 1.0,
-            force_keep: ForceKeep {
-                actions: ActionPattern::parse("admin.*").into_iter().collect(),
-                outcomes: vec![Outcome::Failure, Outcome::Denied],
-            },
-            sample_key: SampleKey::RequestId,
-            wal_dir: None,
-            stream: "default".to_string(),
-            fsync_interval: DEFAULT_FSYNC_INTERVAL,
-            segment_size: DEFAULT_SEGMENT_SIZE,
-            disk_budget: DEFAULT_DISK_BUDGET,
-            full_disk_policy: FullDiskPolicy::Block {
-                timeout: DEFAULT_BLOCK_TIMEOUT,
-            },
-            database_url: None,
-            sync_timeout: SyncConfig::default().timeout,
-            link_timeout: SyncConfig::default().link_timeout,
-            sync_migrate: true,
-            zero_fill_segments: true,
-            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
-            origins: BTreeMap::new(),
-        }
+        Layer::default().into_config()
     }
 }
 
@@ -615,34 +627,61 @@ enum PolicyKind {
     Fail,
 }
 
-/// One source's settings: `None` where the source says nothing.
-#[derive(Debug, Clone, Default)]
-struct Layer {
-    audit_mode: Option<Mode>,
-    sample_rate: Option<f64>,
-    force_keep_actions: Option<Vec<ActionPattern>>,
-    force_keep_outcomes: Option<Vec<Outcome>>,
-    sample_key: Option<SampleKey>,
-    wal_dir: Option<PathBuf>,
-    stream: Option<String>,
-    fsync_interval_ms: Option<Duration>,
-    segment_size: Option<u64>,
-    disk_budget: Option<u64>,
-    full_disk_policy: Option<PolicyKind>,
-    block_timeout_ms: Option<Duration>,
-    database_url: Option<String>,
-    sync_timeout_ms: Option<Duration>,
-    link_timeout_ms: Option<Duration>,
-    sync_migrate: Option<bool>,
-    zero_fill_segments: Option<bool>,
-    max_event_bytes: Option<usize>,
-    origins: BTreeMap<&'static str, Origin>,
-}
-
 /// A raw value before it is parsed for its setting.
 enum Raw {
     Text(String),
     List(Vec<String>),
+}
+
+/// One value, trimmed.
+fn text(raw: &Raw) -> Result<String, String> {
+    match raw {
+        Raw::Text(t) => Ok(t.trim().to_string()),
+        Raw::List(_) => Err("expected one value, not a list".into()),
+    }
+}
+
+/// A list: a TOML array, or comma-separated text (`none` for an empty list).
+fn list(raw: &Raw) -> Vec<String> {
+    match raw {
+        Raw::List(l) => l.clone(),
+        Raw::Text(t) if t.trim() == "none" => Vec::new(),
+        Raw::Text(t) => t
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    }
+}
+
+fn millis(raw: &Raw) -> Result<Duration, String> {
+    text(raw)?
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| "expected a whole number of milliseconds".into())
+}
+
+fn flag(raw: &Raw) -> Result<bool, String> {
+    match text(raw)?.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+fn size(raw: &Raw) -> Result<u64, String> {
+    parse_size(&text(raw)?)
+}
+
+fn parse_rate(raw: &Raw) -> Result<f64, String> {
+    let rate: f64 = text(raw)?
+        .parse()
+        .map_err(|_| "expected a number in [0, 1]".to_string())?;
+    if !(0.0..=1.0).contains(&rate) {
+        return Err("must be in [0, 1]".into());
+    }
+    Ok(rate)
 }
 
 impl Layer {
@@ -659,210 +698,56 @@ impl Layer {
             Raw::Text(t) => format!("{t:?}"),
             Raw::List(l) => format!("{l:?}"),
         };
-        let bad = |reason: String| ConfigError::Invalid {
-            setting: key,
-            value: shown.clone(),
-            origin: origin.clone(),
-            reason,
-        };
-        let text = || match &raw {
-            Raw::Text(t) => Ok(t.trim().to_string()),
-            Raw::List(_) => Err(bad("expected one value, not a list".into())),
-        };
-        let list = || -> Vec<String> {
-            match &raw {
-                Raw::List(l) => l.clone(),
-                Raw::Text(t) if t.trim() == "none" => Vec::new(),
-                Raw::Text(t) => t
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-            }
-        };
-        let millis = |t: String| -> Result<Duration, ConfigError> {
-            t.parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| bad("expected a whole number of milliseconds".into()))
-        };
-        let flag = |t: String| match t.to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" => Ok(true),
-            "false" | "0" | "no" | "off" => Ok(false),
-            _ => Err(bad("expected true or false".into())),
-        };
-        match key {
-            "audit_mode" => {
-                self.audit_mode = Some(
-                    text()?
-                        .parse()
-                        .map_err(|e: ParseModeError| bad(e.to_string()))?,
-                )
-            }
-            "sample_rate" => {
-                let rate: f64 = text()?
-                    .parse()
-                    .map_err(|_| bad("expected a number in [0, 1]".into()))?;
-                if !(0.0..=1.0).contains(&rate) {
-                    return Err(bad("must be in [0, 1]".into()));
-                }
-                self.sample_rate = Some(rate);
-            }
-            "force_keep_actions" => {
-                let patterns = list()
-                    .iter()
-                    .map(|p| ActionPattern::parse(p))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| bad(e.to_string()))?;
-                self.force_keep_actions = Some(patterns);
-            }
-            "force_keep_outcomes" => {
-                let outcomes = list()
-                    .iter()
-                    .map(|o| o.to_ascii_lowercase().parse::<Outcome>())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| bad(e.to_string()))?;
-                self.force_keep_outcomes = Some(outcomes);
-            }
-            "sample_key" => {
-                self.sample_key = Some(
-                    text()?
-                        .parse()
-                        .map_err(|e: crate::sampling::SamplingError| bad(e.to_string()))?,
-                )
-            }
-            "wal_dir" => self.wal_dir = Some(PathBuf::from(text()?)),
-            "stream" => self.stream = Some(text()?),
-            "fsync_interval_ms" => self.fsync_interval_ms = Some(millis(text()?)?),
-            "segment_size" => self.segment_size = Some(parse_size(&text()?).map_err(bad)?),
-            "disk_budget" => self.disk_budget = Some(parse_size(&text()?).map_err(bad)?),
-            "full_disk_policy" => {
-                self.full_disk_policy = Some(match text()?.to_ascii_lowercase().as_str() {
-                    "block" => PolicyKind::Block,
-                    "drop-newest" | "drop_newest" => PolicyKind::DropNewest,
-                    "fail" => PolicyKind::Fail,
-                    _ => return Err(bad("expected block, drop-newest or fail".into())),
-                })
-            }
-            "block_timeout_ms" => self.block_timeout_ms = Some(millis(text()?)?),
-            "database_url" => self.database_url = Some(text()?),
-            "sync_timeout_ms" => self.sync_timeout_ms = Some(millis(text()?)?),
-            "link_timeout_ms" => self.link_timeout_ms = Some(millis(text()?)?),
-            "sync_migrate" => self.sync_migrate = Some(flag(text()?)?),
-            "zero_fill_segments" => self.zero_fill_segments = Some(flag(text()?)?),
-            "max_event_bytes" => {
-                let n = parse_size(&text()?).map_err(bad)?;
-                self.max_event_bytes =
-                    Some(usize::try_from(n).map_err(|_| bad("too large".into()))?);
-            }
-            _ => unreachable_setting(key),
+        let parsed = self.parse(key, &raw).unwrap_or_else(|| {
+            // SETTINGS and the parsers come from the same table: a key of
+            // SETTINGS always has one.
+            Err(format!("setting `{key}` has no parser"))
+        });
+        if let Err(reason) = parsed {
+            return Err(ConfigError::Invalid {
+                setting: key,
+                value: shown,
+                origin,
+                reason,
+            });
         }
         self.origins.insert(key, origin);
         Ok(())
     }
 
-    /// `self` with every setting `top` has replaced by `top`'s.
-    fn overlay(mut self, top: Layer) -> Layer {
-        macro_rules! take {
-            ($($field:ident),*) => {$(
-                if top.$field.is_some() {
-                    self.$field = top.$field;
-                    if let Some(o) = top.origins.get(stringify!($field)) {
-                        self.origins.insert(stringify!($field), o.clone());
-                    }
-                }
-            )*};
-        }
-        take!(
-            audit_mode,
-            sample_rate,
-            force_keep_actions,
-            force_keep_outcomes,
-            sample_key,
-            wal_dir,
-            stream,
-            fsync_interval_ms,
-            segment_size,
-            disk_budget,
-            full_disk_policy,
-            block_timeout_ms,
-            database_url,
-            sync_timeout_ms,
-            link_timeout_ms,
-            sync_migrate,
-            zero_fill_segments,
-            max_event_bytes
-        );
-        self
-    }
-
-    /// The defaults with this layer's settings applied.
+    /// The defaults with this layer's settings applied: the one place the flat
+    /// settings become [`Config`]'s fields.
     fn into_config(self) -> Config {
-        let mut c = Config::default();
-        let block_timeout = match c.full_disk_policy {
-            FullDiskPolicy::Block { timeout } => timeout,
-            _ => DEFAULT_BLOCK_TIMEOUT,
-        };
-        if let Some(v) = self.audit_mode {
-            c.mode = v;
+        let (v, origins) = self.values();
+        Config {
+            mode: v.audit_mode,
+            sample_rate: v.sample_rate,
+            force_keep: ForceKeep {
+                actions: v.force_keep_actions,
+                outcomes: v.force_keep_outcomes,
+            },
+            sample_key: v.sample_key,
+            wal_dir: v.wal_dir,
+            stream: v.stream,
+            fsync_interval: v.fsync_interval_ms,
+            segment_size: v.segment_size,
+            disk_budget: v.disk_budget,
+            full_disk_policy: match v.full_disk_policy {
+                PolicyKind::DropNewest => FullDiskPolicy::DropNewest,
+                PolicyKind::Fail => FullDiskPolicy::Fail,
+                PolicyKind::Block => FullDiskPolicy::Block {
+                    timeout: v.block_timeout_ms,
+                },
+            },
+            zero_fill_segments: v.zero_fill_segments,
+            database_url: v.database_url,
+            sync_timeout: v.sync_timeout_ms,
+            link_timeout: v.link_timeout_ms,
+            sync_migrate: v.sync_migrate,
+            max_event_bytes: v.max_event_bytes,
+            origins,
         }
-        if let Some(v) = self.sample_rate {
-            c.sample_rate = v;
-        }
-        if let Some(v) = self.force_keep_actions {
-            c.force_keep.actions = v;
-        }
-        if let Some(v) = self.force_keep_outcomes {
-            c.force_keep.outcomes = v;
-        }
-        if let Some(v) = self.sample_key {
-            c.sample_key = v;
-        }
-        c.wal_dir = self.wal_dir.or(c.wal_dir);
-        if let Some(v) = self.stream {
-            c.stream = v;
-        }
-        if let Some(v) = self.fsync_interval_ms {
-            c.fsync_interval = v;
-        }
-        if let Some(v) = self.segment_size {
-            c.segment_size = v;
-        }
-        if let Some(v) = self.disk_budget {
-            c.disk_budget = v;
-        }
-        let timeout = self.block_timeout_ms.unwrap_or(block_timeout);
-        c.full_disk_policy = match self.full_disk_policy {
-            Some(PolicyKind::DropNewest) => FullDiskPolicy::DropNewest,
-            Some(PolicyKind::Fail) => FullDiskPolicy::Fail,
-            Some(PolicyKind::Block) | None => FullDiskPolicy::Block { timeout },
-        };
-        c.database_url = self.database_url.or(c.database_url);
-        if let Some(v) = self.sync_timeout_ms {
-            c.sync_timeout = v;
-        }
-        if let Some(v) = self.link_timeout_ms {
-            c.link_timeout = v;
-        }
-        if let Some(v) = self.sync_migrate {
-            c.sync_migrate = v;
-        }
-        if let Some(v) = self.zero_fill_segments {
-            c.zero_fill_segments = v;
-        }
-        if let Some(v) = self.max_event_bytes {
-            c.max_event_bytes = v;
-        }
-        c.origins = self.origins;
-        c
     }
-}
-
-#[cold]
-fn unreachable_setting(key: &str) {
-    // Every key in SETTINGS has an arm above; a new one without is a bug found
-    // by the test that applies every setting.
-    tracing::error!(key, "setting has no parser");
 }
 
 /// Bytes, from `65536`, `64KiB`, `64 MiB`, `4GiB` (binary units; `k`, `m`, `g`
@@ -951,13 +836,9 @@ impl ConfigBuilder {
         self
     }
 
-    pub fn mode(self, mode: Mode) -> Self {
-        self.set("audit_mode", |l| l.audit_mode = Some(mode))
-    }
-
-    pub fn sample_rate(self, rate: f64) -> Self {
-        self.set("sample_rate", |l| l.sample_rate = Some(rate))
-    }
+    // The setters of one setting each are made by `settings!`; these two are
+    // written out: one keeps unparsable patterns for `build` to report, the
+    // other sets two settings.
 
     /// Replaces the force-keep action patterns (`admin.*`, `url.deleted`, `*`).
     pub fn force_keep_actions<S: AsRef<str>>(
@@ -978,47 +859,6 @@ impl ConfigBuilder {
         })
     }
 
-    /// Replaces the force-keep outcomes.
-    pub fn force_keep_outcomes(self, outcomes: impl IntoIterator<Item = Outcome>) -> Self {
-        let outcomes: Vec<Outcome> = outcomes.into_iter().collect();
-        self.set("force_keep_outcomes", |l| {
-            l.force_keep_outcomes = Some(outcomes)
-        })
-    }
-
-    pub fn sample_key(self, key: SampleKey) -> Self {
-        self.set("sample_key", |l| l.sample_key = Some(key))
-    }
-
-    pub fn wal_dir(self, dir: impl Into<PathBuf>) -> Self {
-        let dir = dir.into();
-        self.set("wal_dir", |l| l.wal_dir = Some(dir))
-    }
-
-    pub fn stream(self, stream: impl Into<String>) -> Self {
-        let stream = stream.into();
-        self.set("stream", |l| l.stream = Some(stream))
-    }
-
-    pub fn fsync_interval(self, interval: Duration) -> Self {
-        self.set("fsync_interval_ms", |l| {
-            l.fsync_interval_ms = Some(interval)
-        })
-    }
-
-    pub fn segment_size(self, bytes: u64) -> Self {
-        self.set("segment_size", |l| l.segment_size = Some(bytes))
-    }
-
-    /// Sets `zero_fill_segments` (see [`WalConfig::zero_fill_segments`]).
-    pub fn zero_fill_segments(self, on: bool) -> Self {
-        self.set("zero_fill_segments", |l| l.zero_fill_segments = Some(on))
-    }
-
-    pub fn disk_budget(self, bytes: u64) -> Self {
-        self.set("disk_budget", |l| l.disk_budget = Some(bytes))
-    }
-
     /// Sets `full_disk_policy` (and, for `Block`, `block_timeout_ms`).
     pub fn full_disk_policy(self, policy: FullDiskPolicy) -> Self {
         let (kind, timeout) = match policy {
@@ -1031,27 +871,6 @@ impl ConfigBuilder {
             Some(t) => this.set("block_timeout_ms", |l| l.block_timeout_ms = Some(t)),
             None => this,
         }
-    }
-
-    pub fn database_url(self, url: impl Into<String>) -> Self {
-        let url = url.into();
-        self.set("database_url", |l| l.database_url = Some(url))
-    }
-
-    pub fn sync_timeout(self, timeout: Duration) -> Self {
-        self.set("sync_timeout_ms", |l| l.sync_timeout_ms = Some(timeout))
-    }
-
-    pub fn link_timeout(self, timeout: Duration) -> Self {
-        self.set("link_timeout_ms", |l| l.link_timeout_ms = Some(timeout))
-    }
-
-    pub fn sync_migrate(self, on: bool) -> Self {
-        self.set("sync_migrate", |l| l.sync_migrate = Some(on))
-    }
-
-    pub fn max_event_bytes(self, bytes: usize) -> Self {
-        self.set("max_event_bytes", |l| l.max_event_bytes = Some(bytes))
     }
 
     /// Reads the file, the environment, applies the precedence and validates
@@ -1199,6 +1018,36 @@ mod tests {
                 spec.key
             );
         }
+    }
+
+    #[test]
+    fn docs_modes_md_lists_every_setting_in_order() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/modes.md");
+        let text = std::fs::read_to_string(&path).expect("reading docs/modes.md");
+        let code = |cell: &str| -> Option<String> {
+            Some(
+                cell.trim()
+                    .strip_prefix('`')?
+                    .strip_suffix('`')?
+                    .to_string(),
+            )
+        };
+        // The settings table's rows: `key` | `ENV_VAR` | default | meaning.
+        let documented: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.strip_prefix('|')?.split('|');
+                let key = code(cells.next()?)?;
+                let env = code(cells.next()?)?;
+                let is_env = env.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+                is_env.then_some((key, env))
+            })
+            .collect();
+        let settings: Vec<(String, String)> = SETTINGS
+            .iter()
+            .map(|s| (s.key.to_string(), s.env.to_string()))
+            .collect();
+        assert_eq!(documented, settings);
     }
 
     #[test]

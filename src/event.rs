@@ -277,25 +277,6 @@ impl EventError {
     }
 }
 
-/// The fields of [`EventInput`] read as text (a JSON string or null); the
-/// others (`before`, `after`, `metadata`) take any JSON value.
-const STRING_FIELDS: [&str; 14] = [
-    "event_id",
-    "occurred_at",
-    "action",
-    "actor_id",
-    "actor_type",
-    "target_type",
-    "target_id",
-    "target_name",
-    "tenant_id",
-    "outcome",
-    "reason",
-    "ip",
-    "user_agent",
-    "request_id",
-];
-
 /// Why serde refused `line`, named by field where it can be: serde's own message
 /// gives a line and column, not the field, and a caller in another language
 /// needs the field. Called only on the error path.
@@ -305,7 +286,13 @@ fn diagnose(line: &str, serde_reason: String) -> EventError {
             reason: serde_reason,
         };
     };
-    for field in STRING_FIELDS {
+    // The fields of [`EventInput`] read as text (a JSON string or null); the
+    // others (`before`, `after`, `metadata`) take any JSON value.
+    let text_fields = crate::columns::EVENT_COLUMNS
+        .iter()
+        .filter(|c| c.pg_type != "jsonb")
+        .map(|c| c.name);
+    for field in text_fields {
         if map
             .get(field)
             .is_some_and(|v| !v.is_string() && !v.is_null())

@@ -9,10 +9,12 @@
 //! A separate loader process ([`loader`]) tails the WAL and bulk-COPYs it into PostgreSQL.
 //! See docs/modes.md for what each mode can lose and when.
 
+pub mod columns;
 pub mod config;
 pub mod event;
 pub mod loader;
 pub mod log;
+mod mode;
 pub mod pg;
 pub mod sampling;
 pub mod wal;

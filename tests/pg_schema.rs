@@ -6,7 +6,7 @@ use auditwal_test_support as common;
 
 use std::time::Duration;
 
-use auditwal::pg;
+use auditwal::{columns, pg};
 use chrono::{DateTime, Datelike, Months, NaiveDate, TimeZone, Utc};
 use common::TestDb;
 use sqlx::postgres::PgPoolOptions;
@@ -141,6 +141,37 @@ async fn audit_events_has_every_column_of_the_event_schema_with_its_type() {
     }
     // Every index is paid on every insert: exactly these six, nothing more.
     assert_eq!(indexes.len(), 6, "unexpected indexes:\n{all}");
+}
+
+#[tokio::test]
+async fn the_code_s_column_list_is_the_migrated_table_s_columns_in_order() {
+    let db = TestDb::new().await;
+    let cols: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT column_name::text, udt_name::text, is_nullable::text \
+         FROM information_schema.columns WHERE table_name = $1 \
+         ORDER BY ordinal_position",
+    )
+    .bind(columns::TABLE)
+    .fetch_all(db.pool())
+    .await
+    .expect("columns");
+    // Every column but the two the database fills itself, which no writer names.
+    let got: Vec<(&str, &str, bool)> = cols
+        .iter()
+        .filter(|(name, _, _)| name != "id" && name != "recorded_at")
+        .map(|(name, ty, nullable)| (name.as_str(), ty.as_str(), nullable == "YES"))
+        .collect();
+    let want: Vec<(&str, &str, bool)> = columns::LOADED_COLUMNS
+        .iter()
+        .map(|c| (c.name, c.pg_type, c.nullable))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        cols.first().map(|c| c.0.as_str()),
+        Some("id"),
+        "id is first, the columns of the list follow"
+    );
+    assert_eq!(cols.last().map(|c| c.0.as_str()), Some("recorded_at"));
 }
 
 #[tokio::test]

@@ -4,8 +4,9 @@
 //! `COPY audit_events (...) FROM STDIN (FORMAT binary)`, skipping text formatting and
 //! server-side parsing. Binary COPY is type-exact: every field is written in the
 //! exact binary representation of its column's type (uuid, timestamptz, text, inet,
-//! jsonb, bigint, double precision), so the column list below and the encoders must
-//! agree with migrations/. This module knows bytes only: no connections, no retries.
+//! jsonb, bigint, double precision), so the column list (`crate::columns`, checked
+//! against the migrated table by tests/pg_schema.rs) and the encoders must agree
+//! with migrations/. This module knows bytes only: no connections, no retries.
 //!
 //! Layout (PostgreSQL docs, "COPY", binary format): an 11-byte signature, a 32-bit
 //! flags field and a 32-bit header-extension length; then per row a 16-bit field
@@ -17,32 +18,21 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::columns::{self, ColumnVisitor, Value, LOADED_COLUMNS};
 use crate::event::AuditEvent;
 
-/// The columns every COPY names, in the order rows are encoded. `id` (nextval) and
-/// `recorded_at` (now()) are left to their defaults, which keep COPY's fast path.
-pub const COPY_COLUMNS: [&str; 20] = [
-    "event_id",
-    "occurred_at",
-    "action",
-    "actor_id",
-    "actor_type",
-    "target_type",
-    "target_id",
-    "target_name",
-    "tenant_id",
-    "outcome",
-    "reason",
-    "ip",
-    "user_agent",
-    "request_id",
-    "before",
-    "after",
-    "metadata",
-    "stream_id",
-    "lsn",
-    "sample_rate",
-];
+/// The columns every COPY names, in the order rows are encoded (the list is
+/// `columns::LOADED_COLUMNS`). `id` (nextval) and `recorded_at` (now()) are left
+/// to their defaults, which keep COPY's fast path.
+pub const COPY_COLUMNS: [&str; LOADED_COLUMNS.len()] = {
+    let mut names = [""; LOADED_COLUMNS.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = LOADED_COLUMNS[i].name;
+        i += 1;
+    }
+    names
+};
 
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
@@ -60,7 +50,7 @@ const JSONB_VERSION: u8 = 1;
 pub fn copy_statement(table: &str) -> String {
     format!(
         "COPY {table} ({}) FROM STDIN (FORMAT binary)",
-        COPY_COLUMNS.join(", ")
+        columns::name_list(&LOADED_COLUMNS)
     )
 }
 
@@ -111,23 +101,8 @@ impl CopyBuffer {
     pub fn push(&mut self, event: &AuditEvent, origin: RowOrigin<'_>) {
         let b = &mut self.buf;
         b.extend_from_slice(&(COPY_COLUMNS.len() as i16).to_be_bytes());
-        put_uuid(b, &event.event_id);
-        put_timestamptz(b, &event.occurred_at);
-        put_text(b, Some(&event.action));
-        put_text(b, event.actor_id.as_deref());
-        put_text(b, event.actor_type.as_deref());
-        put_text(b, event.target_type.as_deref());
-        put_text(b, event.target_id.as_deref());
-        put_text(b, event.target_name.as_deref());
-        put_text(b, event.tenant_id.as_deref());
-        put_text(b, event.outcome.map(|o| o.as_str()));
-        put_text(b, event.reason.as_deref());
-        put_inet(b, event.ip);
-        put_text(b, event.user_agent.as_deref());
-        put_text(b, event.request_id.as_deref());
-        put_jsonb(b, event.before.as_ref().map(|j| j.as_str()));
-        put_jsonb(b, event.after.as_ref().map(|j| j.as_str()));
-        put_jsonb(b, event.metadata.as_ref().map(|j| j.as_str()));
+        columns::visit_event(event, &mut RowFields(b));
+        // The last three of LOADED_COLUMNS: stream_id, lsn, sample_rate.
         put_text(b, Some(origin.stream_id));
         put_field(b, &(origin.lsn as i64).to_be_bytes());
         put_field(b, &origin.sample_rate.to_be_bytes());
@@ -146,6 +121,25 @@ impl CopyBuffer {
     pub fn finish(mut self) -> Vec<u8> {
         self.buf.extend_from_slice(&(-1i16).to_be_bytes());
         self.buf
+    }
+}
+
+/// Encodes the event's columns ([`columns::visit_event`]) into a row.
+struct RowFields<'a>(&'a mut Vec<u8>);
+
+impl ColumnVisitor<'_> for RowFields<'_> {
+    #[inline(always)]
+    fn value(&mut self, value: Value<'_>) {
+        let b = &mut *self.0;
+        match value {
+            Value::Uuid(id) => put_uuid(b, id),
+            Value::Timestamptz(t) => put_timestamptz(b, t),
+            Value::Text(s) => put_text(b, Some(s)),
+            Value::OptText(s) => put_text(b, s),
+            Value::Outcome(o) => put_text(b, o.map(|o| o.as_str())),
+            Value::Inet(ip) => put_inet(b, ip),
+            Value::Jsonb(j) => put_jsonb(b, j.map(|j| j.as_str())),
+        }
     }
 }
 

@@ -103,7 +103,7 @@ impl LoaderConfig {
         LoaderConfig {
             wal_dir: wal_dir.into(),
             database_url: database_url.into(),
-            table: "audit_events".to_string(),
+            table: crate::columns::TABLE.to_string(),
             once: false,
             batch_max_rows: 20_000,
             batch_max_bytes: 16 * 1024 * 1024,

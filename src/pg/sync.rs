@@ -50,8 +50,8 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::{Arguments, Connection, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout_at, Instant};
@@ -60,7 +60,8 @@ use uuid::Uuid;
 use super::error::{classify, PgError, Stage};
 use super::reconnect::Reconnect;
 use super::schema::{self, PARTITIONS_AHEAD};
-use crate::event::{AuditEvent, DEFAULT_MAX_EVENT_BYTES};
+use crate::columns::{self, Column, ColumnVisitor, Value, SYNC_COLUMNS, TABLE};
+use crate::event::{AuditEvent, JsonText, Outcome, DEFAULT_MAX_EVENT_BYTES};
 use crate::pg::link::{self, LinkTuning};
 
 /// The id of a stored row (`audit_events.id`).
@@ -694,39 +695,148 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
     )
 }
 
-/// The column list shared by both statements, in bind order.
-const COLUMNS: &str = "event_id, occurred_at, action, actor_id, actor_type, target_type, \
-     target_id, target_name, tenant_id, outcome, reason, ip, user_agent, request_id, \
-     before, after, metadata, sample_rate";
+/// Sync mode's columns whose value is bound as text (what the event holds) and
+/// cast by the server: `inet` and `jsonb`.
+fn bound_as_text(column: &Column) -> bool {
+    matches!(column.pg_type, "inet" | "jsonb")
+}
 
+/// `INSERT INTO audit_events (<SYNC_COLUMNS>) VALUES ($1, .., $n) RETURNING id`.
 fn insert_one_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
+        let values: Vec<String> = SYNC_COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match bound_as_text(c) {
+                true => format!("${}::{}", i + 1, c.pg_type),
+                false => format!("${}", i + 1),
+            })
+            .collect();
         format!(
-            "INSERT INTO audit_events ({COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::inet, $13, $14, \
-              $15::jsonb, $16::jsonb, $17::jsonb, $18) RETURNING id"
+            "INSERT INTO {TABLE} ({}) VALUES ({}) RETURNING id",
+            columns::name_list(&SYNC_COLUMNS),
+            values.join(", ")
         )
     })
 }
 
+/// The multi-row INSERT: one array per column, unnested in step.
 fn insert_many_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
-        // One statement, one transaction, one commit for the whole batch. The
-        // arrays are unnested in step; text is cast to inet/jsonb server-side.
+        // One statement, one transaction, one commit for the whole batch. Text is
+        // cast to inet/jsonb server-side.
+        let names = columns::name_list(&SYNC_COLUMNS);
+        let select: Vec<String> = SYNC_COLUMNS
+            .iter()
+            .map(|c| match bound_as_text(c) {
+                true => format!("{}::{}", c.name, c.pg_type),
+                false => c.name.to_string(),
+            })
+            .collect();
+        let arrays: Vec<String> = SYNC_COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match bound_as_text(c) {
+                true => format!("${}::text[]", i + 1),
+                false => format!("${}::{}[]", i + 1, c.pg_type),
+            })
+            .collect();
         format!(
-            "INSERT INTO audit_events ({COLUMNS}) \
-             SELECT e, o, a, aid, aty, tty, tid, tn, ten, oc, re, ip::inet, ua, rq, \
-                    b::jsonb, af::jsonb, m::jsonb, sr \
-             FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], \
-                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
-                         $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], \
-                         $16::text[], $17::text[], $18::float8[]) \
-                  AS t(e, o, a, aid, aty, tty, tid, tn, ten, oc, re, ip, ua, rq, b, af, m, sr) \
-             RETURNING id, event_id, occurred_at"
+            "INSERT INTO {TABLE} ({names}) SELECT {} FROM unnest({}) AS t({names}) \
+             RETURNING id, event_id, occurred_at",
+            select.join(", "),
+            arrays.join(", ")
         )
     })
+}
+
+/// One event's values as the binds of [`insert_one_sql`], in column order.
+struct RowBinds {
+    args: PgArguments,
+    /// The first value that could not be encoded, reported at send time.
+    failed: Option<sqlx::error::BoxDynError>,
+}
+
+impl RowBinds {
+    fn add<'q, T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>>(&mut self, value: T) {
+        if self.failed.is_none() {
+            if let Err(e) = self.args.add(value) {
+                self.failed = Some(e);
+            }
+        }
+    }
+}
+
+impl<'e> ColumnVisitor<'e> for RowBinds {
+    fn value(&mut self, value: Value<'e>) {
+        match value {
+            Value::Uuid(id) => self.add(*id),
+            Value::Timestamptz(t) => self.add(*t),
+            Value::Text(s) => self.add(s),
+            Value::OptText(s) => self.add(s),
+            Value::Outcome(o) => self.add(o.map(Outcome::as_str)),
+            Value::Inet(ip) => self.add(ip.map(|ip| ip.to_string())),
+            Value::Jsonb(j) => self.add(j.map(JsonText::as_str)),
+        }
+    }
+}
+
+/// A batch's values as the arrays of [`insert_many_sql`]: one per column, in
+/// column order, each with one element per event.
+#[derive(Default)]
+struct ArrayBinds<'e> {
+    arrays: Vec<Array<'e>>,
+    /// The column the next value belongs to.
+    column: usize,
+}
+
+/// One column's values across a batch, typed as [`insert_many_sql`] binds them.
+enum Array<'e> {
+    Uuid(Vec<Uuid>),
+    Timestamptz(Vec<DateTime<Utc>>),
+    /// text, and inet or jsonb bound as text.
+    Text(Vec<Option<&'e str>>),
+    /// inet, formatted.
+    Owned(Vec<Option<String>>),
+}
+
+impl<'e> ArrayBinds<'e> {
+    fn new(batch: &'e [Request]) -> Self {
+        let mut binds = ArrayBinds::default();
+        for r in batch {
+            binds.column = 0;
+            columns::visit_event(&r.event, &mut binds);
+        }
+        binds
+    }
+}
+
+impl<'e> ColumnVisitor<'e> for ArrayBinds<'e> {
+    fn value(&mut self, value: Value<'e>) {
+        if self.column == self.arrays.len() {
+            // The first event: one empty array per column, of the column's type.
+            self.arrays.push(match value {
+                Value::Uuid(_) => Array::Uuid(Vec::new()),
+                Value::Timestamptz(_) => Array::Timestamptz(Vec::new()),
+                Value::Inet(_) => Array::Owned(Vec::new()),
+                _ => Array::Text(Vec::new()),
+            });
+        }
+        match (&mut self.arrays[self.column], value) {
+            (Array::Uuid(a), Value::Uuid(id)) => a.push(*id),
+            (Array::Timestamptz(a), Value::Timestamptz(t)) => a.push(*t),
+            (Array::Owned(a), Value::Inet(ip)) => a.push(ip.map(|ip| ip.to_string())),
+            (Array::Text(a), Value::Text(s)) => a.push(Some(s)),
+            (Array::Text(a), Value::OptText(s)) => a.push(s),
+            (Array::Text(a), Value::Outcome(o)) => a.push(o.map(Outcome::as_str)),
+            (Array::Text(a), Value::Jsonb(j)) => a.push(j.map(JsonText::as_str)),
+            // visit_event gives each column a value of one variant, always.
+            _ => unreachable!("column {} changed type between events", self.column),
+        }
+        self.column += 1;
+    }
 }
 
 /// One event, one statement, autocommit: its own transaction, no coalescing. This
@@ -748,25 +858,16 @@ async fn insert_one(
     event: &AuditEvent,
     sample_rate: f64,
 ) -> Result<RowId, sqlx::Error> {
-    let id: i64 = sqlx::query_scalar(insert_one_sql())
-        .bind(event.event_id)
-        .bind(event.occurred_at)
-        .bind(event.action.as_str())
-        .bind(event.actor_id.as_deref())
-        .bind(event.actor_type.as_deref())
-        .bind(event.target_type.as_deref())
-        .bind(event.target_id.as_deref())
-        .bind(event.target_name.as_deref())
-        .bind(event.tenant_id.as_deref())
-        .bind(event.outcome.map(|o| o.as_str()))
-        .bind(event.reason.as_deref())
-        .bind(event.ip.map(|ip| ip.to_string()))
-        .bind(event.user_agent.as_deref())
-        .bind(event.request_id.as_deref())
-        .bind(event.before.as_ref().map(|j| j.as_str()))
-        .bind(event.after.as_ref().map(|j| j.as_str()))
-        .bind(event.metadata.as_ref().map(|j| j.as_str()))
-        .bind(sample_rate)
+    let mut binds = RowBinds {
+        args: PgArguments::default(),
+        failed: None,
+    };
+    columns::visit_event(event, &mut binds);
+    binds.add(sample_rate);
+    if let Some(e) = binds.failed {
+        return Err(sqlx::Error::Encode(e));
+    }
+    let id: i64 = sqlx::query_scalar_with(insert_one_sql(), binds.args)
         .fetch_one(conn)
         .await?;
     Ok(RowId(id))
@@ -779,36 +880,19 @@ async fn insert_many(
     batch: &[Request],
 ) -> Result<Vec<Option<RowId>>, sqlx::Error> {
     let n = batch.len();
-    let text = |f: fn(&AuditEvent) -> Option<&str>| -> Vec<Option<&str>> {
-        batch.iter().map(|r| f(&r.event)).collect()
-    };
-    let event_ids: Vec<Uuid> = batch.iter().map(|r| r.event.event_id).collect();
-    let occurred: Vec<DateTime<Utc>> = batch.iter().map(|r| r.event.occurred_at).collect();
-    let actions: Vec<&str> = batch.iter().map(|r| r.event.action.as_str()).collect();
-    let ips: Vec<Option<String>> = batch
-        .iter()
-        .map(|r| r.event.ip.map(|ip| ip.to_string()))
-        .collect();
+    let mut args = PgArguments::default();
+    for array in ArrayBinds::new(batch).arrays {
+        match array {
+            Array::Uuid(a) => args.add(a),
+            Array::Timestamptz(a) => args.add(a),
+            Array::Text(a) => args.add(a),
+            Array::Owned(a) => args.add(a),
+        }
+        .map_err(sqlx::Error::Encode)?;
+    }
     let rates: Vec<f64> = batch.iter().map(|r| r.sample_rate).collect();
-    let rows = sqlx::query(insert_many_sql())
-        .bind(&event_ids)
-        .bind(&occurred)
-        .bind(&actions)
-        .bind(text(|e| e.actor_id.as_deref()))
-        .bind(text(|e| e.actor_type.as_deref()))
-        .bind(text(|e| e.target_type.as_deref()))
-        .bind(text(|e| e.target_id.as_deref()))
-        .bind(text(|e| e.target_name.as_deref()))
-        .bind(text(|e| e.tenant_id.as_deref()))
-        .bind(text(|e| e.outcome.map(|o| o.as_str())))
-        .bind(text(|e| e.reason.as_deref()))
-        .bind(&ips)
-        .bind(text(|e| e.user_agent.as_deref()))
-        .bind(text(|e| e.request_id.as_deref()))
-        .bind(text(|e| e.before.as_ref().map(|j| j.as_str())))
-        .bind(text(|e| e.after.as_ref().map(|j| j.as_str())))
-        .bind(text(|e| e.metadata.as_ref().map(|j| j.as_str())))
-        .bind(&rates)
+    args.add(rates).map_err(sqlx::Error::Encode)?;
+    let rows = sqlx::query_with(insert_many_sql(), args)
         .fetch_all(conn)
         .await?;
     // (event_id, occurred_at) is unique in the table, so it identifies each
@@ -834,6 +918,35 @@ async fn insert_many(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_statements_name_the_sync_columns_and_cast_text_binds_to_inet_and_jsonb() {
+        let cols = "event_id, occurred_at, action, actor_id, actor_type, target_type, \
+                    target_id, target_name, tenant_id, outcome, reason, ip, user_agent, \
+                    request_id, before, after, metadata, sample_rate";
+        assert_eq!(
+            insert_one_sql(),
+            format!(
+                "INSERT INTO audit_events ({cols}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+                 $9, $10, $11, $12::inet, $13, $14, $15::jsonb, $16::jsonb, $17::jsonb, $18) \
+                 RETURNING id"
+            )
+        );
+        assert_eq!(
+            insert_many_sql(),
+            format!(
+                "INSERT INTO audit_events ({cols}) SELECT event_id, occurred_at, action, \
+                 actor_id, actor_type, target_type, target_id, target_name, tenant_id, \
+                 outcome, reason, ip::inet, user_agent, request_id, before::jsonb, \
+                 after::jsonb, metadata::jsonb, sample_rate \
+                 FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], \
+                 $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+                 $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], \
+                 $16::text[], $17::text[], $18::float8[]) AS t({cols}) \
+                 RETURNING id, event_id, occurred_at"
+            )
+        );
+    }
 
     fn queue(step: usize) -> Queue {
         Queue {

@@ -2,7 +2,7 @@
 //!
 //! This module owns the event payload layout of docs/segment-format.md: bincode 2
 //! with `bincode::config::standard()` (varint integers, little-endian), fields in
-//! schema order, then the sample rate. [`encode_event`] is on the append hot path,
+//! the order of `columns::EVENT_COLUMNS` (the table's), then the sample rate. [`encode_event`] is on the append hot path,
 //! so it encodes borrowed fields straight into the caller's buffer: no JSON work, no
 //! allocation beyond growing that buffer. [`decode_event`] runs on bytes a CRC has
 //! vouched for, but still treats them as untrusted: it decodes under a byte limit
@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use chrono::DateTime;
 use uuid::Uuid;
 
+use crate::columns::{self, ColumnVisitor, Value};
 use crate::event::{AuditEvent, JsonText, Outcome};
 use crate::wal::format::MAX_PAYLOAD_LEN;
 
@@ -176,6 +177,37 @@ fn outcome_byte(outcome: Outcome) -> u8 {
     }
 }
 
+/// Encodes the event's fields ([`columns::visit_event`], the columns' order is
+/// the payload's) as bincode 2 would: a NOT NULL column without an option tag.
+struct PayloadFields<'a>(&'a mut Vec<u8>);
+
+impl ColumnVisitor<'_> for PayloadFields<'_> {
+    #[inline(always)]
+    fn value(&mut self, value: Value<'_>) {
+        let dst = &mut *self.0;
+        match value {
+            Value::Uuid(id) => dst.extend_from_slice(id.as_bytes()),
+            // Range-checked by encode_event before any field is written.
+            Value::Timestamptz(t) => put_varint(dst, zigzag(t.timestamp_micros())),
+            Value::Text(s) => put_str(dst, s),
+            Value::OptText(s) => put_opt_str(dst, s),
+            Value::Outcome(None) => dst.push(0),
+            Value::Outcome(Some(o)) => dst.extend_from_slice(&[1, outcome_byte(o)]),
+            Value::Inet(None) => dst.push(0),
+            // Option tag, then bincode's IpAddr: variant index as a varint, octets.
+            Value::Inet(Some(IpAddr::V4(v4))) => {
+                dst.extend_from_slice(&[1, 0]);
+                dst.extend_from_slice(&v4.octets());
+            }
+            Value::Inet(Some(IpAddr::V6(v6))) => {
+                dst.extend_from_slice(&[1, 1]);
+                dst.extend_from_slice(&v6.octets());
+            }
+            Value::Jsonb(j) => put_opt_str(dst, j.map(JsonText::as_str)),
+        }
+    }
+}
+
 fn check_sample_rate(value: f64) -> Result<(), PayloadError> {
     // `!(x > 0.0)` also catches NaN.
     if !(value > 0.0 && value <= 1.0) {
@@ -202,37 +234,7 @@ pub fn encode_event(
     // One reservation up front: the content plus a generous allowance for the
     // fixed fields, option tags and varint lengths (at most ~140 bytes).
     dst.reserve(event.content_len() + 160);
-    dst.extend_from_slice(event.event_id.as_bytes());
-    put_varint(dst, zigzag(micros));
-    put_str(dst, &event.action);
-    put_opt_str(dst, event.actor_id.as_deref());
-    put_opt_str(dst, event.actor_type.as_deref());
-    put_opt_str(dst, event.target_type.as_deref());
-    put_opt_str(dst, event.target_id.as_deref());
-    put_opt_str(dst, event.target_name.as_deref());
-    put_opt_str(dst, event.tenant_id.as_deref());
-    match event.outcome {
-        None => dst.push(0),
-        Some(o) => dst.extend_from_slice(&[1, outcome_byte(o)]),
-    }
-    put_opt_str(dst, event.reason.as_deref());
-    match event.ip {
-        None => dst.push(0),
-        // Option tag, then bincode's IpAddr: variant index as a varint, octets.
-        Some(IpAddr::V4(v4)) => {
-            dst.extend_from_slice(&[1, 0]);
-            dst.extend_from_slice(&v4.octets());
-        }
-        Some(IpAddr::V6(v6)) => {
-            dst.extend_from_slice(&[1, 1]);
-            dst.extend_from_slice(&v6.octets());
-        }
-    }
-    put_opt_str(dst, event.user_agent.as_deref());
-    put_opt_str(dst, event.request_id.as_deref());
-    put_opt_str(dst, event.before.as_ref().map(JsonText::as_str));
-    put_opt_str(dst, event.after.as_ref().map(JsonText::as_str));
-    put_opt_str(dst, event.metadata.as_ref().map(JsonText::as_str));
+    columns::visit_event(event, &mut PayloadFields(dst));
     dst.extend_from_slice(&sample_rate.to_le_bytes());
     let len = dst.len() - start;
     if len > MAX_PAYLOAD_LEN {
