@@ -55,6 +55,7 @@ impl fmt::Display for Origin {
 
 /// Why the configuration was refused. Every variant names the setting.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// A value out of range or unreadable.
     #[error("invalid setting `{setting}` = {value} (from {origin}): {reason}")]
@@ -273,7 +274,7 @@ settings! {
         help "write zeros over each new segment (off on copy-on-write file systems)",
         parse flag,
         builder
-            /// Sets `zero_fill_segments` (see [`WalConfig::zero_fill_segments`]).
+            /// Sets `zero_fill_segments` (docs/modes.md).
             zero_fill_segments(on: bool) => on;
     database_url: Option<String> = None,
         env "DATABASE_URL",
@@ -329,6 +330,7 @@ fn env_of(key: &'static str) -> &'static str {
 /// public so that code can read them, and adjust them before
 /// [`crate::AuditLog::open`], which validates again.
 #[derive(Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Config {
     /// `audit_mode`: the mode of [`crate::AuditLog::record`].
     pub mode: Mode,
@@ -346,12 +348,12 @@ pub struct Config {
     pub segment_size: u64,
     pub disk_budget: u64,
     pub full_disk_policy: FullDiskPolicy,
-    /// See [`WalConfig::zero_fill_segments`].
+    /// Whether new segments are written with zeros first (docs/modes.md).
     pub zero_fill_segments: bool,
     /// `database_url`: required by sync mode. Never printed with its password.
     pub database_url: Option<String>,
     pub sync_timeout: Duration,
-    /// `link_timeout_ms`: see [`SyncConfig::link_timeout`].
+    /// `link_timeout_ms`: how long a connection may go unanswered before it is dropped (docs/modes.md).
     pub link_timeout: Duration,
     pub sync_migrate: bool,
     pub max_event_bytes: usize,

@@ -1,8 +1,8 @@
 //! The audit event: who did what, to which object, when, and with what outcome.
 //!
-//! This module owns the event's shape (the field names of ../docs and DESIGN.md's
-//! event schema, used alike by the Rust struct, the JSON lines `emit` reads and
-//! `inspect` prints, and the `audit_events` columns) and its validation: everything
+//! This module owns the event's shape (the schema's field names, documented in
+//! docs/modes.md and used alike by the Rust struct, the JSON lines `emit` reads
+//! and `inspect` prints, and the `audit_events` columns of `columns`) and its validation: everything
 //! PostgreSQL would refuse to store (a NUL byte in text, a timestamp outside
 //! `timestamptz`, an oversized event) is refused here, with an error naming the
 //! field, before the event is written anywhere. It knows nothing about the WAL or
@@ -222,6 +222,7 @@ pub struct AuditEvent {
 
 /// Why an event was refused. Each variant names the field at fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EventError {
     #[error("event is not valid JSON: {reason}")]
     Malformed { reason: String },

@@ -102,6 +102,7 @@ impl Receipt {
 
 /// Why a call (or [`AuditLog::open`]) failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuditError {
     /// A setting is invalid (at open).
     #[error(transparent)]

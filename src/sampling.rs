@@ -90,6 +90,7 @@ impl FromStr for SampleKey {
 
 /// Why a sampling setting was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SamplingError {
     #[error("sample rate {value} is not a number in [0, 1]")]
     InvalidRate { value: f64 },
@@ -171,7 +172,7 @@ impl ForceKeep {
         ForceKeep::default()
     }
 
-    /// Rules from action patterns (see [`ActionPattern::parse`]) and outcomes.
+    /// Rules from action patterns (`admin.*` a prefix, `*` any, `url.deleted` exact) and outcomes.
     pub fn new<S: AsRef<str>>(
         actions: impl IntoIterator<Item = S>,
         outcomes: impl IntoIterator<Item = Outcome>,

@@ -492,14 +492,12 @@ async fn sync_across_a_dead_link(net: NetnsCluster, outage: Outage) {
     use auditwal::pg::{PgError, SyncConfig, SyncWriter};
     let s = setup(net).await;
     let timeout = Duration::from_secs(2);
-    let writer = SyncWriter::connect(
-        s.db.url(),
-        SyncConfig {
-            timeout,
-            migrate: false,
-            ..SyncConfig::default()
-        },
-    )
+    let writer = SyncWriter::connect(s.db.url(), {
+        let mut c = SyncConfig::default();
+        c.timeout = timeout;
+        c.migrate = false;
+        c
+    })
     .await
     .expect("sync writer");
     let (mut stored, mut unknown, mut not_sent) = (Vec::new(), Vec::new(), Vec::new());

@@ -18,21 +18,20 @@ use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 fn config(timeout: Duration) -> SyncConfig {
-    SyncConfig {
-        timeout,
-        ..SyncConfig::default()
+    {
+        let mut c = SyncConfig::default();
+        c.timeout = timeout;
+        c
     }
 }
 
 /// A writer that does not migrate, so it opens without reaching the server.
 async fn lazy_writer(url: &str, timeout: Duration) -> SyncWriter {
-    SyncWriter::connect(
-        url,
-        SyncConfig {
-            migrate: false,
-            ..config(timeout)
-        },
-    )
+    SyncWriter::connect(url, {
+        let mut c = config(timeout);
+        c.migrate = false;
+        c
+    })
     .await
     .expect("a lazy writer")
 }
@@ -249,13 +248,11 @@ async fn one_bad_event_in_a_coalesced_batch_fails_alone_and_its_neighbours_commi
     let db = TestDb::new().await;
     // One committer, so everything queued behind a blocked INSERT goes out as one
     // batch once the block is lifted.
-    let w = SyncWriter::connect(
-        db.url(),
-        SyncConfig {
-            committers: 1,
-            ..config(Duration::from_secs(20))
-        },
-    )
+    let w = SyncWriter::connect(db.url(), {
+        let mut c = config(Duration::from_secs(20));
+        c.committers = 1;
+        c
+    })
     .await
     .expect("writer");
     let original = event(0);
@@ -306,13 +303,11 @@ async fn events_postgres_cannot_store_are_refused_naming_the_field_before_anythi
         "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
         closed_port()
     );
-    let w = SyncWriter::connect(
-        &nowhere,
-        SyncConfig {
-            migrate: false,
-            ..config(Duration::from_secs(2))
-        },
-    )
+    let w = SyncWriter::connect(&nowhere, {
+        let mut c = config(Duration::from_secs(2));
+        c.migrate = false;
+        c
+    })
     .await
     .expect("a lazy writer");
     let db = TestDb::new().await;
@@ -670,13 +665,11 @@ async fn install_sleeping_trigger(db: &TestDb, lone_secs: f64, slow_secs: f64) {
 async fn in_the_retry_of_a_refused_batch_an_event_whose_time_ran_out_is_not_sent() {
     let db = TestDb::new().await;
     let timeout = Duration::from_secs(3);
-    let w = SyncWriter::connect(
-        db.url(),
-        SyncConfig {
-            committers: 1,
-            ..config(timeout)
-        },
-    )
+    let w = SyncWriter::connect(db.url(), {
+        let mut c = config(timeout);
+        c.committers = 1;
+        c
+    })
     .await
     .expect("writer");
     let original = event(0);

@@ -343,8 +343,9 @@ fn a_flipped_bit_mid_segment_is_reported_as_a_skipped_range_and_reading_goes_on(
 // Fuzz corpus: generated from real segments, replayed here on stable.
 
 fn corpus_dir(target: &str) -> PathBuf {
+    // The tests belong to bin/; the corpus is the top-level fuzz/.
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("../fuzz/corpus")
         .join(target)
 }
 

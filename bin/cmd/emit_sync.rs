@@ -48,9 +48,10 @@ pub fn run(database_url: &str) -> CmdResult {
 }
 
 async fn emit(database_url: &str) -> CmdResult {
-    let config = SyncConfig {
-        timeout: Duration::from_secs(10),
-        ..SyncConfig::default()
+    let config = {
+        let mut c = SyncConfig::default();
+        c.timeout = Duration::from_secs(10);
+        c
     };
     let writer = match SyncWriter::connect(database_url, config).await {
         Ok(w) => w,

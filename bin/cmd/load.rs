@@ -121,15 +121,16 @@ pub fn run_load(args: LoadArgs) -> CmdResult {
             args.link_timeout_ms
         )));
     }
-    let config = LoaderConfig {
-        once: args.once,
-        link_timeout: Duration::from_millis(args.link_timeout_ms),
-        archive_dir: args.archive_dir,
-        batch_max_rows: args.batch_rows.max(1),
-        batch_max_bytes: args.batch_bytes.max(64 * 1024),
-        batch_max_delay: Duration::from_millis(args.batch_delay_ms),
-        metrics_addr,
-        ..LoaderConfig::new(args.wal_dir, args.database_url)
+    let config = {
+        let mut c = LoaderConfig::new(args.wal_dir, args.database_url);
+        c.once = args.once;
+        c.link_timeout = Duration::from_millis(args.link_timeout_ms);
+        c.archive_dir = args.archive_dir;
+        c.batch_max_rows = args.batch_rows.max(1);
+        c.batch_max_bytes = args.batch_bytes.max(64 * 1024);
+        c.batch_max_delay = Duration::from_millis(args.batch_delay_ms);
+        c.metrics_addr = metrics_addr;
+        c
     };
     let show_progress = args.once && progress::wanted(args.no_progress);
     let rt = runtime()?;

@@ -52,6 +52,7 @@ pub enum BatchOutcome {
 
 /// Why an attempt failed, sorted by what the caller should do about it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BatchError {
     /// PostgreSQL refused one row's data (SQLSTATE class 22 or 23): dead-letter
     /// that row and try again without it. `index` is into `Batch::rows`.

@@ -34,6 +34,7 @@ pub struct BatchLimits {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CursorError {
     #[error(transparent)]
     Read(#[from] ReadError),

@@ -63,6 +63,7 @@ use metrics::{LoaderMetrics, StreamMetrics};
 
 /// The loader's settings. [`LoaderConfig::new`] gives the defaults.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LoaderConfig {
     pub wal_dir: PathBuf,
     pub database_url: String,
@@ -123,6 +124,7 @@ impl LoaderConfig {
 /// Why the loader stopped with an error (it retries database trouble forever;
 /// these are the conditions retrying cannot fix).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LoadError {
     #[error("cannot read the WAL directory {path}: {source}")]
     WalDir {

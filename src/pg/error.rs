@@ -16,6 +16,7 @@ use crate::event::EventError;
 
 /// What went wrong talking to PostgreSQL.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PgError {
     /// The event cannot be stored as it is; nothing was sent. The inner error names
     /// the field.

@@ -24,7 +24,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 pub const PARTITIONS_AHEAD: i32 = 3;
 
 /// Applies every pending migration, then makes sure the monthly partitions from
-/// last month to [`PARTITIONS_AHEAD`] months ahead exist.
+/// last month to `PARTITIONS_AHEAD` (3) months ahead exist.
 pub async fn migrate(pool: &PgPool) -> Result<(), PgError> {
     let mut conn = pool
         .acquire()

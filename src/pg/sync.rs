@@ -76,6 +76,7 @@ impl std::fmt::Display for RowId {
 
 /// Settings of a [`SyncWriter`]. Defaults in [`SyncConfig::default`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SyncConfig {
     /// Committer tasks, each with its own connection (opened by the committer,
     /// not taken from the pool): the most commits in flight at once.

@@ -31,7 +31,7 @@ pub const DEFAULT_BLOCK_TIMEOUT: Duration = Duration::from_secs(2);
 /// What an append does when a new segment is needed and the stream's disk budget
 /// (or the disk) has no room for it.
 ///
-/// The default is `Block` with [`DEFAULT_BLOCK_TIMEOUT`]: an audit log must not
+/// The default is `Block` with `DEFAULT_BLOCK_TIMEOUT`: an audit log must not
 /// drop events silently, and a loader that is catching up usually frees a segment
 /// within moments, so a short wait turns most full-disk moments into latency
 /// rather than errors; after the timeout the caller gets
@@ -63,6 +63,7 @@ impl Default for FullDiskPolicy {
 /// Settings of one stream's writer. Build with [`WalConfig::new`] and the
 /// `with_*` methods; every field has a default but the directory and stream.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct WalConfig {
     /// The WAL directory; the stream lives in `dir/<stream>/`.
     pub dir: PathBuf,

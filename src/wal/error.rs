@@ -17,6 +17,7 @@ use super::format::Lsn;
 
 /// Why a WAL operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum WalError {
     /// The stream name cannot be a directory of the WAL.
     #[error(
@@ -25,7 +26,7 @@ pub enum WalError {
     )]
     InvalidStreamName { name: String, reason: String },
 
-    /// A [`WalConfig`](super::WalConfig) setting is out of range.
+    /// A `WalConfig` setting is out of range.
     #[error("invalid WAL setting `{setting}`: {reason}")]
     InvalidConfig {
         setting: &'static str,

@@ -100,6 +100,7 @@ impl fmt::Display for RecordKind {
 /// What is wrong with some bytes, and where. Offsets in frame errors are relative
 /// to the start of the frame; [`ScanItem`]s carry the offset in the segment.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum FormatError {
     #[error("segment is {len} bytes, shorter than its {SEGMENT_HEADER_LEN}-byte header")]
     SegmentTooShort { len: usize },

@@ -31,6 +31,7 @@ pub struct WalEvent {
 
 /// Why a payload could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PayloadError {
     #[error("event payload is {len} bytes, over the record limit of {MAX_PAYLOAD_LEN}")]
     TooLarge { len: usize },

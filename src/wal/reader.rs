@@ -45,6 +45,7 @@ const RELEASE_STEP: usize = 1 << 20;
 /// Why reading failed. Damage found *in* the data is not an error: it is reported
 /// as a [`ReadItem`] and reading goes on. These are failures to get at the data.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReadError {
     #[error("cannot list directory {path}: {source}")]
     ListDir { path: PathBuf, source: io::Error },

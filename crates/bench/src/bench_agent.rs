@@ -158,7 +158,7 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
 
 /// `clients/python` of the source tree first, then whatever PYTHONPATH has.
 fn python_path() -> String {
-    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/python");
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../clients/python");
     let mut parts = Vec::new();
     if tree.is_dir() {
         parts.push(tree.display().to_string());

@@ -1481,8 +1481,12 @@ mod tests {
         let thread = std::thread::Builder::new()
             .name("e2e-service".into())
             .spawn(move || {
-                let t = Instant::now();
-                while t.elapsed() < Duration::from_millis(ms) {
+                // Spin until this thread has had `ms` of CPU (not of wall
+                // time: on a loaded machine that can be a fraction of it).
+                let cpu = || rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+                let start = cpu();
+                let want = Duration::from_millis(ms);
+                while Duration::try_from(cpu() - start).unwrap_or_default() < want {
                     std::hint::black_box(0u64);
                 }
                 spun_tx.send(()).expect("report");

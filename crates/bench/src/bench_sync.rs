@@ -241,16 +241,14 @@ async fn run_case(
     }
     let target = match kind {
         Kind::Coalesced => Target::Ours(
-            SyncWriter::connect(
-                url,
-                SyncConfig {
-                    migrate: false,
-                    committers: settings.committers,
-                    extra_commit_step: settings.step,
-                    timeout: Duration::from_secs(30),
-                    ..SyncConfig::default()
-                },
-            )
+            SyncWriter::connect(url, {
+                let mut c = SyncConfig::default();
+                c.migrate = false;
+                c.committers = settings.committers;
+                c.extra_commit_step = settings.step;
+                c.timeout = Duration::from_secs(30);
+                c
+            })
             .await
             .context("sync writer")?,
         ),
