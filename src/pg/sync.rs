@@ -102,14 +102,11 @@ pub struct SyncConfig {
 }
 
 /// `committers` was chosen with `auditwal bench sync` at 64 callers on a 2-core
-/// host (docs/benchmarks.md). 16 committers in steps of 2 spent the CPU on
-/// statements (40k events/s); 4–8 in steps of 4–16 gave 42–48k. Once the bench
-/// vacuumed between cases, 2 committers (the eager ones only, so the step is
-/// unused) beat 5 in steps of 12 in six alternating runs out of six: ratio to
-/// naive 4.9–5.8 (mean 5.6) against 4.6–5.2 (mean 4.95), with a lower p50. Every
-/// commit is a WAL flush, and on that host a flush stalls both cores, so fewer,
-/// larger batches win. With the database across a network a commit also waits
-/// on the round trip, and more commits in flight may pay there (not measured).
+/// host (docs/benchmarks.md, `bench sync`, has the runs): every commit is a WAL
+/// flush, which on such a host stalls both cores, so two eager committers
+/// making fewer, larger batches beat more of them. With the database across a
+/// network a commit also waits on the round trip, where more commits in flight
+/// may pay (not measured).
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {

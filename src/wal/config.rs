@@ -83,9 +83,9 @@ pub struct WalConfig {
     pub prepare_next_segment: bool,
     /// Write zeros over each new segment (in page-sized writes) after the
     /// fallocate. On by default: fallocate leaves "unwritten" extents, and on
-    /// ext4 every fdatasync then also writes their conversion; over written
-    /// extents a durable fsync took about 200 µs instead of 380 µs, and
-    /// `bench wal` durable-64 went from ~110k to ~170k events/s. It costs one
+    /// ext4 every fdatasync then also writes their conversion, so durable
+    /// appends are faster over written extents (docs/benchmarks.md,
+    /// `bench wal`). It costs one
     /// extra write of each segment, done off the append path (by the spare
     /// preparer). Turn it off on copy-on-write file systems (btrfs, ZFS), where
     /// the zeros buy nothing.

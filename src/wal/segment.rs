@@ -225,11 +225,11 @@ impl Spare {
         if zero_fill {
             // fallocate leaves unwritten extents, whose conversion to written
             // every later fdatasync has to write as well; written zeros make a
-            // durable fsync about half as long on ext4. Small writes (16 KiB):
-            // zeros written in 1 MiB chunks made a record stored through the map
-            // cost an fdatasync of 900 µs instead of 110 µs in a probe, likely
-            // because large page-cache folios are written back whole. Not fsynced here (see
-            // below); the kernel writes the zeros back in the background.
+            // durable fsync shorter on ext4. The writes are small (16 KiB):
+            // large ones leave large page-cache folios, which a later record
+            // stored through the map makes the kernel write back whole
+            // (docs/benchmarks.md, `bench wal`). Not fsynced here (see below);
+            // the kernel writes the zeros back in the background.
             if let Err(e) = write_zeros(fs.as_ref(), &file, tmp_path, len) {
                 drop(spare);
                 return Err(SpareError::Other(WalError::io(
