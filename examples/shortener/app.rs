@@ -28,9 +28,8 @@
 //! else the peer's: right behind a proxy that sets the header, spoofable
 //! without one (the example serves loopback only).
 //!
-//! The module is self-contained (`auditwal` and crates it already depends on:
-//! axum, serde, tokio, uuid, rand, tracing) so that `auditwal bench e2e` can
-//! include it with `#[path]`.
+//! It is the library of this crate (`shortener_app`), which `auditwal bench e2e`
+//! and tests/example_service.rs serve in-process; main.rs runs it as a process.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
