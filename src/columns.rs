@@ -2,8 +2,8 @@
 //! order, with each column's PostgreSQL type and how to read it from an event.
 //!
 //! Every writer of rows and of WAL records takes its field order from here: the
-//! binary COPY encoder (`pg::copy`), sync mode's INSERT statements and binds
-//! (`pg::sync`), replay's INSERT ... SELECT (`pg::replay`) and the WAL payload
+//! binary COPY encoder (`loader::copy`), sync mode's INSERT statements and binds
+//! (`pg::sync`), replay's INSERT ... SELECT (`loader::replay`) and the WAL payload
 //! encoder (`wal::payload`). The list is written once, in `event_columns!`
 //! below, which makes both the data ([`EVENT_COLUMNS`]: names and types, for SQL
 //! text and for the schema test against the migrations) and the code
