@@ -127,14 +127,7 @@ fn loader_log(s: &Setup) -> String {
 }
 
 fn stop(loader: ChildGuard) {
-    let child = loader.take();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM the loader");
-    let out = child.wait_with_output().expect("wait for the loader");
-    assert!(out.status.success(), "loader exit status {:?}", out.status);
+    common::stop_with_sigterm(loader.take());
 }
 
 async fn count(admin: &PgPool) -> i64 {
