@@ -560,7 +560,7 @@ fn raw_fdatasync(dir: &Path, events: &Arc<Vec<AuditEvent>>, n: u64) -> anyhow::R
                 let target = gc.written.load(Ordering::Acquire);
                 drop(st);
                 let sync_start = Instant::now();
-                let synced = rustix::fs::fdatasync(&*file);
+                let synced = rustix::fs::fdatasync(file);
                 gc.fsync_nanos
                     .fetch_add(sync_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 gc.fsyncs.fetch_add(1, Ordering::Relaxed);
