@@ -377,8 +377,7 @@ async fn user_actions_in_async_mode_land_after_a_loader_run_as_exactly_the_event
 
 #[tokio::test]
 async fn with_the_database_stopped_admin_actions_answer_503_and_do_not_take_effect() {
-    let cluster = common::private_cluster();
-    let db = common::TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let wal = tempfile::tempdir().expect("tempdir");
     let timeout = Duration::from_millis(1000);
     let log = open_with(config(wal.path(), db.url()).sync_timeout(timeout)).await;

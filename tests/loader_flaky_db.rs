@@ -6,10 +6,10 @@ use auditwal_test_support as common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_exactly, auditwal_bin, emit_lines, private_cluster, ChildGuard, TestDb};
+use common::{assert_exactly, auditwal_bin, emit_lines, ChildGuard, TestDb};
 use uuid::Uuid;
 
 fn event_line(i: usize) -> String {
@@ -60,8 +60,7 @@ async fn wait_for_count(db: &TestDb, n: i64, within: Duration) -> i64 {
 
 #[tokio::test]
 async fn database_restarts_mid_load_lose_and_duplicate_nothing() {
-    let cluster = private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit_all(wal.path(), "s", 80_000);
     let loader = spawn_loader(wal.path(), db.url());
@@ -79,8 +78,7 @@ async fn database_restarts_mid_load_lose_and_duplicate_nothing() {
 
 #[tokio::test]
 async fn the_loader_waits_out_a_database_that_is_down_at_start() {
-    let cluster = private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit_all(wal.path(), "s", 5_000);
     cluster.stop_immediate().expect("stop");

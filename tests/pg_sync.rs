@@ -462,8 +462,7 @@ where
 
 #[tokio::test]
 async fn a_stopped_cluster_gives_a_typed_error_at_once_and_writes_resume_after_restart() {
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     // Long, so that "at once" below is not "within the timeout": a service on
     // a flaky link must not hold each request for the whole of it to learn
     // that the server is gone.
@@ -498,8 +497,7 @@ async fn a_stopped_cluster_gives_a_typed_error_at_once_and_writes_resume_after_r
 
 #[tokio::test]
 async fn after_a_connect_that_got_no_answer_calls_fail_at_once_until_the_link_answers_again() {
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let proxy = common::BlackHoleProxy::silent(&cluster, &db).await;
     let timeout = Duration::from_secs(1);
     let w = lazy_writer(proxy.url(), timeout).await;
@@ -529,8 +527,7 @@ async fn after_a_connect_that_got_no_answer_calls_fail_at_once_until_the_link_an
 
 #[tokio::test]
 async fn a_connection_left_idle_in_the_pool_before_a_crash_is_never_sent_the_insert() {
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     // A pool that, like the writer's own, does not test connections on
     // acquire, holding one idle connection opened before the crash.
     let pool = sqlx::postgres::PgPoolOptions::new()

@@ -44,6 +44,14 @@ pub fn private_cluster() -> Cluster {
     Cluster::start(ClusterOptions::for_tests()).expect("starting a private PostgreSQL cluster")
 }
 
+/// A private cluster (see [`private_cluster`]) and a fresh migrated test
+/// database on it: what a test that stops the server starts from.
+pub async fn private_cluster_and_db() -> (Cluster, TestDb) {
+    let cluster = private_cluster();
+    let db = TestDb::on_cluster(&cluster).await;
+    (cluster, db)
+}
+
 /// `url` with its database name replaced by `dbname`.
 pub fn with_database(url: &str, dbname: &str) -> String {
     let (base, query) = match url.split_once('?') {
