@@ -171,29 +171,33 @@ pub const SAMPLE_RATE: Column = Column {
 /// The columns the loader's COPY (and replay) sends: the event's, then where
 /// the row came from in the WAL. Also every column any writer names, in table
 /// order: what the migrations must create after `id` and before `recorded_at`.
-pub const LOADED_COLUMNS: [Column; EVENT_COLUMNS.len() + 3] = {
-    let mut out = [STREAM_ID; EVENT_COLUMNS.len() + 3];
-    let mut i = 0;
-    while i < EVENT_COLUMNS.len() {
-        out[i] = EVENT_COLUMNS[i];
-        i += 1;
-    }
-    out[i + 1] = LSN;
-    out[i + 2] = SAMPLE_RATE;
-    out
-};
+pub const LOADED_COLUMNS: [Column; EVENT_COLUMNS.len() + 3] =
+    event_columns_then(&[STREAM_ID, LSN, SAMPLE_RATE]);
 
 /// The columns a sync INSERT sends: the event's and the sample rate
 /// (`stream_id` and `lsn` are left NULL).
-pub const SYNC_COLUMNS: [Column; EVENT_COLUMNS.len() + 1] = {
-    let mut out = [SAMPLE_RATE; EVENT_COLUMNS.len() + 1];
+pub const SYNC_COLUMNS: [Column; EVENT_COLUMNS.len() + 1] = event_columns_then(&[SAMPLE_RATE]);
+
+/// `EVENT_COLUMNS` followed by `rest`: `N` columns in all (checked when the
+/// constant is built).
+const fn event_columns_then<const N: usize>(rest: &[Column]) -> [Column; N] {
+    assert!(
+        EVENT_COLUMNS.len() + rest.len() == N,
+        "N is not the column count"
+    );
+    let mut out = [SAMPLE_RATE; N];
     let mut i = 0;
     while i < EVENT_COLUMNS.len() {
         out[i] = EVENT_COLUMNS[i];
         i += 1;
     }
+    let mut j = 0;
+    while j < rest.len() {
+        out[i + j] = rest[j];
+        j += 1;
+    }
     out
-};
+}
 
 /// The names of `columns`, comma-separated, for SQL.
 pub fn name_list(columns: &[Column]) -> String {

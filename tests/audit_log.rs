@@ -128,8 +128,7 @@ fn written_lsn(log: &AuditLog) -> u64 {
 
 #[tokio::test]
 async fn opened_while_the_link_is_silent_sync_calls_fail_at_once_until_it_answers_again() {
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let proxy = common::BlackHoleProxy::silent(&cluster, &db).await;
     let b = Config::builder()
         .mode(Mode::Sync)

@@ -27,6 +27,14 @@ fn err_text(r: Result<Config, ConfigError>) -> String {
     }
 }
 
+/// Asserts that the refusal `msg` mentions every one of `parts` (the setting's
+/// name, the value, where it came from).
+fn assert_mentions(msg: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(msg.contains(part), "expected {part:?} in: {msg}");
+    }
+}
+
 #[test]
 fn defaults_apply_when_only_the_wal_dir_is_set() {
     let d = tmp();
@@ -279,10 +287,7 @@ fn auditwal_config_names_the_file_when_code_does_not() {
 fn a_sample_rate_out_of_range_is_refused_by_name_value_and_origin() {
     let d = tmp();
     let msg = err_text(Config::builder().wal_dir(d.path()).sample_rate(1.5).build());
-    assert!(
-        msg.contains("`sample_rate`") && msg.contains("1.5"),
-        "{msg}"
-    );
+    assert_mentions(&msg, &["`sample_rate`", "1.5"]);
 
     let msg = err_text(
         Config::builder()
@@ -290,10 +295,7 @@ fn a_sample_rate_out_of_range_is_refused_by_name_value_and_origin() {
             .env_from([("AUDIT_SAMPLE_RATE", "1.5")])
             .build(),
     );
-    assert!(
-        msg.contains("`sample_rate`") && msg.contains("1.5") && msg.contains("AUDIT_SAMPLE_RATE"),
-        "{msg}"
-    );
+    assert_mentions(&msg, &["`sample_rate`", "1.5", "AUDIT_SAMPLE_RATE"]);
 
     let msg = err_text(
         Config::builder()
@@ -301,10 +303,7 @@ fn a_sample_rate_out_of_range_is_refused_by_name_value_and_origin() {
             .toml("sample_rate = \"lots\"")
             .build(),
     );
-    assert!(
-        msg.contains("`sample_rate`") && msg.contains("lots"),
-        "{msg}"
-    );
+    assert_mentions(&msg, &["`sample_rate`", "lots"]);
 }
 
 #[test]
@@ -316,10 +315,7 @@ fn an_unknown_mode_is_refused_by_name_and_value() {
             .env_from([("AUDIT_MODE", "fast")])
             .build(),
     );
-    assert!(
-        msg.contains("`audit_mode`") && msg.contains("fast") && msg.contains("AUDIT_MODE"),
-        "{msg}"
-    );
+    assert_mentions(&msg, &["`audit_mode`", "fast", "AUDIT_MODE"]);
     assert!(msg.contains("sync, durable, async or sampled"), "{msg}");
 }
 
@@ -336,10 +332,7 @@ fn a_wal_dir_that_cannot_be_written_is_refused_at_build() {
         "{r:?}"
     );
     let msg = err_text(r);
-    assert!(
-        msg.contains("`wal_dir`") && msg.contains(&bad.display().to_string()),
-        "{msg}"
-    );
+    assert_mentions(&msg, &["`wal_dir`", &bad.display().to_string()]);
 }
 
 #[test]
@@ -351,20 +344,14 @@ fn a_zero_fsync_interval_is_refused() {
             .fsync_interval(Duration::ZERO)
             .build(),
     );
-    assert!(
-        msg.contains("`fsync_interval_ms`") && msg.contains('0'),
-        "{msg}"
-    );
+    assert_mentions(&msg, &["`fsync_interval_ms`", "0"]);
     let msg = err_text(
         Config::builder()
             .wal_dir(d.path())
             .env_from([("AUDITWAL_FSYNC_INTERVAL_MS", "0")])
             .build(),
     );
-    assert!(
-        msg.contains("`fsync_interval_ms`") && msg.contains("AUDITWAL_FSYNC_INTERVAL_MS"),
-        "{msg}"
-    );
+    assert_mentions(&msg, &["`fsync_interval_ms`", "AUDITWAL_FSYNC_INTERVAL_MS"]);
 }
 
 #[test]

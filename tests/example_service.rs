@@ -129,6 +129,10 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+async fn get(addr: SocketAddr, path: &str) -> Answer {
+    http(addr, "GET", path, &[], "").await
+}
+
 async fn post(addr: SocketAddr, path: &str, body: Value) -> Answer {
     http(addr, "POST", path, &[], &body.to_string()).await
 }
@@ -144,12 +148,39 @@ fn config(wal: &Path, url: &str) -> auditwal::ConfigBuilder {
         .sync_timeout(Duration::from_secs(10))
 }
 
-async fn open(wal: &Path, url: &str) -> Arc<AuditLog> {
+/// Opens the audit log `settings` describe.
+async fn open_with(settings: auditwal::ConfigBuilder) -> Arc<AuditLog> {
     Arc::new(
-        AuditLog::open(config(wal, url).build().expect("valid settings"))
+        AuditLog::open(settings.build().expect("valid settings"))
             .await
             .expect("open the audit log"),
     )
+}
+
+async fn open(wal: &Path, url: &str) -> Arc<AuditLog> {
+    open_with(config(wal, url)).await
+}
+
+/// Serves the app with `log` behind it and user actions audited as `user`.
+async fn serve_logged(log: &Arc<AuditLog>, user: UserAudit) -> SocketAddr {
+    serve(AppState::new(Some(log.clone()), user)).await
+}
+
+/// What most tests start from: a fresh database, a WAL directory, the audit
+/// log over both (settings of `config`), and the app served with that log.
+struct Service {
+    db: common::TestDb,
+    wal: tempfile::TempDir,
+    log: Arc<AuditLog>,
+    addr: SocketAddr,
+}
+
+async fn start(user: UserAudit) -> Service {
+    let db = common::TestDb::new().await;
+    let wal = tempfile::tempdir().expect("tempdir");
+    let log = open(wal.path(), db.url()).await;
+    let addr = serve_logged(&log, user).await;
+    Service { db, wal, log, addr }
 }
 
 /// Loads the WAL once, up to its end, as main.rs does at shutdown.
@@ -175,18 +206,16 @@ async fn create(addr: SocketAddr, user: &str, url: &str) -> Answer {
 
 #[tokio::test]
 async fn admin_disable_answers_with_the_committed_audit_row_before_the_user_is_disabled() {
-    let db = common::TestDb::new().await;
-    let wal = tempfile::tempdir().expect("tempdir");
-    let log = open(wal.path(), db.url()).await;
-    let addr = serve(AppState::new(
-        Some(log.clone()),
-        UserAudit::Mode(Mode::Async),
-    ))
-    .await;
+    let Service {
+        db,
+        wal: _wal,
+        log,
+        addr,
+    } = start(UserAudit::Mode(Mode::Async)).await;
 
     let link = create(addr, "u1", "https://example.com/a").await;
     let code = link.json["code"].as_str().expect("code").to_string();
-    let follow = http(addr, "GET", &format!("/{code}"), &[], "").await;
+    let follow = get(addr, &format!("/{code}")).await;
     assert_eq!(follow.status, 302);
     assert_eq!(follow.header("location"), Some("https://example.com/a"));
 
@@ -238,19 +267,13 @@ async fn admin_disable_answers_with_the_committed_audit_row_before_the_user_is_d
     )
     .await;
     assert_eq!(refused.status, 403, "{refused:?}");
-    assert_eq!(
-        http(addr, "GET", &format!("/{code}"), &[], "").await.status,
-        410
-    );
+    assert_eq!(get(addr, &format!("/{code}")).await.status, 410);
 
     // The safety override: a link to a bare IP is flagged until an admin says so.
     let flagged = create(addr, "u2", "http://192.0.2.7/login").await;
     assert_eq!(flagged.json["flagged"], true);
     let code = flagged.json["code"].as_str().expect("code").to_string();
-    assert_eq!(
-        http(addr, "GET", &format!("/{code}"), &[], "").await.status,
-        403
-    );
+    assert_eq!(get(addr, &format!("/{code}")).await.status, 403);
     let o = post(
         addr,
         &format!("/admin/links/{code}/override"),
@@ -264,10 +287,7 @@ async fn admin_disable_answers_with_the_committed_audit_row_before_the_user_is_d
         .await
         .expect("the override's row");
     assert_eq!(action, "admin.url.safety_override");
-    assert_eq!(
-        http(addr, "GET", &format!("/{code}"), &[], "").await.status,
-        302
-    );
+    assert_eq!(get(addr, &format!("/{code}")).await.status, 302);
 
     // Unknown targets are 404 and audit nothing.
     assert_eq!(
@@ -286,14 +306,7 @@ async fn admin_disable_answers_with_the_committed_audit_row_before_the_user_is_d
 
 #[tokio::test]
 async fn user_actions_in_async_mode_land_after_a_loader_run_as_exactly_the_event_ids_answered() {
-    let db = common::TestDb::new().await;
-    let wal = tempfile::tempdir().expect("tempdir");
-    let log = open(wal.path(), db.url()).await;
-    let addr = serve(AppState::new(
-        Some(log.clone()),
-        UserAudit::Mode(Mode::Async),
-    ))
-    .await;
+    let Service { db, wal, log, addr } = start(UserAudit::Mode(Mode::Async)).await;
 
     let mut expected = Vec::new();
     let mut codes = Vec::new();
@@ -330,7 +343,7 @@ async fn user_actions_in_async_mode_land_after_a_loader_run_as_exactly_the_event
     assert_eq!(reorder.status, 200, "{reorder:?}");
     expected.push(uuid_of(&reorder.json["audit"]["event_id"]));
 
-    let stats = http(addr, "GET", "/api/stats", &[], "").await;
+    let stats = get(addr, "/api/stats").await;
     assert_eq!(
         stats.json["audit"]["recorded"]["async"],
         json!(expected.len())
@@ -364,25 +377,11 @@ async fn user_actions_in_async_mode_land_after_a_loader_run_as_exactly_the_event
 
 #[tokio::test]
 async fn with_the_database_stopped_admin_actions_answer_503_and_do_not_take_effect() {
-    let cluster = common::private_cluster();
-    let db = common::TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let wal = tempfile::tempdir().expect("tempdir");
     let timeout = Duration::from_millis(1000);
-    let log = Arc::new(
-        AuditLog::open(
-            config(wal.path(), db.url())
-                .sync_timeout(timeout)
-                .build()
-                .expect("settings"),
-        )
-        .await
-        .expect("open"),
-    );
-    let addr = serve(AppState::new(
-        Some(log.clone()),
-        UserAudit::Mode(Mode::Async),
-    ))
-    .await;
+    let log = open_with(config(wal.path(), db.url()).sync_timeout(timeout)).await;
+    let addr = serve_logged(&log, UserAudit::Mode(Mode::Async)).await;
     let flagged = create(addr, "u1", "http://198.51.100.1/").await;
     let code = flagged.json["code"].as_str().expect("code").to_string();
     // One admin action while the database is up, so the failure below is the
@@ -426,12 +425,7 @@ async fn with_the_database_stopped_admin_actions_answer_503_and_do_not_take_effe
     // need the database), and the second flagged link is still refused.
     let still = create(addr, "u1", "https://example.com/still-here").await;
     assert_eq!(still.json["audit"]["mode"], "async");
-    assert_eq!(
-        http(addr, "GET", &format!("/{other_code}"), &[], "")
-            .await
-            .status,
-        403
-    );
+    assert_eq!(get(addr, &format!("/{other_code}")).await.status, 403);
     assert!(log.stats().failed.get(Mode::Sync) >= 2);
 
     // User endpoints in sync mode follow the same rule: 503, no link.
@@ -444,7 +438,7 @@ async fn with_the_database_stopped_admin_actions_answer_503_and_do_not_take_effe
     )
     .await;
     assert_eq!(a.status, 503, "{a:?}");
-    let stats = http(sync_addr, "GET", "/api/stats", &[], "").await;
+    let stats = get(sync_addr, "/api/stats").await;
     assert_eq!(
         stats.json["links"], 0,
         "a link whose sync audit failed stays out: {stats:?}"
@@ -490,65 +484,49 @@ async fn with_the_database_stopped_admin_actions_answer_503_and_do_not_take_effe
 async fn bad_input_is_a_400_naming_the_field() {
     // Input is checked before anything else: no database needed.
     let addr = serve(AppState::new(None, UserAudit::Off)).await;
-    let cases: Vec<(&str, String, &str)> = vec![
-        ("/api/links", json!({"user": "u1"}).to_string(), "url"),
+    // Per endpoint: a body it refuses and the field the refusal names.
+    let cases: Vec<(&str, Vec<(Value, &str)>)> = vec![
         (
             "/api/links",
-            json!({"user": 5, "url": "https://example.com"}).to_string(),
-            "user",
-        ),
-        (
-            "/api/links",
-            json!({"user": "u1", "url": "ftp://example.com"}).to_string(),
-            "url",
-        ),
-        (
-            "/api/links",
-            json!({"user": "u1", "url": "https://"}).to_string(),
-            "url",
-        ),
-        (
-            "/api/links",
-            json!({"user": "", "url": "https://example.com"}).to_string(),
-            "user",
+            vec![
+                (json!({"user": "u1"}), "url"),
+                (json!({"user": 5, "url": "https://example.com"}), "user"),
+                (json!({"user": "u1", "url": "ftp://example.com"}), "url"),
+                (json!({"user": "u1", "url": "https://"}), "url"),
+                (json!({"user": "", "url": "https://example.com"}), "user"),
+            ],
         ),
         (
             "/api/links/bulk",
-            json!({"user": "u1", "urls": "https://example.com"}).to_string(),
-            "urls",
-        ),
-        (
-            "/api/links/bulk",
-            json!({"user": "u1", "urls": []}).to_string(),
-            "urls",
+            vec![
+                (json!({"user": "u1", "urls": "https://example.com"}), "urls"),
+                (json!({"user": "u1", "urls": []}), "urls"),
+            ],
         ),
         (
             "/api/bio/u1/reorder",
-            json!({"order": ["nope"]}).to_string(),
-            "order",
+            vec![(json!({"order": ["nope"]}), "order")],
         ),
         (
             "/admin/users/u1/disable",
-            json!({"admin": "a1"}).to_string(),
-            "reason",
-        ),
-        (
-            "/admin/users/u1/disable",
-            json!({"admin": "a1", "reason": " "}).to_string(),
-            "reason",
+            vec![
+                (json!({"admin": "a1"}), "reason"),
+                (json!({"admin": "a1", "reason": " "}), "reason"),
+            ],
         ),
         (
             "/admin/links/abc/override",
-            json!({"reason": "r"}).to_string(),
-            "admin",
+            vec![(json!({"reason": "r"}), "admin")],
         ),
     ];
-    for (path, body, field) in cases {
-        let a = http(addr, "POST", path, &[], &body).await;
-        assert_eq!(a.status, 400, "{path} {body}: {a:?}");
-        assert_eq!(a.json["field"], field, "{path} {body}: {a:?}");
-        let msg = a.json["error"].as_str().expect("error message");
-        assert!(msg.contains(field), "{msg}");
+    for (path, bodies) in cases {
+        for (body, field) in bodies {
+            let a = post(addr, path, body.clone()).await;
+            assert_eq!(a.status, 400, "{path} {body}: {a:?}");
+            assert_eq!(a.json["field"], field, "{path} {body}: {a:?}");
+            let msg = a.json["error"].as_str().expect("error message");
+            assert!(msg.contains(field), "{msg}");
+        }
     }
     let a = http(addr, "POST", "/api/links", &[], "{not json").await;
     assert_eq!(a.status, 400, "{a:?}");
@@ -581,16 +559,7 @@ async fn bad_input_is_a_400_naming_the_field() {
 async fn an_event_the_log_would_refuse_is_a_400_and_leaves_no_link() {
     let db = common::TestDb::new().await;
     let wal = tempfile::tempdir().expect("tempdir");
-    let log = Arc::new(
-        AuditLog::open(
-            config(wal.path(), db.url())
-                .max_event_bytes(300)
-                .build()
-                .expect("settings"),
-        )
-        .await
-        .expect("open"),
-    );
+    let log = open_with(config(wal.path(), db.url()).max_event_bytes(300)).await;
     let state = AppState::new(Some(log.clone()), UserAudit::Mode(Mode::Async));
     let addr = serve(state).await;
     let long = format!("https://example.com/{}", "a".repeat(400));
@@ -602,17 +571,14 @@ async fn an_event_the_log_would_refuse_is_a_400_and_leaves_no_link() {
             .is_some_and(|m| m.contains("audit event refused")),
         "{a:?}"
     );
-    let stats = http(addr, "GET", "/api/stats", &[], "").await;
+    let stats = get(addr, "/api/stats").await;
     assert_eq!(stats.json["links"], 0, "{stats:?}");
     log.close().await.expect("close");
 }
 
 #[tokio::test]
 async fn off_writes_nothing_for_user_actions_while_admin_actions_stay_sync() {
-    let db = common::TestDb::new().await;
-    let wal = tempfile::tempdir().expect("tempdir");
-    let log = open(wal.path(), db.url()).await;
-    let addr = serve(AppState::new(Some(log.clone()), UserAudit::Off)).await;
+    let Service { db, wal, log, addr } = start(UserAudit::Off).await;
     let mut codes = Vec::new();
     for i in 0..10 {
         let a = create(addr, "u1", &format!("https://example.com/{i}")).await;
@@ -652,14 +618,12 @@ async fn off_writes_nothing_for_user_actions_while_admin_actions_stay_sync() {
 
 #[tokio::test]
 async fn durable_and_sampled_user_modes_answer_their_receipts() {
-    let db = common::TestDb::new().await;
-    let wal = tempfile::tempdir().expect("tempdir");
-    let log = open(wal.path(), db.url()).await;
-    let addr = serve(AppState::new(
-        Some(log.clone()),
-        UserAudit::Mode(Mode::Durable),
-    ))
-    .await;
+    let Service {
+        db,
+        wal: _wal,
+        log,
+        addr,
+    } = start(UserAudit::Mode(Mode::Durable)).await;
     let a = create(addr, "u1", "https://example.com/d").await;
     assert_eq!(a.json["audit"]["mode"], "durable");
     let lsn = a.json["audit"]["lsn"].as_u64().expect("lsn");
@@ -671,21 +635,8 @@ async fn durable_and_sampled_user_modes_answer_their_receipts() {
 
     // Sampled at rate 0: nothing kept but forced events; the answer says so.
     let wal = tempfile::tempdir().expect("tempdir");
-    let log = Arc::new(
-        AuditLog::open(
-            config(wal.path(), db.url())
-                .sample_rate(0.0)
-                .build()
-                .expect("settings"),
-        )
-        .await
-        .expect("open"),
-    );
-    let addr = serve(AppState::new(
-        Some(log.clone()),
-        UserAudit::Mode(Mode::Sampled),
-    ))
-    .await;
+    let log = open_with(config(wal.path(), db.url()).sample_rate(0.0)).await;
+    let addr = serve_logged(&log, UserAudit::Mode(Mode::Sampled)).await;
     let a = create(addr, "u1", "https://example.com/s").await;
     assert_eq!(a.json["audit"]["sampled_out"], true, "{a:?}");
     assert_eq!(log.stats().sampled_out, 1);

@@ -127,14 +127,7 @@ fn loader_log(s: &Setup) -> String {
 }
 
 fn stop(loader: ChildGuard) {
-    let child = loader.take();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM the loader");
-    let out = child.wait_with_output().expect("wait for the loader");
-    assert!(out.status.success(), "loader exit status {:?}", out.status);
+    common::stop_with_sigterm(loader.take());
 }
 
 async fn count(admin: &PgPool) -> i64 {
@@ -794,8 +787,7 @@ async fn a_connection_left_dead_without_an_rst_is_replaced_within_seconds_of_the
 /// The case above; returns the time from the link answering to rows growing,
 /// after asserting that every event is loaded exactly once.
 async fn frozen_link() -> Duration {
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let proxy = FreezingProxy::start(&db, cluster.port()).await;
     let wal = tempfile::tempdir().expect("tempdir");
     let logs = tempfile::tempdir().expect("tempdir");
@@ -878,8 +870,7 @@ fn a_link_timeout_under_a_second_is_refused_as_bad_usage() {
 #[tokio::test]
 async fn through_a_proxy_the_tuned_socket_is_the_one_dialled() {
     use rustix::net::sockopt;
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let proxy = common::BlackHoleProxy::silent(&cluster, &db).await;
     proxy.answer();
     let options: sqlx::postgres::PgConnectOptions = proxy.url().parse().expect("url");

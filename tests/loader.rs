@@ -38,6 +38,25 @@ fn load_once(wal_dir: &Path, url: &str, extra: &[&str]) -> std::process::Output 
         .expect("run auditwal load --once")
 }
 
+/// `load --once --archive-dir ARCHIVE`: sealed segments move to `archive`
+/// once loaded. Asserts the load succeeded.
+fn load_once_archiving(wal_dir: &Path, url: &str, archive: &Path) {
+    let archive = archive.to_str().expect("utf-8 temp path");
+    assert_ok(&load_once(wal_dir, url, &["--archive-dir", archive]));
+}
+
+/// `auditwal replay --from-lsn 1` of all of `wal_dir` into `url`. Asserts it
+/// succeeded.
+fn replay_all(wal_dir: &Path, url: &str) {
+    let out = Command::new(auditwal_bin())
+        .args(["replay", "--from-lsn", "1", "--wal-dir"])
+        .arg(wal_dir)
+        .args(["--database-url", url])
+        .output()
+        .expect("run auditwal replay");
+    assert_ok(&out);
+}
+
 #[tokio::test]
 async fn load_once_loads_every_acknowledged_event_once() {
     let db = TestDb::new().await;
@@ -135,16 +154,21 @@ fn poison_line() -> String {
     )
 }
 
+/// Emits a `poison_line` into stream a and loads it, so that the same line
+/// emitted into another stream is a poison row there. Returns a's ids and
+/// the line.
+fn load_an_event_whose_copy_is_poison(wal_dir: &Path, url: &str) -> (Vec<Uuid>, String) {
+    let line = poison_line();
+    let first = emit_lines(wal_dir, "a", "durable", line.clone());
+    assert_ok(&load_once(wal_dir, url, &[]));
+    (first, line)
+}
+
 #[tokio::test]
 async fn a_row_postgres_refuses_is_dead_lettered_and_the_stream_goes_on() {
     let db = TestDb::new().await;
     let wal = tempfile::tempdir().expect("tempdir");
-    // The same event (same event_id and occurred_at) in two streams: the second
-    // copy violates the table's unique key, a poison row for its stream.
-    let line = poison_line();
-    let first = emit_lines(wal.path(), "a", "durable", line.clone());
-    let out = load_once(wal.path(), db.url(), &[]);
-    assert_ok(&out);
+    let (first, line) = load_an_event_whose_copy_is_poison(wal.path(), db.url());
     let before = emit(wal.path(), "b", 50, "durable");
     let dup = emit_lines(wal.path(), "b", "durable", line.clone());
     let after = emit(wal.path(), "b", 50, "durable");
@@ -176,12 +200,7 @@ async fn sealed_segments_are_deleted_only_after_commit_or_archived() {
         before.len() > 2,
         "expected several segments, got {before:?}"
     );
-    let out = load_once(
-        wal.path(),
-        db.url(),
-        &["--archive-dir", archive.path().to_str().expect("utf8")],
-    );
-    assert_ok(&out);
+    load_once_archiving(wal.path(), db.url(), archive.path());
     assert_exactly(&db, &ids).await;
     let left = segment_names(&wal.path().join("s"));
     let archived = segment_names(&archive.path().join("s"));
@@ -189,13 +208,7 @@ async fn sealed_segments_are_deleted_only_after_commit_or_archived() {
     assert_eq!(left, vec![before.last().cloned().expect("last")]);
     assert_eq!(archived.len(), before.len() - 1);
     // Replaying the archive into the same database inserts nothing new.
-    let out = Command::new(auditwal_bin())
-        .args(["replay", "--from-lsn", "1", "--wal-dir"])
-        .arg(archive.path())
-        .args(["--database-url", db.url()])
-        .output()
-        .expect("replay");
-    assert_ok(&out);
+    replay_all(archive.path(), db.url());
     assert_exactly(&db, &ids).await;
 }
 
@@ -233,32 +246,15 @@ async fn replay_after_a_restore_puts_back_only_the_missing_rows() {
     let wal = tempfile::tempdir().expect("tempdir");
     let archive = tempfile::tempdir().expect("tempdir");
     let ids = emit_small_segments(wal.path(), "s", 1500);
-    let out = load_once(
-        wal.path(),
-        db.url(),
-        &["--archive-dir", archive.path().to_str().expect("utf8")],
-    );
-    assert_ok(&out);
+    load_once_archiving(wal.path(), db.url(), archive.path());
     // "Restore an older backup": a database holding only the first 700 rows (the
     // table is append-only, so the older state is built rather than cut back).
     let db2 = TestDb::new().await;
     let half = copy_first_rows(&db, &db2, 700).await;
     assert_eq!(half, 700);
-    let out = Command::new(auditwal_bin())
-        .args(["replay", "--from-lsn", "1", "--wal-dir"])
-        .arg(archive.path())
-        .args(["--database-url", db2.url()])
-        .output()
-        .expect("replay");
-    assert_ok(&out);
+    replay_all(archive.path(), db2.url());
     // The archive holds the sealed segments; the live dir the rest.
-    let out = Command::new(auditwal_bin())
-        .args(["replay", "--from-lsn", "1", "--wal-dir"])
-        .arg(wal.path())
-        .args(["--database-url", db2.url()])
-        .output()
-        .expect("replay live dir");
-    assert_ok(&out);
+    replay_all(wal.path(), db2.url());
     assert_exactly(&db2, &ids).await;
 }
 
@@ -320,13 +316,7 @@ async fn sigterm_stops_the_loader_cleanly_with_exit_0() {
     let ids = emit(wal.path(), "s", 20_000, "async");
     let child = common::spawn_loader(wal.path(), db.url(), 1000);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM");
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "exit status {:?}", out.status);
+    common::stop_with_sigterm(child);
     // Whatever it committed is whole batches plus a matching checkpoint.
     let n = db.count().await;
     let cp: Option<i64> =
@@ -366,14 +356,7 @@ async fn a_loader_started_before_its_service_waits_for_the_wal_dir_and_then_load
     }
     assert_exactly(&db, &ids).await;
     // SIGTERM ends it cleanly, also while it waits (here: while it loads).
-    let child = child.take();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM");
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "exit status {:?}", out.status);
+    common::stop_with_sigterm(child.take());
     // With --once a missing dir is still a usage error.
     let out = load_once(&root.path().join("typo"), db.url(), &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -385,13 +368,7 @@ async fn sigterm_ends_a_loader_waiting_for_its_wal_dir_with_exit_0() {
     let root = tempfile::tempdir().expect("tempdir");
     let child = common::spawn_loader(&root.path().join("not-yet"), db.url(), 1000);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM");
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "exit status {:?}", out.status);
+    common::stop_with_sigterm(child);
 }
 
 #[tokio::test]
@@ -472,9 +449,7 @@ async fn a_hung_dead_letter_write_holds_neither_the_metrics_endpoint_nor_other_s
     let db = TestDb::new().await;
     let wal = tempfile::tempdir().expect("tempdir");
     // A poison row in stream b, as in the dead-letter test above.
-    let line = poison_line();
-    let first = emit_lines(wal.path(), "a", "durable", line.clone());
-    assert_ok(&load_once(wal.path(), db.url(), &[]));
+    let (first, line) = load_an_event_whose_copy_is_poison(wal.path(), db.url());
     emit(wal.path(), "b", 20, "durable");
     emit_lines(wal.path(), "b", "durable", line);
     // b's dead-letter file is a FIFO nobody reads: opening it for writing

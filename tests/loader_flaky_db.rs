@@ -6,10 +6,10 @@ use auditwal_test_support as common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_exactly, auditwal_bin, emit_lines, private_cluster, ChildGuard, TestDb};
+use common::{assert_exactly, auditwal_bin, emit_lines, ChildGuard, TestDb};
 use uuid::Uuid;
 
 fn event_line(i: usize) -> String {
@@ -28,14 +28,7 @@ fn spawn_loader(wal_dir: &Path, url: &str) -> ChildGuard {
 }
 
 fn stop(guard: ChildGuard) {
-    let child = guard.take();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM the loader");
-    let out = child.wait_with_output().expect("wait for loader");
-    assert!(out.status.success(), "loader exit status {:?}", out.status);
+    common::stop_with_sigterm(guard.take());
 }
 
 async fn count_when_reachable(db: &TestDb) -> Option<i64> {
@@ -43,6 +36,15 @@ async fn count_when_reachable(db: &TestDb) -> Option<i64> {
         .fetch_one(db.pool())
         .await
         .ok()
+}
+
+/// Waits (up to `within`) for the loader to load every one of `ids`, stops it
+/// and asserts that the table holds exactly those.
+async fn finish(loader: ChildGuard, db: &TestDb, ids: &[Uuid], within: Duration) {
+    let n = wait_for_count(db, ids.len() as i64, within).await;
+    assert_eq!(n, ids.len() as i64, "the loader did not catch up");
+    stop(loader);
+    assert_exactly(db, ids).await;
 }
 
 async fn wait_for_count(db: &TestDb, n: i64, within: Duration) -> i64 {
@@ -58,8 +60,7 @@ async fn wait_for_count(db: &TestDb, n: i64, within: Duration) -> i64 {
 
 #[tokio::test]
 async fn database_restarts_mid_load_lose_and_duplicate_nothing() {
-    let cluster = private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit_all(wal.path(), "s", 80_000);
     let loader = spawn_loader(wal.path(), db.url());
@@ -71,26 +72,20 @@ async fn database_restarts_mid_load_lose_and_duplicate_nothing() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         cluster.start_again().expect("start the server again");
     }
-    let n = wait_for_count(&db, ids.len() as i64, Duration::from_secs(120)).await;
-    assert_eq!(n, ids.len() as i64, "loader caught up after the restarts");
-    stop(loader);
-    assert_exactly(&db, &ids).await;
+    // It catches up after the restarts.
+    finish(loader, &db, &ids, Duration::from_secs(120)).await;
 }
 
 #[tokio::test]
 async fn the_loader_waits_out_a_database_that_is_down_at_start() {
-    let cluster = private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit_all(wal.path(), "s", 5_000);
     cluster.stop_immediate().expect("stop");
     let loader = spawn_loader(wal.path(), db.url());
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.start_again().expect("start");
-    let n = wait_for_count(&db, ids.len() as i64, Duration::from_secs(60)).await;
-    assert_eq!(n, ids.len() as i64);
-    stop(loader);
-    assert_exactly(&db, &ids).await;
+    finish(loader, &db, &ids, Duration::from_secs(60)).await;
 }
 
 #[tokio::test]
@@ -99,14 +94,7 @@ async fn writer_and_loader_run_at_the_same_time() {
     let wal = tempfile::tempdir().expect("tempdir");
     let loader = spawn_loader(wal.path(), db.url());
     // A writer that appends for a while, in bursts, while the loader tails it.
-    let mut emit = Command::new(auditwal_bin())
-        .args(["emit", "--mode", "async", "--stream", "live", "--wal-dir"])
-        .arg(wal.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn emit");
+    let mut emit = common::spawn_emit(wal.path(), "live", "async", &[]);
     let mut stdin = emit.stdin.take().expect("stdin");
     let stdout = emit.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
@@ -136,10 +124,7 @@ async fn writer_and_loader_run_at_the_same_time() {
         partial > 0,
         "the loader loaded while the writer was appending"
     );
-    let n = wait_for_count(&db, ids.len() as i64, Duration::from_secs(60)).await;
-    assert_eq!(n, ids.len() as i64);
-    stop(loader);
-    assert_exactly(&db, &ids).await;
+    finish(loader, &db, &ids, Duration::from_secs(60)).await;
 }
 
 #[tokio::test]

@@ -62,12 +62,28 @@ fn on_terminal(line: &str) -> Output {
 
 /// Marks of a drawn bar: indicatif's redraw (carriage return, erase line) and the
 /// words of our templates.
+const BAR_MARKS: [&str; 4] = ["\r\x1b[2K", "rows/s", "ETA", "[00:00:"];
+
+/// The marks of a drawn bar that `bytes` holds.
 fn bar_marks(bytes: &[u8]) -> Vec<&'static str> {
     let text = String::from_utf8_lossy(bytes);
-    ["\r\x1b[2K", "rows/s", "ETA", "[00:00:"]
-        .into_iter()
-        .filter(|m| text.contains(m))
-        .collect()
+    BAR_MARKS.into_iter().filter(|m| text.contains(m)).collect()
+}
+
+/// What the terminal showed, after checking that `command`'s bar was drawn on
+/// it and ended on `rows` of `rows` (as the bar writes them: "4,000").
+fn assert_bar_ended(out: &Output, command: &str, rows: &str) -> String {
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        bar_marks(&out.stdout),
+        BAR_MARKS,
+        "no bar on the terminal:\n{shown}"
+    );
+    assert!(
+        shown.contains(&format!("{command} [")) && shown.contains(&format!("{rows}/{rows} rows")),
+        "the bar does not end on {rows}/{rows} rows:\n{shown}"
+    );
+    shown
 }
 
 /// No bar drawn in `bytes` (some other output is fine).
@@ -78,6 +94,22 @@ fn assert_no_bar(bytes: &[u8]) {
         "bar output where none belongs:\n{:?}",
         String::from_utf8_lossy(bytes)
     );
+}
+
+/// Runs `auditwal ARGS` with stdin closed and stdout and stderr piped, not a
+/// terminal: it must succeed and draw no bar on stderr, not even a carriage
+/// return. Returns its output.
+fn run_piped(args: &[&str]) -> Output {
+    let out = Command::new(auditwal_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run auditwal");
+    assert_ok(&out);
+    assert_no_bar(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    out
 }
 
 /// `replay --from-lsn 1` of `wal` into `url`.
@@ -124,19 +156,10 @@ async fn load_once_on_a_terminal_draws_a_bar_that_ends_on_the_row_count() {
         stdout_file.display()
     );
     let out = on_terminal(&line);
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        bar_marks(&out.stdout),
-        ["\r\x1b[2K", "rows/s", "ETA", "[00:00:"],
-        "no bar with a total on the terminal:\n{shown}"
-    );
     // The total was estimated from the WAL (it counts end-of-segment records, so it
     // reads a little above the rows while loading), and a complete run ends on the
     // row count, 100 %.
-    assert!(
-        shown.contains("load [") && shown.contains("4,000/4,000 rows"),
-        "the bar does not end on 4,000/4,000 rows:\n{shown}"
-    );
+    let shown = assert_bar_ended(&out, "load", "4,000");
     assert!(
         shown.matches("/4,0").count() > shown.matches("/4,000 rows").count(),
         "the bar never showed the estimated total (4,000 rows + end-of-segment records):\n{shown}"
@@ -160,20 +183,10 @@ async fn load_once_with_stderr_piped_writes_no_bar_at_all() {
     let db = TestDb::new().await;
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit(wal.path(), "s1", 3000);
-    let out = Command::new(auditwal_bin())
-        .args(load_args(
-            wal.path().to_str().expect("utf-8 temp path"),
-            db.url(),
-            &[],
-        ))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run auditwal load --once");
-    assert_ok(&out);
+    let wal_s = wal.path().to_str().expect("utf-8 temp path");
+    let out = run_piped(&load_args(wal_s, db.url(), &[]));
     assert_exactly(&db, &ids).await;
-    assert_no_bar(&out.stderr);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains('\r'), "{stderr:?}");
     // Stderr was written to (the logs), one whole line at a time.
     assert!(
         stderr.lines().any(|l| l.contains("loader stopped")),
@@ -193,16 +206,7 @@ async fn replay_on_a_terminal_draws_a_bar_and_keeps_its_summary_line() {
     let ids = emit(wal.path(), "s1", 3000);
     let wal_s = wal.path().to_str().expect("utf-8 temp path");
     let out = on_terminal(&shell_line(&replay_args(wal_s, db.url())));
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        bar_marks(&out.stdout),
-        ["\r\x1b[2K", "rows/s", "ETA", "[00:00:"],
-        "no bar on the terminal:\n{shown}"
-    );
-    assert!(
-        shown.contains("replay [") && shown.contains("3,000/3,000 rows"),
-        "the bar does not end on 3,000/3,000 rows:\n{shown}"
-    );
+    let shown = assert_bar_ended(&out, "replay", "3,000");
     // The summary starts a line of its own after the bar.
     assert!(
         shown
@@ -219,19 +223,10 @@ async fn replay_with_stderr_piped_prints_only_its_logs_and_summary() {
     let db = TestDb::new().await;
     let wal = tempfile::tempdir().expect("tempdir");
     let ids = emit(wal.path(), "s1", 2000);
-    let out = Command::new(auditwal_bin())
-        .args(replay_args(
-            wal.path().to_str().expect("utf-8 temp path"),
-            db.url(),
-        ))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run auditwal replay");
-    assert_ok(&out);
+    let wal_s = wal.path().to_str().expect("utf-8 temp path");
+    let out = run_piped(&replay_args(wal_s, db.url()));
     assert_exactly(&db, &ids).await;
-    assert_no_bar(&out.stderr);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains('\r'), "{stderr:?}");
     assert!(
         stderr.ends_with("replay: 2000 rows sent, 0 already present, 2000 new\n"),
         "{stderr:?}"

@@ -17,6 +17,12 @@ fn port_answers(port: u16) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
+async fn connect(cluster: &Cluster) -> PgConnection {
+    PgConnection::connect(&cluster.url())
+        .await
+        .expect("connect to the cluster")
+}
+
 /// Polls `cond` until it holds or `within` passes.
 fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
@@ -36,9 +42,7 @@ async fn a_private_cluster_answers_on_loopback_and_drop_stops_it_and_removes_its
     let cluster = common::private_cluster();
     let port = cluster.port();
     let dir = cluster.dir().to_path_buf();
-    let mut conn = PgConnection::connect(&cluster.url())
-        .await
-        .expect("connecting to the private cluster");
+    let mut conn = connect(&cluster).await;
     let listen: String = sqlx::query_scalar("SHOW listen_addresses")
         .fetch_one(&mut conn)
         .await
@@ -62,9 +66,7 @@ async fn stop_immediate_then_start_again_keeps_the_port_and_committed_rows() {
     let cluster = common::private_cluster();
     let port = cluster.port();
     {
-        let mut conn = PgConnection::connect(&cluster.url())
-            .await
-            .expect("connect");
+        let mut conn = connect(&cluster).await;
         sqlx::query("CREATE TABLE t (x int)")
             .execute(&mut conn)
             .await
@@ -81,9 +83,7 @@ async fn stop_immediate_then_start_again_keeps_the_port_and_committed_rows() {
 
     cluster.start_again().expect("start again");
     assert_eq!(cluster.port(), port);
-    let mut conn = PgConnection::connect(&cluster.url())
-        .await
-        .expect("connect after restart");
+    let mut conn = connect(&cluster).await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
         .fetch_one(&mut conn)
         .await

@@ -51,6 +51,11 @@ async fn conn(db: &TestDb) -> sqlx::PgConnection {
         .expect("connect to test database")
 }
 
+/// Commits `b` into audit_events for stream `s`.
+async fn commit(c: &mut sqlx::PgConnection, b: &Batch) -> Result<BatchOutcome, BatchError> {
+    batch::commit(c, "audit_events", "s", b).await
+}
+
 #[tokio::test]
 async fn every_field_lands_in_its_column_exactly() {
     let db = TestDb::new().await;
@@ -148,9 +153,7 @@ async fn ipv6_addresses_round_trip() {
         rows: rows(std::slice::from_ref(&e), 1),
         end_lsn: 1,
     };
-    batch::commit(&mut c, "audit_events", "s", &b)
-        .await
-        .expect("commit");
+    commit(&mut c, &b).await.expect("commit");
     let ip: String = sqlx::query_scalar("SELECT host(ip) FROM audit_events WHERE event_id = $1")
         .bind(e.event_id)
         .fetch_one(db.pool())
@@ -168,13 +171,9 @@ async fn a_batch_sent_twice_loads_once() {
         rows: rows(&events, 1),
         end_lsn: 100,
     };
-    let first = batch::commit(&mut c, "audit_events", "s", &b)
-        .await
-        .expect("first");
+    let first = commit(&mut c, &b).await.expect("first");
     assert_eq!(first, BatchOutcome::Committed { rows: 100 });
-    let again = batch::commit(&mut c, "audit_events", "s", &b)
-        .await
-        .expect("again");
+    let again = commit(&mut c, &b).await.expect("again");
     assert_eq!(again, BatchOutcome::AlreadyLoaded { checkpoint: 100 });
     // An overlapping batch sends only the rows past the checkpoint.
     let more: Vec<AuditEvent> = (100..150).map(full_event).collect();
@@ -184,9 +183,7 @@ async fn a_batch_sent_twice_loads_once() {
         rows: overlap,
         end_lsn: 150,
     };
-    let third = batch::commit(&mut c, "audit_events", "s", &b2)
-        .await
-        .expect("overlap");
+    let third = commit(&mut c, &b2).await.expect("overlap");
     assert_eq!(third, BatchOutcome::Committed { rows: 50 });
     assert_eq!(db.count().await, 150);
 }
@@ -203,9 +200,7 @@ async fn a_refused_row_is_named_by_its_index_and_nothing_commits() {
         rows: r,
         end_lsn: 10,
     };
-    let err = batch::commit(&mut c, "audit_events", "s", &b)
-        .await
-        .expect_err("refused");
+    let err = commit(&mut c, &b).await.expect_err("refused");
     match err {
         BatchError::PoisonRow {
             index, sqlstate, ..
@@ -225,8 +220,6 @@ async fn a_refused_row_is_named_by_its_index_and_nothing_commits() {
     // The connection is usable again after the failed transaction.
     let mut fixed = b.clone();
     fixed.rows.remove(6);
-    let ok = batch::commit(&mut c, "audit_events", "s", &fixed)
-        .await
-        .expect("retry");
+    let ok = commit(&mut c, &fixed).await.expect("retry");
     assert_eq!(ok, BatchOutcome::Committed { rows: 9 });
 }

@@ -458,26 +458,33 @@ async fn migrations_are_idempotent() {
     assert_eq!(db.count().await, 1);
 }
 
-#[tokio::test]
-async fn concurrent_migrations_of_a_fresh_database_from_many_tasks_all_succeed() {
-    let db = TestDb::empty().await;
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let url = db.url().to_string();
-        tasks.push(tokio::spawn(async move {
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&url)
-                .await
-                .expect("connect");
-            pg::migrate(&pool).await
-        }));
-    }
+/// Runs the migrations on each of `urls` at once, from a task of its own over
+/// a pool of one connection; asserts that every one succeeded.
+async fn migrate_all_at_once(urls: Vec<String>) {
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            tokio::spawn(async move {
+                let pool = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&url)
+                    .await
+                    .expect("connect");
+                pg::migrate(&pool).await
+            })
+        })
+        .collect();
     for t in tasks {
         t.await
             .expect("task")
             .expect("a concurrent migration failed");
     }
+}
+
+#[tokio::test]
+async fn concurrent_migrations_of_a_fresh_database_from_many_tasks_all_succeed() {
+    let db = TestDb::empty().await;
+    migrate_all_at_once(vec![db.url().to_string(); 8]).await;
     assert_eq!(
         applied_migrations(db.pool()).await,
         pg::MIGRATOR.iter().count() as i64
@@ -573,25 +580,7 @@ async fn roles_are_created_once_under_concurrent_migrations_and_their_absence_is
             .await
             .expect("create database");
     }
-    let tasks: Vec<_> = names
-        .iter()
-        .map(|n| {
-            let url = cluster.url_for(n);
-            tokio::spawn(async move {
-                let pool = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&url)
-                    .await
-                    .expect("connect");
-                pg::migrate(&pool).await
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await
-            .expect("task")
-            .expect("a concurrent migration failed");
-    }
+    migrate_all_at_once(names.iter().map(|n| cluster.url_for(n)).collect()).await;
     let roles: Vec<String> = sqlx::query_scalar(
         "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'auditwal\\_%' ORDER BY 1",
     )

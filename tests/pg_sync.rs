@@ -68,10 +68,20 @@ async fn assert_recovered(db: &TestDb, w: &SyncWriter, i: usize, refused: std::o
     }
 }
 
-/// A loopback port with nothing listening on it.
-fn closed_port() -> u16 {
+/// How many transactions wrote the rows of `audit_events`: rows written by one
+/// transaction share its xmin.
+async fn writing_transactions(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM audit_events")
+        .fetch_one(db.pool())
+        .await
+        .expect("xmin")
+}
+
+/// A database URL on a loopback port with nothing listening on it.
+fn nowhere_url() -> String {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    let port = l.local_addr().expect("addr").port();
+    format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=disable")
 }
 
 #[tokio::test]
@@ -148,21 +158,26 @@ async fn every_field_is_stored_and_sync_rows_have_no_stream_and_rate_one() {
     assert_eq!(row.try_get::<i64, _>("id").expect("id"), id.0);
     let at: chrono::DateTime<Utc> = row.try_get("occurred_at").expect("occurred_at");
     assert_eq!(at.timestamp_micros(), e.occurred_at.timestamp_micros());
-    assert_eq!(s("action").as_deref(), Some("admin.user.disabled"));
-    assert_eq!(s("actor_id").as_deref(), Some("42"));
-    assert_eq!(s("actor_type").as_deref(), Some("user"));
-    assert_eq!(s("target_type").as_deref(), Some("user"));
-    assert_eq!(s("target_id").as_deref(), Some("7"));
-    assert_eq!(s("target_name").as_deref(), Some("Mallory"));
-    assert_eq!(s("tenant_id").as_deref(), Some("t1"));
-    assert_eq!(s("outcome").as_deref(), Some("denied"));
-    assert_eq!(s("reason").as_deref(), Some("no \"quotes\" problem"));
-    assert_eq!(s("ip").as_deref(), Some("2001:db8::7"));
-    assert_eq!(s("user_agent").as_deref(), Some("curl/8"));
-    assert_eq!(s("request_id").as_deref(), Some("r-9"));
-    assert_eq!(s("before").as_deref(), Some(r#"{"enabled": true}"#));
-    assert_eq!(s("after").as_deref(), Some(r#"{"enabled": false}"#));
-    assert_eq!(s("metadata").as_deref(), Some(r#"{"k": ["v", 1]}"#));
+    // Every text column as written (json columns as PostgreSQL prints them).
+    for (column, want) in [
+        ("action", "admin.user.disabled"),
+        ("actor_id", "42"),
+        ("actor_type", "user"),
+        ("target_type", "user"),
+        ("target_id", "7"),
+        ("target_name", "Mallory"),
+        ("tenant_id", "t1"),
+        ("outcome", "denied"),
+        ("reason", "no \"quotes\" problem"),
+        ("ip", "2001:db8::7"),
+        ("user_agent", "curl/8"),
+        ("request_id", "r-9"),
+        ("before", r#"{"enabled": true}"#),
+        ("after", r#"{"enabled": false}"#),
+        ("metadata", r#"{"k": ["v", 1]}"#),
+    ] {
+        assert_eq!(s(column).as_deref(), Some(want), "{column}");
+    }
     assert_eq!(s("stream_id"), None);
     assert_eq!(row.try_get::<Option<i64>, _>("lsn").expect("lsn"), None);
     assert_eq!(row.try_get::<f64, _>("sample_rate").expect("rate"), 1.0);
@@ -214,13 +229,8 @@ async fn sixty_four_concurrent_callers_each_get_their_own_id_and_commits_are_sha
             "caller got id {id} for {event_id}, which is not that row's id"
         );
     }
-    // Rows written by one transaction share its xmin: fewer transactions than rows
-    // means calls were coalesced.
-    let transactions: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM audit_events")
-            .fetch_one(db.pool())
-            .await
-            .expect("xmin");
+    // Fewer transactions than rows means calls were coalesced.
+    let transactions = writing_transactions(&db).await;
     assert!(
         (transactions as usize) < CALLERS * EACH / 2,
         "{transactions} transactions for {} rows: little or no group commit",
@@ -235,11 +245,7 @@ async fn a_lone_caller_gets_a_transaction_of_its_own_each_time() {
     for i in 0..20 {
         w.record(&event(i)).await.expect("record");
     }
-    let transactions: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM audit_events")
-            .fetch_one(db.pool())
-            .await
-            .expect("xmin");
+    let transactions = writing_transactions(&db).await;
     assert_eq!(transactions, 20);
 }
 
@@ -299,10 +305,7 @@ async fn one_bad_event_in_a_coalesced_batch_fails_alone_and_its_neighbours_commi
 async fn events_postgres_cannot_store_are_refused_naming_the_field_before_anything_is_sent() {
     // Pointed at a port where nothing listens: a validation error must come back
     // (not "database unavailable"), which proves nothing was sent.
-    let nowhere = format!(
-        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-        closed_port()
-    );
+    let nowhere = nowhere_url();
     let w = SyncWriter::connect(&nowhere, {
         let mut c = config(Duration::from_secs(2));
         c.migrate = false;
@@ -375,12 +378,22 @@ async fn events_postgres_cannot_store_are_refused_naming_the_field_before_anythi
     assert_eq!(db.count().await, 0);
 }
 
+/// Asserts that `err` is DatabaseUnavailable and came within 2 s of `started`.
+fn assert_unavailable_at_once(err: &PgError, started: Instant) {
+    assert!(
+        matches!(err, PgError::DatabaseUnavailable { .. }),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_port_with_nothing_listening_gives_database_unavailable_at_once_not_after_the_timeout() {
-    let url = format!(
-        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-        closed_port()
-    );
+    let url = nowhere_url();
     // A refused connect is the answer: neither the migration at start nor a
     // call waits out the (long) timeout for it.
     let timeout = Duration::from_secs(10);
@@ -389,28 +402,12 @@ async fn a_port_with_nothing_listening_gives_database_unavailable_at_once_not_af
         .await
         .err()
         .expect("connect with migrate must fail");
-    assert!(
-        matches!(err, PgError::DatabaseUnavailable { .. }),
-        "{err:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert_unavailable_at_once(&err, started);
 
     let w = lazy_writer(&url, timeout).await;
     let started = Instant::now();
     let err = w.record(&event(1)).await.expect_err("record must fail");
-    assert!(
-        matches!(err, PgError::DatabaseUnavailable { .. }),
-        "{err:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert_unavailable_at_once(&err, started);
 }
 
 #[tokio::test]
@@ -465,8 +462,7 @@ where
 
 #[tokio::test]
 async fn a_stopped_cluster_gives_a_typed_error_at_once_and_writes_resume_after_restart() {
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     // Long, so that "at once" below is not "within the timeout": a service on
     // a flaky link must not hold each request for the whole of it to learn
     // that the server is gone.
@@ -501,8 +497,7 @@ async fn a_stopped_cluster_gives_a_typed_error_at_once_and_writes_resume_after_r
 
 #[tokio::test]
 async fn after_a_connect_that_got_no_answer_calls_fail_at_once_until_the_link_answers_again() {
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     let proxy = common::BlackHoleProxy::silent(&cluster, &db).await;
     let timeout = Duration::from_secs(1);
     let w = lazy_writer(proxy.url(), timeout).await;
@@ -532,8 +527,7 @@ async fn after_a_connect_that_got_no_answer_calls_fail_at_once_until_the_link_an
 
 #[tokio::test]
 async fn a_connection_left_idle_in_the_pool_before_a_crash_is_never_sent_the_insert() {
-    let cluster = common::private_cluster();
-    let db = TestDb::on_cluster(&cluster).await;
+    let (cluster, db) = common::private_cluster_and_db().await;
     // A pool that, like the writer's own, does not test connections on
     // acquire, holding one idle connection opened before the crash.
     let pool = sqlx::postgres::PgPoolOptions::new()

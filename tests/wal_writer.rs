@@ -477,12 +477,12 @@ fn mid_segment_corruption_keeps_the_records_after_it_and_appends_continue() {
     assert_eq!(wal.append(&small_event(10)).expect("append"), 11);
 }
 
-#[test]
-fn a_sealed_last_segment_makes_the_writer_start_a_new_one() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = config(tmp.path()).with_segment_size(SMALL_SEGMENT);
+/// Writes stream s1 in `dir`, in small segments, exactly until the first
+/// segment is sealed and the second opened, and drops the writer. Returns
+/// the stream's config, the last LSN written and the two segments' paths.
+fn write_until_the_first_rotation(dir: &Path) -> (WalConfig, Lsn, Vec<PathBuf>) {
+    let cfg = config(dir).with_segment_size(SMALL_SEGMENT);
     let wal = WalWriter::open(cfg.clone()).expect("open");
-    // Fill exactly until the first rotation, then stop.
     let mut i = 0;
     while wal.stats().rotations < 2 {
         wal.append(&full_event(i)).expect("append");
@@ -490,10 +490,17 @@ fn a_sealed_last_segment_makes_the_writer_start_a_new_one() {
     }
     let last = wal.written_lsn();
     drop(wal);
+    let segs = segment_paths(&dir.join("s1"));
+    assert_eq!(segs.len(), 2);
+    (cfg, last, segs)
+}
+
+#[test]
+fn a_sealed_last_segment_makes_the_writer_start_a_new_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (cfg, last, segs) = write_until_the_first_rotation(tmp.path());
     // Remove the second (nearly empty) segment: the first, sealed, is now last.
     let stream = tmp.path().join("s1");
-    let segs = segment_paths(&stream);
-    assert_eq!(segs.len(), 2);
     fs::remove_file(&segs[1]).expect("rm");
     // ... and the sidecar, which would keep the LSNs of the removed segment.
     fs::remove_file(stream.join("durable.lsn")).expect("rm sidecar");
@@ -508,19 +515,10 @@ fn a_sealed_last_segment_makes_the_writer_start_a_new_one() {
 #[test]
 fn a_trailing_segment_whose_header_never_reached_the_disk_is_removed() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cfg = config(tmp.path()).with_segment_size(SMALL_SEGMENT);
-    let wal = WalWriter::open(cfg.clone()).expect("open");
-    let mut i = 0;
-    while wal.stats().rotations < 2 {
-        wal.append(&full_event(i)).expect("append");
-        i += 1;
-    }
-    drop(wal);
+    let (cfg, _, segs) = write_until_the_first_rotation(tmp.path());
     // What a power loss right after the rotation can leave: the new name is on
     // disk, its header page is not.
     let stream = tmp.path().join("s1");
-    let segs = segment_paths(&stream);
-    assert_eq!(segs.len(), 2);
     let mut bytes = fs::read(&segs[1]).expect("read");
     bytes[..format::SEGMENT_HEADER_LEN].fill(0);
     fs::write(&segs[1], &bytes).expect("write");

@@ -124,17 +124,33 @@ fn print_ack(out: &mut impl Write, event: &AuditEvent) -> anyhow::Result<()> {
 
 /// Async mode: append, print, next. Returns the number of rejected lines.
 fn emit_async(wal: &WalWriter) -> Result<u64, Failure> {
-    let mut input = io::stdin().lock();
     let mut out = io::stdout().lock();
+    Ok(append_each(wal, |_, event| {
+        print_ack(&mut out, event)?;
+        Ok(true)
+    })?)
+}
+
+/// Reads events from stdin to its end, appends each to `wal` and then hands
+/// it with its LSN to `then`, until `then` answers false. Returns the number
+/// of rejected lines.
+fn append_each(
+    wal: &WalWriter,
+    mut then: impl FnMut(Lsn, &AuditEvent) -> anyhow::Result<bool>,
+) -> anyhow::Result<u64> {
+    let mut input = io::stdin().lock();
     let (mut buf, mut line_no, mut rejected) = (Vec::new(), 0usize, 0u64);
     loop {
         match next_event(&mut input, &mut buf, &mut line_no)? {
             Line::End => return Ok(rejected),
             Line::Rejected => rejected += 1,
             Line::Event(n, event) => {
-                wal.append(&event)
+                let lsn = wal
+                    .append(&event)
                     .with_context(|| format!("line {n}: appending event {}", event.event_id))?;
-                print_ack(&mut out, &event)?;
+                if !then(lsn, &event)? {
+                    return Ok(rejected);
+                }
             }
         }
     }
@@ -156,25 +172,8 @@ fn emit_durable(wal: &WalWriter) -> Result<u64, Failure> {
             }
             Ok(())
         });
-        let appended = (|| -> anyhow::Result<u64> {
-            let mut input = io::stdin().lock();
-            let (mut buf, mut line_no, mut rejected) = (Vec::new(), 0usize, 0u64);
-            loop {
-                match next_event(&mut input, &mut buf, &mut line_no)? {
-                    Line::End => return Ok(rejected),
-                    Line::Rejected => rejected += 1,
-                    Line::Event(n, event) => {
-                        let lsn = wal.append(&event).with_context(|| {
-                            format!("line {n}: appending event {}", event.event_id)
-                        })?;
-                        if tx.send((lsn, event.event_id)).is_err() {
-                            // The printer stopped; its error is reported below.
-                            return Ok(rejected);
-                        }
-                    }
-                }
-            }
-        })();
+        // A failed send means the printer stopped; its error is reported below.
+        let appended = append_each(wal, |lsn, event| Ok(tx.send((lsn, event.event_id)).is_ok()));
         drop(tx);
         let printed = match printer.join() {
             Ok(r) => r,

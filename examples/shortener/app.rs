@@ -243,6 +243,11 @@ impl ApiError {
         self
     }
 
+    /// 404: no such user or link.
+    fn not_found(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
     /// No audit log, though this endpoint must be audited.
     fn audit_not_configured() -> Self {
         ApiError::new(
@@ -944,12 +949,7 @@ async fn reorder_bio(
     }
     let mode = state.user_mode()?;
     let before = match state.users.read(&user).get(&user) {
-        None => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no user {user:?}"),
-            ))
-        }
+        None => return Err(ApiError::not_found(format!("no user {user:?}"))),
         Some(u) if u.disabled => {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -1015,7 +1015,7 @@ async fn follow_link(State(state): State<Arc<AppState>>, Path(code): Path<String
             }
             (StatusCode::FOUND, [(header::LOCATION, l.url)]).into_response()
         }
-        _ => ApiError::new(StatusCode::NOT_FOUND, format!("no link {code:?}")).into_response(),
+        _ => ApiError::not_found(format!("no link {code:?}")).into_response(),
     }
 }
 
@@ -1066,12 +1066,7 @@ async fn disable_user(
         return Err(ApiError::audit_not_configured());
     }
     let was_disabled = match state.users.read(&id).get(&id) {
-        None => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no user {id:?}"),
-            ))
-        }
+        None => return Err(ApiError::not_found(format!("no user {id:?}"))),
         Some(u) => u.disabled,
     };
     let event = req
@@ -1103,12 +1098,7 @@ async fn override_link(
     }
     let (flagged, overridden, url) = match state.links.read(&code).get(&code) {
         Some(l) if l.visibility == Visibility::Live => (l.flagged, l.overridden, l.url.clone()),
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no link {code:?}"),
-            ))
-        }
+        _ => return Err(ApiError::not_found(format!("no link {code:?}"))),
     };
     let event = req
         .event(&client, "admin.url.safety_override", "link", &code)

@@ -1301,6 +1301,14 @@ mod tests {
         scan_segment(bytes).collect()
     }
 
+    /// The LSN of a `Record` item; None for any other item.
+    fn record_lsn(item: &ScanItem<'_>) -> Option<Lsn> {
+        match item {
+            ScanItem::Record { record, .. } => Some(record.lsn),
+            _ => None,
+        }
+    }
+
     #[test]
     fn scan_returns_records_then_end_of_data() {
         let (img, offs) = segment(10, &[b"a", b"bbbbbbbbbbbbb", b""], false, 100);
@@ -1348,32 +1356,14 @@ mod tests {
         let (mut img, offs) = segment(1, &[b"one", &[7u8; 100], b"three", b"four"], false, 64);
         img[offs[1] + 30] ^= 0x01;
         let got = items(&img);
-        assert!(matches!(
-            got[0],
-            ScanItem::Record {
-                record: Record { lsn: 1, .. },
-                ..
-            }
-        ));
+        assert_eq!(record_lsn(&got[0]), Some(1));
         assert!(matches!(
             got[1],
             ScanItem::Skipped { start, end, error: FormatError::ChecksumMismatch { .. } }
                 if start == offs[1] && end == offs[2]
         ));
-        assert!(matches!(
-            got[2],
-            ScanItem::Record {
-                record: Record { lsn: 3, .. },
-                ..
-            }
-        ));
-        assert!(matches!(
-            got[3],
-            ScanItem::Record {
-                record: Record { lsn: 4, .. },
-                ..
-            }
-        ));
+        assert_eq!(record_lsn(&got[2]), Some(3));
+        assert_eq!(record_lsn(&got[3]), Some(4));
         assert!(matches!(got[4], ScanItem::EndOfData { .. }));
     }
 
@@ -1398,13 +1388,7 @@ mod tests {
         assert!(
             matches!(got[1], ScanItem::Skipped { start, end, .. } if start == offs[1] && end == offs[3])
         );
-        assert!(matches!(
-            got[2],
-            ScanItem::Record {
-                record: Record { lsn: 4, .. },
-                ..
-            }
-        ));
+        assert_eq!(record_lsn(&got[2]), Some(4));
     }
 
     #[test]
@@ -1450,13 +1434,7 @@ mod tests {
                 found: 9
             }
         );
-        assert!(matches!(
-            got[2],
-            ScanItem::Record {
-                record: Record { lsn: 9, .. },
-                ..
-            }
-        ));
+        assert_eq!(record_lsn(&got[2]), Some(9));
         assert!(matches!(got[3], ScanItem::EndOfData { .. }));
     }
 
@@ -1500,13 +1478,7 @@ mod tests {
                 error: FormatError::HeaderChecksumMismatch { .. }
             }
         ));
-        assert!(matches!(
-            got[1],
-            ScanItem::Record {
-                record: Record { lsn: 1, .. },
-                ..
-            }
-        ));
+        assert_eq!(record_lsn(&got[1]), Some(1));
         assert_eq!(
             items(&img[..10]),
             vec![ScanItem::BadHeader {
@@ -1527,20 +1499,8 @@ mod tests {
         let pos = scan.position();
         assert_eq!(pos.offset, offs[1]);
         let later: Vec<_> = SegmentScan::resume(&full, pos).collect();
-        assert!(matches!(
-            later[0],
-            ScanItem::Record {
-                record: Record { lsn: 2, .. },
-                ..
-            }
-        ));
-        assert!(matches!(
-            later[1],
-            ScanItem::Record {
-                record: Record { lsn: 3, .. },
-                ..
-            }
-        ));
+        assert_eq!(record_lsn(&later[0]), Some(2));
+        assert_eq!(record_lsn(&later[1]), Some(3));
         assert!(matches!(later[2], ScanItem::EndOfData { .. }));
     }
 

@@ -237,6 +237,14 @@ impl Run {
         }
     }
 
+    /// A step of the script: `n` appends, one durable append (a full budget's
+    /// error ignored) and a load.
+    fn appends_then_load(&mut self, n: usize) {
+        self.appends(n);
+        let _ = self.append(true);
+        self.load();
+    }
+
     /// Waits until everything written is durable.
     fn flush(&mut self) {
         let Some(w) = self.writer.as_ref().filter(|_| self.on()) else {
@@ -262,13 +270,9 @@ impl Run {
     /// The scripted workload; every step does nothing once the power is off.
     fn script(&mut self) {
         self.open();
-        self.appends(60);
-        let _ = self.append(true);
-        self.load();
+        self.appends_then_load(60);
         // Into the second segment.
-        self.appends(100);
-        let _ = self.append(true);
-        self.load();
+        self.appends_then_load(100);
         // Until the budget is full: the last rotation seals with no successor.
         let mut full = false;
         for i in 0..1000 {
@@ -288,15 +292,11 @@ impl Run {
         // The loader freed space: rotation finds room for a successor again
         // (once the writer's cached "no room" answer has expired).
         std::thread::sleep(Duration::from_millis(20));
-        self.appends(30);
-        let _ = self.append(true);
-        self.load();
+        self.appends_then_load(30);
         // A clean restart.
         self.close();
         self.open();
-        self.appends(30);
-        let _ = self.append(true);
-        self.load();
+        self.appends_then_load(30);
         // A durable record in a new segment, then a rotation past it that nothing
         // syncs before the loader commits that record and retires the segment
         // before it: the loader's directory fsync names a segment never synced.

@@ -226,18 +226,23 @@ pub struct SegmentFile {
     pub path: PathBuf,
 }
 
+/// The entries of `dir`; a failure to list it, or to read one of them, names
+/// `dir`.
+fn dir_entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, ReadError> {
+    let list_dir = |source| ReadError::ListDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::read_dir(dir)
+        .map_err(list_dir)?
+        .map(|entry| entry.map_err(list_dir))
+        .collect()
+}
+
 /// The streams in a WAL directory: subdirectories with valid stream names, sorted.
 pub fn list_streams(wal_dir: &Path) -> Result<Vec<String>, ReadError> {
-    let entries = std::fs::read_dir(wal_dir).map_err(|source| ReadError::ListDir {
-        path: wal_dir.to_path_buf(),
-        source,
-    })?;
     let mut streams = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| ReadError::ListDir {
-            path: wal_dir.to_path_buf(),
-            source,
-        })?;
+    for entry in dir_entries(wal_dir)? {
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
@@ -262,16 +267,8 @@ pub fn is_stream_dir(dir: &Path) -> bool {
 /// The segment files of a stream directory in LSN order. `*.seg.tmp` files (being
 /// created), `LOCK`, `durable.lsn` and anything else are ignored.
 pub fn list_segments(stream_dir: &Path) -> Result<Vec<SegmentFile>, ReadError> {
-    let entries = std::fs::read_dir(stream_dir).map_err(|source| ReadError::ListDir {
-        path: stream_dir.to_path_buf(),
-        source,
-    })?;
     let mut segments = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| ReadError::ListDir {
-            path: stream_dir.to_path_buf(),
-            source,
-        })?;
+    for entry in dir_entries(stream_dir)? {
         let Some(first_lsn) = entry.file_name().to_str().and_then(parse_segment_file_name) else {
             continue;
         };

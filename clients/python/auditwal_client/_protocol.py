@@ -81,6 +81,15 @@ class AuditOutcomeUnknown(AuditUnavailable):
 _REJECTED = {"invalid_event", "invalid_request", "too_large", "forbidden"}
 
 
+def connect_error(socket_path: str, error: OSError) -> AuditUnavailable:
+    """The error of a failed attempt to connect to the agent at ``socket_path``."""
+    if isinstance(error, FileNotFoundError):
+        return AuditUnavailable(
+            "no agent socket at %s (is `auditwal agent` running? AUDITWAL_SOCKET)" % socket_path, "connection"
+        )
+    return AuditUnavailable("cannot connect to the agent at %s: %s" % (socket_path, error), "connection")
+
+
 def error_from_answer(answer: Mapping[str, Any]) -> AuditError:
     kind = str(answer.get("kind", "unavailable"))
     message = str(answer.get("error", "the agent refused the event"))

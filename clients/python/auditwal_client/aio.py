@@ -88,13 +88,8 @@ class AsyncAgentClient:
         self._link = None
         try:
             reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=1 << 20)
-        except FileNotFoundError as e:
-            raise p.AuditUnavailable(
-                "no agent socket at %s (is `auditwal agent` running? AUDITWAL_SOCKET)" % self.socket_path,
-                "connection",
-            ) from e
         except OSError as e:
-            raise p.AuditUnavailable("cannot connect to the agent at %s: %s" % (self.socket_path, e), "connection") from e
+            raise p.connect_error(self.socket_path, e) from e
         # Another coroutine may have connected meanwhile: keep one link.
         if self._link is not None and self._link.usable():
             writer.close()

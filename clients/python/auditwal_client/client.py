@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import weakref
-from typing import Any, Iterable, List, Mapping, Optional, Union
+from typing import Any, Iterable, List, Mapping, NoReturn, Optional, Union
 
 from . import _protocol as p
 
@@ -88,13 +88,8 @@ class AgentClient:
             return conn
         try:
             conn = _Connection(self.socket_path, self.timeout)
-        except FileNotFoundError as e:
-            raise p.AuditUnavailable(
-                "no agent socket at %s (is `auditwal agent` running? AUDITWAL_SOCKET)" % self.socket_path,
-                "connection",
-            ) from e
         except OSError as e:
-            raise p.AuditUnavailable("cannot connect to the agent at %s: %s" % (self.socket_path, e), "connection") from e
+            raise p.connect_error(self.socket_path, e) from e
         self._local.conn = conn
         return conn
 
@@ -102,6 +97,18 @@ class AgentClient:
         conn.close()
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
+
+    def _broken(self, conn: _Connection, error: Exception) -> NoReturn:
+        """Drops ``conn``, on which ``error`` cut an exchange short (the
+        answers still due on it would be lost), and raises what the caller
+        sees: an AuditError as it is, a timeout or a socket failure as
+        :class:`AuditOutcomeUnknown`."""
+        self._drop(conn)
+        if isinstance(error, p.AuditError):
+            raise error
+        if isinstance(error, socket.timeout):
+            raise p.AuditOutcomeUnknown("no answer from the agent within %ss" % self.timeout, "timeout") from error
+        raise p.AuditOutcomeUnknown("the connection to the agent failed: %s" % error, "connection") from error
 
     def record(
         self,
@@ -119,15 +126,8 @@ class AgentClient:
         try:
             conn.sock.sendall(line)
             answer = p.decode_answer(conn.readline())
-        except socket.timeout as e:
-            self._drop(conn)
-            raise p.AuditOutcomeUnknown("no answer from the agent within %ss" % self.timeout, "timeout") from e
-        except (OSError, ConnectionError) as e:
-            self._drop(conn)
-            raise p.AuditOutcomeUnknown("the connection to the agent failed: %s" % e, "connection") from e
-        except p.AuditError:
-            self._drop(conn)
-            raise
+        except (OSError, p.AuditError) as e:
+            self._broken(conn, e)
         if answer.get("id") != rid:
             self._drop(conn)
             if answer.get("id") is None and "error" in answer:
@@ -177,15 +177,8 @@ class AgentClient:
                     results[rid] = e
             if sender is not None:
                 sender.join()
-        except socket.timeout as e:
-            self._drop(conn)
-            raise p.AuditOutcomeUnknown("no answer from the agent within %ss" % self.timeout, "timeout") from e
-        except (OSError, ConnectionError) as e:
-            self._drop(conn)
-            raise p.AuditOutcomeUnknown("the connection to the agent failed: %s" % e, "connection") from e
-        except p.AuditError:
-            self._drop(conn)
-            raise
+        except (OSError, p.AuditError) as e:
+            self._broken(conn, e)
         return [results[i] for i in ids]
 
     def close(self) -> None:

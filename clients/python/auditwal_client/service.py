@@ -21,7 +21,7 @@ catches :class:`AuditError`, logs it and goes on (the Spring account's split).
 """
 
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 from . import _protocol as p
 from .aio import AsyncAgentClient
@@ -75,7 +75,39 @@ class _Settings:
             raise p.AuditRejected(str(e), "invalid_request", "mode") from None
 
 
-class AuditService:
+class _Service:
+    """What the blocking and the asyncio service share: the settings, and a
+    client (of ``_client_class``) to the agent they name."""
+
+    _client_class: Any
+
+    def __init__(
+        self,
+        mode: Optional[str] = None,
+        sample_rate: Optional[float] = None,
+        socket_path: Optional[str] = None,
+        timeout: Optional[float] = 30.0,
+    ):
+        self.settings = _Settings(mode, sample_rate, socket_path)
+        self.client = self._client_class(self.settings.socket_path, timeout)
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    def _request(
+        self, event: EventArg, mode: Optional[str], fields: Mapping[str, Any]
+    ) -> Optional[Tuple[Mapping[str, Any], str]]:
+        """The event to send and its mode, or None when the mode is ``off``
+        (a bad mode or event raises either way)."""
+        m = self.settings.mode_for(mode)
+        body = self.settings.event(event, fields)
+        if m == "off":
+            return None
+        return body, m
+
+
+class AuditService(_Service):
     """Blocking ``log_event``; thread-safe and fork-safe.
 
     ``log_event("admin.user.disabled", actor_id="7", target_type="user",
@@ -85,57 +117,31 @@ class AuditService:
     arguments are schema fields too.
     """
 
-    def __init__(
-        self,
-        mode: Optional[str] = None,
-        sample_rate: Optional[float] = None,
-        socket_path: Optional[str] = None,
-        timeout: Optional[float] = 30.0,
-    ):
-        self.settings = _Settings(mode, sample_rate, socket_path)
-        self.client = AgentClient(self.settings.socket_path, timeout)
-
-    @property
-    def mode(self) -> str:
-        return self.settings.mode
+    _client_class = AgentClient
 
     def log_event(self, event: EventArg = None, *, mode: Optional[str] = None, **fields: Any) -> Optional[p.Receipt]:
-        m = self.settings.mode_for(mode)
-        body = self.settings.event(event, fields)
-        if m == "off":
+        request = self._request(event, mode, fields)
+        if request is None:
             return None
-        return self.client.record(body, m, self.settings.sample_rate)
+        return self.client.record(*request, self.settings.sample_rate)
 
     def close(self) -> None:
         self.client.close()
 
 
-class AsyncAuditService:
+class AsyncAuditService(_Service):
     """``await log_event(...)``, for asyncio services (FastAPI); the same
     arguments, receipts and errors as :class:`AuditService`."""
 
-    def __init__(
-        self,
-        mode: Optional[str] = None,
-        sample_rate: Optional[float] = None,
-        socket_path: Optional[str] = None,
-        timeout: Optional[float] = 30.0,
-    ):
-        self.settings = _Settings(mode, sample_rate, socket_path)
-        self.client = AsyncAgentClient(self.settings.socket_path, timeout)
-
-    @property
-    def mode(self) -> str:
-        return self.settings.mode
+    _client_class = AsyncAgentClient
 
     async def log_event(
         self, event: EventArg = None, *, mode: Optional[str] = None, **fields: Any
     ) -> Optional[p.Receipt]:
-        m = self.settings.mode_for(mode)
-        body = self.settings.event(event, fields)
-        if m == "off":
+        request = self._request(event, mode, fields)
+        if request is None:
             return None
-        return await self.client.record(body, m, self.settings.sample_rate)
+        return await self.client.record(*request, self.settings.sample_rate)
 
     async def close(self) -> None:
         await self.client.close()

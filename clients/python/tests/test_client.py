@@ -119,16 +119,16 @@ def test_sampled_mode_keeps_what_the_agent_samples_and_a_rate_mismatch_is_refuse
     assert e.value.field == "sample_rate"
 
 
-def test_a_forked_child_connects_anew_and_is_stamped_with_its_own_pid(start_agent):
-    agent = start_agent()
-    audit = AuditService(mode="async", socket_path=agent.socket)
-    audit.log_event("fork.parent.before")
+def _event_id_from_a_child(record):
+    """Forks; the child calls ``record()`` and hands the receipt's event id
+    back through a pipe. Returns the child's pid and that id, once the child
+    exited 0."""
     r, w = os.pipe()
     child = os.fork()
     if child == 0:
         code = 1
         try:
-            receipt = audit.log_event("fork.child")
+            receipt = record()
             os.write(w, receipt.event_id.encode())
             code = 0
         finally:
@@ -138,6 +138,14 @@ def test_a_forked_child_connects_anew_and_is_stamped_with_its_own_pid(start_agen
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     child_event = os.read(r, 100).decode()
     os.close(r)
+    return child, child_event
+
+
+def test_a_forked_child_connects_anew_and_is_stamped_with_its_own_pid(start_agent):
+    agent = start_agent()
+    audit = AuditService(mode="async", socket_path=agent.socket)
+    audit.log_event("fork.parent.before")
+    child, child_event = _event_id_from_a_child(lambda: audit.log_event("fork.child"))
     after = audit.log_event("fork.parent.after")
     peers = {rec["event_id"]: rec["metadata"][PEER_KEY] for rec in agent.records()}
     assert peers[child_event]["pid"] == child, "the child used its own connection"
@@ -211,20 +219,6 @@ def test_an_asyncio_service_forked_after_use_connects_anew_in_the_child(start_ag
     agent = start_agent()
     audit = AsyncAuditService(mode="async", socket_path=agent.socket)
     asyncio.run(audit.log_event("aio.fork.parent"))
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:
-        code = 1
-        try:
-            receipt = asyncio.run(audit.log_event("aio.fork.child"))
-            os.write(w, receipt.event_id.encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    _, status = os.waitpid(child, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    child_event = os.read(r, 100).decode()
-    os.close(r)
+    child, child_event = _event_id_from_a_child(lambda: asyncio.run(audit.log_event("aio.fork.child")))
     peers = {rec["event_id"]: rec["metadata"][PEER_KEY] for rec in agent.records()}
     assert peers[child_event]["pid"] == child

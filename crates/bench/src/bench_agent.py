@@ -159,20 +159,28 @@ def percentile(sorted_ns, p):
     return sorted_ns[rank - 1]
 
 
-def measure(case, cfg, callers, events):
+def in_processes(count, target, args):
+    """Runs ``target(*args, barrier, out)`` in ``count`` forked processes that
+    share one start barrier; returns what each sent on its ``out`` pipe, in
+    order, once all have exited."""
     ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(callers)
-    per = max(1, events // callers)
+    barrier = ctx.Barrier(count)
     procs, pipes = [], []
-    for _ in range(callers):
+    for _ in range(count):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=run_caller, args=(case, cfg, per, barrier, send))
+        p = ctx.Process(target=target, args=args + (barrier, send))
         p.start()
         procs.append(p)
         pipes.append(recv)
     results = [r.recv() for r in pipes]
     for p in procs:
         p.join()
+    return results
+
+
+def measure(case, cfg, callers, events):
+    per = max(1, events // callers)
+    results = in_processes(callers, run_caller, (case, cfg, per))
     errors = [e for _, _, _, e in results if e]
     if errors:
         raise RuntimeError("%s: %s" % (case, errors[0]))
@@ -220,19 +228,8 @@ def pipelined_client(cfg, n, batch, start_barrier, out):
 
 
 def measure_pipelined(cfg, clients, events):
-    ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(clients)
     per = events // clients
-    procs, pipes = [], []
-    for _ in range(clients):
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=pipelined_client, args=(cfg, per, 512, barrier, send))
-        p.start()
-        procs.append(p)
-        pipes.append(recv)
-    results = [r.recv() for r in pipes]
-    for p in procs:
-        p.join()
+    results = in_processes(clients, pipelined_client, (cfg, per, 512))
     failures = [e for *_, e in results if e]
     if failures:
         raise RuntimeError("agent-async-pipelined: %s" % failures[0])

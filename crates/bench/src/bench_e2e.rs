@@ -1623,6 +1623,19 @@ mod tests {
         runs
     }
 
+    /// The result lines of `runs_of(async_us)` on a colocated deployment (its
+    /// database on disk) and then on a separated one (its database on `dir`).
+    fn on_both_deployments(async_us: u64, p: &Params, dir: DatabaseDir) -> Vec<BenchResult> {
+        let mut results = summarize(
+            &runs_of(async_us),
+            p,
+            Deployment::Colocated,
+            DatabaseDir::Disk,
+        );
+        results.extend(summarize(&runs_of(async_us), p, Deployment::Separated, dir));
+        results
+    }
+
     fn params_of(args: E2eArgs) -> Params {
         let Ok(params) = Params::from_args(&args) else {
             panic!("valid arguments refused: {args:?}")
@@ -1702,13 +1715,7 @@ mod tests {
             settings: Some(vec!["async".into(), "sync".into()]),
             ..E2eArgs::default()
         });
-        let mut results = summarize(&runs_of(104), &p, Deployment::Colocated, DatabaseDir::Disk);
-        results.extend(summarize(
-            &runs_of(104),
-            &p,
-            Deployment::Separated,
-            DatabaseDir::Tmpfs,
-        ));
+        let results = on_both_deployments(104, &p, DatabaseDir::Tmpfs);
         let line = |case: &str| -> serde_json::Value {
             let r = results.iter().find(|r| r.case == case).expect(case);
             serde_json::to_value(r).expect("a JSON line")
@@ -1785,13 +1792,7 @@ mod tests {
             pause_loader: true,
             ..E2eArgs::default()
         });
-        let mut results = summarize(&runs_of(125), &p, Deployment::Colocated, DatabaseDir::Disk);
-        results.extend(summarize(
-            &runs_of(125),
-            &p,
-            Deployment::Separated,
-            DatabaseDir::External,
-        ));
+        let results = on_both_deployments(125, &p, DatabaseDir::External);
         let paused = results
             .iter()
             .find(|r| r.case == "async")

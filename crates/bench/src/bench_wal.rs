@@ -429,18 +429,11 @@ fn wal_async(
 ) -> anyhow::Result<Run> {
     let wal = Arc::new(WalWriter::open(wal_config(dir))?);
     let per = n / threads as u64;
-    let run = timed_threads(threads, |t| {
+    let run = timed_calls(events, threads, per, || {
         let wal = wal.clone();
-        let events = events.clone();
-        move || -> anyhow::Result<Vec<u64>> {
-            let mut lat = Vec::with_capacity(per as usize);
-            for i in 0..per {
-                let e = &events[((i as usize) * threads + t) % events.len()];
-                let t0 = Instant::now();
-                wal.append(e)?;
-                lat.push(t0.elapsed().as_nanos() as u64);
-            }
-            Ok(lat)
+        move |e: &AuditEvent| {
+            wal.append(e)?;
+            Ok(())
         }
     })?;
     wal.close()?;
@@ -448,6 +441,35 @@ fn wal_async(
         events: per * threads as u64,
         fsyncs: None,
         ..run
+    })
+}
+
+/// `threads` threads each timing `per` calls of its own `op` (made by
+/// `make_op`), one latency a call; thread `t` takes events `t`, `t + threads`,
+/// ... of `events`.
+fn timed_calls<M, O>(
+    events: &Arc<Vec<AuditEvent>>,
+    threads: usize,
+    per: u64,
+    make_op: M,
+) -> anyhow::Result<Run>
+where
+    M: Fn() -> O,
+    O: FnMut(&AuditEvent) -> anyhow::Result<()> + Send + 'static,
+{
+    timed_threads(threads, |t| {
+        let events = events.clone();
+        let mut op = make_op();
+        move || -> anyhow::Result<Vec<u64>> {
+            let mut lat = Vec::with_capacity(per as usize);
+            for i in 0..per {
+                let e = &events[((i as usize) * threads + t) % events.len()];
+                let t0 = Instant::now();
+                op(e)?;
+                lat.push(t0.elapsed().as_nanos() as u64);
+            }
+            Ok(lat)
+        }
     })
 }
 
@@ -463,22 +485,8 @@ fn raw_write(
     let (stop, syncer) = periodic_fdatasync(file.clone());
     let per = n / threads as u64;
     let lsn = Arc::new(AtomicU64::new(1));
-    let run = timed_threads(threads, |t| {
-        let file = file.clone();
-        let events = events.clone();
-        let lsn = lsn.clone();
-        move || -> anyhow::Result<Vec<u64>> {
-            let (mut p, mut frame) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
-            let mut lat = Vec::with_capacity(per as usize);
-            for i in 0..per {
-                let e = &events[((i as usize) * threads + t) % events.len()];
-                let t0 = Instant::now();
-                encode_record(e, lsn.fetch_add(1, Ordering::Relaxed), &mut p, &mut frame)?;
-                (&*file).write_all(&frame)?;
-                lat.push(t0.elapsed().as_nanos() as u64);
-            }
-            Ok(lat)
-        }
+    let run = timed_calls(events, threads, per, || {
+        frame_writes(file.clone(), lsn.clone(), |_| Ok(()))
     });
     drop(stop);
     let _ = syncer.join();
@@ -495,18 +503,11 @@ fn wal_durable(dir: &Path, events: &Arc<Vec<AuditEvent>>, n: u64) -> anyhow::Res
     let wal = Arc::new(WalWriter::open(wal_config(dir))?);
     let per = n / DURABLE_THREADS as u64;
     let before = wal.stats();
-    let run = timed_threads(DURABLE_THREADS, |t| {
+    let run = timed_calls(events, DURABLE_THREADS, per, || {
         let wal = wal.clone();
-        let events = events.clone();
-        move || -> anyhow::Result<Vec<u64>> {
-            let mut lat = Vec::with_capacity(per as usize);
-            for i in 0..per {
-                let e = &events[((i as usize) * DURABLE_THREADS + t) % events.len()];
-                let t0 = Instant::now();
-                wal.append_durable(e)?;
-                lat.push(t0.elapsed().as_nanos() as u64);
-            }
-            Ok(lat)
+        move |e: &AuditEvent| {
+            wal.append_durable(e)?;
+            Ok(())
         }
     })?;
     let after = wal.stats();
@@ -545,45 +546,33 @@ fn raw_fdatasync(dir: &Path, events: &Arc<Vec<AuditEvent>>, n: u64) -> anyhow::R
     });
     let per = n / DURABLE_THREADS as u64;
     let lsn = Arc::new(AtomicU64::new(1));
-    let run = timed_threads(DURABLE_THREADS, |t| {
-        let file = file.clone();
-        let events = events.clone();
+    let run = timed_calls(events, DURABLE_THREADS, per, || {
         let gc = gc.clone();
-        let lsn = lsn.clone();
-        move || -> anyhow::Result<Vec<u64>> {
-            let (mut p, mut frame) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
-            let mut lat = Vec::with_capacity(per as usize);
-            for i in 0..per {
-                let e = &events[((i as usize) * DURABLE_THREADS + t) % events.len()];
-                let t0 = Instant::now();
-                encode_record(e, lsn.fetch_add(1, Ordering::Relaxed), &mut p, &mut frame)?;
-                (&*file).write_all(&frame)?;
-                let ticket = gc.written.fetch_add(1, Ordering::AcqRel) + 1;
-                let mut st = gc.state.lock().map_err(|_| anyhow!("poisoned"))?;
-                while st.0 < ticket {
-                    if st.1 {
-                        st = gc.cv.wait(st).map_err(|_| anyhow!("poisoned"))?;
-                        continue;
-                    }
-                    st.1 = true;
-                    let target = gc.written.load(Ordering::Acquire);
-                    drop(st);
-                    let sync_start = Instant::now();
-                    let synced = rustix::fs::fdatasync(&*file);
-                    gc.fsync_nanos
-                        .fetch_add(sync_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    gc.fsyncs.fetch_add(1, Ordering::Relaxed);
-                    st = gc.state.lock().map_err(|_| anyhow!("poisoned"))?;
-                    st.1 = false;
-                    synced?;
-                    st.0 = st.0.max(target);
-                    gc.cv.notify_all();
+        frame_writes(file.clone(), lsn.clone(), move |file: &File| {
+            let ticket = gc.written.fetch_add(1, Ordering::AcqRel) + 1;
+            let mut st = gc.state.lock().map_err(|_| anyhow!("poisoned"))?;
+            while st.0 < ticket {
+                if st.1 {
+                    st = gc.cv.wait(st).map_err(|_| anyhow!("poisoned"))?;
+                    continue;
                 }
+                st.1 = true;
+                let target = gc.written.load(Ordering::Acquire);
                 drop(st);
-                lat.push(t0.elapsed().as_nanos() as u64);
+                let sync_start = Instant::now();
+                let synced = rustix::fs::fdatasync(file);
+                gc.fsync_nanos
+                    .fetch_add(sync_start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                gc.fsyncs.fetch_add(1, Ordering::Relaxed);
+                st = gc.state.lock().map_err(|_| anyhow!("poisoned"))?;
+                st.1 = false;
+                synced?;
+                st.0 = st.0.max(target);
+                gc.cv.notify_all();
             }
-            Ok(lat)
-        }
+            drop(st);
+            Ok(())
+        })
     })?;
     Ok(Run {
         events: per * DURABLE_THREADS as u64,
@@ -593,6 +582,24 @@ fn raw_fdatasync(dir: &Path, events: &Arc<Vec<AuditEvent>>, n: u64) -> anyhow::R
         )),
         ..run
     })
+}
+
+/// An op for `timed_calls`: writes the event to `file` as one frame, with the
+/// next LSN of `lsn`, then calls `then(file)`.
+fn frame_writes<T>(
+    file: Arc<File>,
+    lsn: Arc<AtomicU64>,
+    then: T,
+) -> impl FnMut(&AuditEvent) -> anyhow::Result<()> + Send + 'static
+where
+    T: Fn(&File) -> anyhow::Result<()> + Send + 'static,
+{
+    let (mut p, mut frame) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
+    move |e| {
+        encode_record(e, lsn.fetch_add(1, Ordering::Relaxed), &mut p, &mut frame)?;
+        (&*file).write_all(&frame)?;
+        then(&file)
+    }
 }
 
 fn open_raw(dir: &Path) -> anyhow::Result<File> {

@@ -307,21 +307,35 @@ mod tests {
         got
     }
 
-    #[tokio::test]
-    async fn bytes_wait_while_the_link_is_down_and_arrive_in_order_when_it_comes_back() {
+    /// A proxy to an echo server, and a connection through it that has carried
+    /// `first` there and back.
+    async fn echoing_link(first: &[u8]) -> (FlakyLink, TcpStream) {
         let link = FlakyLink::start(echo_server().await).await.expect("proxy");
         let mut s = TcpStream::connect(link.addr()).await.expect("connect");
-        s.write_all(b"hello").await.expect("write");
-        assert_eq!(read_for(&mut s, 5, Duration::from_secs(5)).await, b"hello");
+        s.write_all(first).await.expect("write");
+        assert_eq!(
+            read_for(&mut s, first.len(), Duration::from_secs(5)).await,
+            first
+        );
+        (link, s)
+    }
+
+    /// Asserts that not a byte arrives on `s` within 300 ms.
+    async fn assert_nothing_arrives(s: &mut TcpStream) {
+        let got = read_for(s, 1, Duration::from_millis(300)).await;
+        assert!(got.is_empty(), "{got:?} arrived");
+    }
+
+    #[tokio::test]
+    async fn bytes_wait_while_the_link_is_down_and_arrive_in_order_when_it_comes_back() {
+        let (link, mut s) = echoing_link(b"hello").await;
 
         link.set_up(false);
         s.write_all(b"held-").await.expect("write");
         s.write_all(b"bytes").await.expect("write");
         // Nothing comes back while the link is down (and no reset either:
         // the read would then return at once with an error or 0).
-        assert!(read_for(&mut s, 1, Duration::from_millis(300))
-            .await
-            .is_empty());
+        assert_nothing_arrives(&mut s).await;
 
         link.set_up(true);
         assert_eq!(
@@ -338,19 +352,14 @@ mod tests {
             .await
             .expect("accepted while down");
         s.write_all(b"ping").await.expect("write");
-        assert!(read_for(&mut s, 1, Duration::from_millis(300))
-            .await
-            .is_empty());
+        assert_nothing_arrives(&mut s).await;
         link.set_up(true);
         assert_eq!(read_for(&mut s, 4, Duration::from_secs(5)).await, b"ping");
     }
 
     #[tokio::test]
     async fn dropping_the_proxy_closes_its_connections() {
-        let link = FlakyLink::start(echo_server().await).await.expect("proxy");
-        let mut s = TcpStream::connect(link.addr()).await.expect("connect");
-        s.write_all(b"x").await.expect("write");
-        assert_eq!(read_for(&mut s, 1, Duration::from_secs(5)).await, b"x");
+        let (link, mut s) = echoing_link(b"x").await;
         link.set_up(false);
         drop(link);
         let started = Instant::now();

@@ -688,20 +688,45 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn open_loop_sends_the_scheduled_number_of_requests_and_measures_the_window() {
-        let (addr, err) = tiny_server(201, 7, Duration::ZERO).await;
-        let r = open_loop(
+    /// `open_loop` of the test requests at `rate` over `connections`.
+    async fn open_loop_of(
+        addr: SocketAddr,
+        rate: f64,
+        connections: usize,
+        warmup: Duration,
+        window: Duration,
+    ) -> RunResult {
+        open_loop(
             addr,
             requests(),
             fresh_ids(),
+            rate,
+            connections,
+            warmup,
+            window,
+        )
+        .await
+        .expect("open loop")
+    }
+
+    /// `closed_loop` of the test requests over two connections, no warm-up.
+    async fn closed_loop_on_two(addr: SocketAddr, window: Duration) -> RunResult {
+        closed_loop(addr, requests(), fresh_ids(), 2, Duration::ZERO, window)
+            .await
+            .expect("closed loop")
+    }
+
+    #[tokio::test]
+    async fn open_loop_sends_the_scheduled_number_of_requests_and_measures_the_window() {
+        let (addr, err) = tiny_server(201, 7, Duration::ZERO).await;
+        let r = open_loop_of(
+            addr,
             500.0,
             4,
             Duration::from_millis(200),
             Duration::from_millis(400),
         )
-        .await
-        .expect("open loop");
+        .await;
         assert_eq!(
             r.errors,
             0,
@@ -722,17 +747,7 @@ mod tests {
         // One connection, 10 ms per response, 200 requests/s wanted: the server
         // can answer 100/s, so requests queue and wait ever longer.
         let (addr, _) = tiny_server(201, 0, Duration::from_millis(10)).await;
-        let r = open_loop(
-            addr,
-            requests(),
-            fresh_ids(),
-            200.0,
-            1,
-            Duration::ZERO,
-            Duration::from_millis(500),
-        )
-        .await
-        .expect("open loop");
+        let r = open_loop_of(addr, 200.0, 1, Duration::ZERO, Duration::from_millis(500)).await;
         assert_eq!(r.errors, 0, "{:?}", r.first_error);
         assert_eq!(r.latencies_ns.len(), 100);
         let worst = r.latencies_ns.iter().copied().max().unwrap_or(0);
@@ -750,16 +765,7 @@ mod tests {
     #[tokio::test]
     async fn closed_loop_counts_bad_statuses_as_errors_and_stops_early() {
         let (addr, _) = tiny_server(500, 0, Duration::ZERO).await;
-        let r = closed_loop(
-            addr,
-            requests(),
-            fresh_ids(),
-            2,
-            Duration::ZERO,
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("closed loop");
+        let r = closed_loop_on_two(addr, Duration::from_secs(5)).await;
         assert_eq!(r.ok, 0);
         assert!(r.errors >= MAX_ERRORS, "stopped after {} errors", r.errors);
         assert!(
@@ -773,16 +779,7 @@ mod tests {
     #[tokio::test]
     async fn closed_loop_reconnects_when_the_server_closes_and_counts_no_error() {
         let (addr, _) = tiny_server(200, 3, Duration::ZERO).await;
-        let r = closed_loop(
-            addr,
-            requests(),
-            fresh_ids(),
-            2,
-            Duration::ZERO,
-            Duration::from_millis(200),
-        )
-        .await
-        .expect("closed loop");
+        let r = closed_loop_on_two(addr, Duration::from_millis(200)).await;
         assert_eq!(r.errors, 0, "{:?}", r.first_error);
         assert!(r.ok > 10);
     }

@@ -44,6 +44,14 @@ pub fn private_cluster() -> Cluster {
     Cluster::start(ClusterOptions::for_tests()).expect("starting a private PostgreSQL cluster")
 }
 
+/// A private cluster (see [`private_cluster`]) and a fresh migrated test
+/// database on it: what a test that stops the server starts from.
+pub async fn private_cluster_and_db() -> (Cluster, TestDb) {
+    let cluster = private_cluster();
+    let db = TestDb::on_cluster(&cluster).await;
+    (cluster, db)
+}
+
 /// `url` with its database name replaced by `dbname`.
 pub fn with_database(url: &str, dbname: &str) -> String {
     let (base, query) = match url.split_once('?') {
@@ -215,6 +223,16 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Stops `child` (a long-running `auditwal` command: `load`, `agent`) with
+/// SIGTERM, waits for it and asserts that it exited 0, the clean stop the
+/// command-line contract promises.
+pub fn stop_with_sigterm(child: std::process::Child) {
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let out = child.wait_with_output().expect("wait for the child");
+    assert!(out.status.success(), "exit status {:?}", out.status);
+}
+
 /// Feeds `lines` (JSON events, one per line) to `auditwal emit --wal-dir` in
 /// `mode` and returns the event_ids it acknowledged, in order.
 pub fn emit_lines(
@@ -236,16 +254,7 @@ pub fn emit_lines_with_env(
     env: &[(&str, &str)],
 ) -> Vec<uuid::Uuid> {
     use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(auditwal_bin())
-        .args(["emit", "--mode", mode, "--stream", stream, "--wal-dir"])
-        .arg(wal_dir)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn auditwal emit");
+    let mut child = spawn_emit(wal_dir, stream, mode, env);
     let mut stdin = child.stdin.take().expect("emit's stdin");
     // A feeder thread, so emit's output pipe never fills while we are writing.
     let feeder = std::thread::spawn(move || {
@@ -258,6 +267,27 @@ pub fn emit_lines_with_env(
         .lines()
         .map(|l| uuid::Uuid::parse_str(l.trim()).expect("emit prints event ids"))
         .collect()
+}
+
+/// Starts `auditwal emit` into `wal_dir/stream` in `mode`, with extra
+/// environment variables `env`: stdin (the events) and stdout (the
+/// acknowledged ids) piped, stderr discarded.
+pub fn spawn_emit(
+    wal_dir: &std::path::Path,
+    stream: &str,
+    mode: &str,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    Command::new(auditwal_bin())
+        .args(["emit", "--mode", mode, "--stream", stream, "--wal-dir"])
+        .arg(wal_dir)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn auditwal emit")
 }
 
 /// Starts `auditwal load` tailing `wal_dir` into `url` (metrics off, batches of

@@ -370,12 +370,19 @@ mod tests {
         File::open(dir).expect("open dir")
     }
 
-    #[test]
-    fn only_synced_bytes_and_names_survive_a_cut() {
+    /// A model over a fresh directory `root` in a new temporary directory (the
+    /// images the tests make go beside `root`).
+    fn sim_in_a_tempdir() -> (tempfile::TempDir, PathBuf, SimFs) {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().join("root");
         fs::create_dir(&root).expect("root");
         let sim = SimFs::new(&root).expect("model");
+        (tmp, root, sim)
+    }
+
+    #[test]
+    fn only_synced_bytes_and_names_survive_a_cut() {
+        let (tmp, root, sim) = sim_in_a_tempdir();
         let a = root.join("a");
         let f = sim.create_new(&a).expect("create a");
         sim.write_at(&f, &a, b"one", 0).expect("write");
@@ -405,10 +412,7 @@ mod tests {
 
     #[test]
     fn a_cut_at_a_point_freezes_the_durable_image_from_that_call_on() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let root = tmp.path().join("root");
-        fs::create_dir(&root).expect("root");
-        let sim = SimFs::new(&root).expect("model");
+        let (tmp, root, sim) = sim_in_a_tempdir();
         sim.cut_at(2);
         let a = root.join("a");
         let f = sim.create_new(&a).expect("create");
