@@ -407,7 +407,14 @@ async fn metrics_endpoint_reports_rows_and_lag_per_stream() {
             Ok(text)
         });
         match got {
-            Ok(text) if text.contains("rows_loaded_total{stream=\"m\"} 1500") => break text,
+            // The row counter moves at the commit, the lag gauges just after
+            // it: wait for both.
+            Ok(text)
+                if text.contains("rows_loaded_total{stream=\"m\"} 1500")
+                    && text.contains("auditwal_loader_lag_records{stream=\"m\"} 0") =>
+            {
+                break text
+            }
             _ if Instant::now() > deadline => panic!("metrics never showed the rows: {got:?}"),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }

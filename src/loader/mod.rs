@@ -55,6 +55,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::{watch, Notify};
 
 use crate::pg::link::{self, LinkTuning, DEFAULT_LINK_TIMEOUT};
+use crate::wal::Lsn;
 use backoff::Backoff;
 use batch::{Batch, BatchError, BatchOutcome};
 use cursor::{Cursor, CursorError};
@@ -766,25 +767,32 @@ async fn commit_row_by_row(
                 | BatchError::PoisonUnknownRow { sqlstate, message },
             ) => {
                 dead_letter(dead, stream, row, &sqlstate, &message, m).await?;
-                let skip = Batch {
-                    rows: Vec::new(),
-                    end_lsn: row.lsn,
-                };
-                batch::commit_within(conn, table, stream, &skip, link_timeout)
-                    .await
-                    .map_err(|e| StreamFailure::Database(e.to_string()))?;
+                advance_checkpoint(conn, table, stream, row.lsn, link_timeout).await?;
             }
             Err(e) => return Err(StreamFailure::Database(e.to_string())),
         }
     }
-    let end = Batch {
-        rows: Vec::new(),
-        end_lsn: batch.end_lsn,
-    };
-    batch::commit_within(conn, table, stream, &end, link_timeout)
-        .await
-        .map_err(|e| StreamFailure::Database(e.to_string()))?;
+    advance_checkpoint(conn, table, stream, batch.end_lsn, link_timeout).await?;
     Ok((BatchOutcome::Committed { rows }, batch.end_lsn))
+}
+
+/// Commits an empty batch: moves `stream`'s checkpoint to `end_lsn` (past a
+/// dead-lettered row, or to the end of a batch loaded row by row).
+async fn advance_checkpoint(
+    conn: &mut PgConnection,
+    table: &str,
+    stream: &str,
+    end_lsn: Lsn,
+    link_timeout: Duration,
+) -> Result<(), StreamFailure> {
+    let empty = Batch {
+        rows: Vec::new(),
+        end_lsn,
+    };
+    batch::commit_within(conn, table, stream, &empty, link_timeout)
+        .await
+        .map(drop)
+        .map_err(|e| StreamFailure::Database(e.to_string()))
 }
 
 /// Runs `f` (file work: segment reads, fsyncs, directory changes) on tokio's
