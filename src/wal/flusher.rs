@@ -20,7 +20,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::durable::{Durability, Sidecar};
@@ -37,14 +37,7 @@ pub(crate) struct SyncRound {
     pub dir_dirty: bool,
     /// The last segment is sealed and has no successor (the budget was full).
     pub active_sealed: bool,
-    /// The active segment's write offset when `written` was taken.
-    pub active_write_off: usize,
 }
-
-/// Bytes the flusher maps writable ahead of the write offset after a round, at
-/// least: the rest of the page the last record ended in (the fdatasync just
-/// write-protected it) and a few more.
-const MIN_PREFAULT_AHEAD: usize = 16 * 1024;
 
 /// What a sync round needs from the writer it serves.
 pub(crate) trait RoundSource {
@@ -65,9 +58,6 @@ pub(crate) struct Flusher {
     interval: Duration,
     fsyncs: AtomicU64,
     fsync_nanos: AtomicU64,
-    /// The active segment (its first LSN) and its write offset at the last
-    /// round: how many bytes a round appends, to size the next prefault.
-    last_round_off: Mutex<Option<(Lsn, usize)>>,
 }
 
 impl Flusher {
@@ -78,7 +68,6 @@ impl Flusher {
             interval,
             fsyncs: AtomicU64::new(0),
             fsync_nanos: AtomicU64::new(0),
-            last_round_off: Mutex::new(None),
         }
     }
 
@@ -179,37 +168,8 @@ impl Flusher {
             tracing::warn!(error = %super::error::chain(&e), "cannot update the durable watermark file");
         }
         durability.publish(round.written);
-        if let Some(active) = round.active.as_ref().filter(|_| !round.active_sealed) {
-            self.prefault_ahead(active, round.active_write_off);
-        }
         // Sealed segments are unmapped here, outside the append mutex.
         drop(round);
         Ok(())
-    }
-
-    /// After a round's fdatasync, maps writable the part of the active segment
-    /// the appends until the next round will likely fill: the writeback just
-    /// write-protected every page of the file, so without this the first store
-    /// into each page takes a fault inside an append. Sized from what the last
-    /// round appended, with a quarter more (pages faulted in but not filled by
-    /// the next round are written back as zeros once more).
-    fn prefault_ahead(&self, active: &Segment, write_off: usize) {
-        let mut last = self
-            .last_round_off
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let appended = match *last {
-            Some((first_lsn, off)) if first_lsn == active.first_lsn() && off <= write_off => {
-                write_off - off
-            }
-            // A new segment: everything appended since it began.
-            _ => write_off,
-        };
-        *last = Some((active.first_lsn(), write_off));
-        drop(last);
-        let ahead = appended
-            .saturating_add(appended / 4)
-            .max(MIN_PREFAULT_AHEAD);
-        active.prefault_writable(write_off, ahead);
     }
 }

@@ -85,14 +85,13 @@ impl SpareSlot {
         }
         // Held across the creation: the thread cannot start a second one.
         let n = st.take_spare_number();
-        let created = self.create_checked(n, false);
+        let created = self.create_checked(n);
         drop(st);
         created
     }
 
-    /// Budget check, then create spare file number `n`; `ahead` when made by
-    /// the thread, ahead of rotation (see `Spare::create`'s `fault_in_all`).
-    fn create_checked(&self, n: u64, ahead: bool) -> Result<Result<Spare, NoRoom>, WalError> {
+    /// Budget check, then create spare file number `n`.
+    fn create_checked(&self, n: u64) -> Result<Result<Spare, NoRoom>, WalError> {
         if let Err(no_room) = self.budget.check_new_segment(&self.dir)? {
             return Ok(Err(no_room));
         }
@@ -103,7 +102,6 @@ impl SpareSlot {
             &path,
             self.budget.segment_size,
             self.zero_fill,
-            ahead,
         ) {
             Ok(spare) => Ok(Ok(spare)),
             Err(SpareError::NoSpace(e)) => Ok(Err(NoRoom::Disk {
@@ -144,7 +142,7 @@ impl SpareSlot {
                 st.busy = true;
                 st.take_spare_number()
             };
-            let created = self.create_checked(n, true);
+            let created = self.create_checked(n);
             let mut st = self.lock();
             st.busy = false;
             match created {

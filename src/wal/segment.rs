@@ -107,32 +107,6 @@ impl Segment {
         unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.len) }
     }
 
-    /// Maps `[from, from + len)` (clamped to the file) writable ahead of the
-    /// appender, from the page holding `from`, with MADV_POPULATE_WRITE: the
-    /// first store into each page of a shared file map otherwise takes a page
-    /// fault (1–3 µs, up to ~10 µs while writeback runs) inside the append. The
-    /// kernel simulates write faults; no byte of the file changes (the pages
-    /// ahead of the write offset stay zero, as recovery expects of unwritten
-    /// space), but each page becomes dirty, so the next fdatasync writes it
-    /// back — and write-protects it again, which is why the flusher repeats
-    /// this after every round. Safe to run while the appender copies into the
-    /// same range: it reads and writes no data. Kernels before 5.14 refuse
-    /// the advice; the appender then takes the faults itself, as before.
-    pub(crate) fn prefault_writable(&self, from: usize, len: usize) {
-        const PAGE: usize = 4096;
-        let start = (from / PAGE) * PAGE;
-        let end = from.saturating_add(len).min(self.len);
-        if start >= end {
-            return;
-        }
-        if let Err(e) = self
-            .map
-            .advise_range(memmap2::Advice::PopulateWrite, start, end - start)
-        {
-            tracing::debug!(error = %e, "MADV_POPULATE_WRITE failed ahead of the write offset");
-        }
-    }
-
     /// Sets `[from, len)` to zero, touching only pages that are not zero already
     /// (the preallocated tail is zero and stays unwritten). Used by recovery to
     /// cut a torn tail without shrinking the file. Returns the bytes zeroed
@@ -214,16 +188,13 @@ pub(crate) enum SpareError {
 
 impl Spare {
     /// Creates `tmp_path` (0600), reserves `len` bytes with fallocate, writes
-    /// zeros over them if `zero_fill`, maps it and faults in its first pages,
-    /// or all of them if `zero_fill && fault_in_all` (see the comments inside;
-    /// the preparer's thread asks for all, rotation creating a spare inline
-    /// under the append mutex does not).
+    /// zeros over them if `zero_fill`, maps it and faults in its first pages (see
+    /// the comments inside).
     pub(crate) fn create(
         fs: &Arc<dyn FileSystem>,
         tmp_path: &Path,
         len: u64,
         zero_fill: bool,
-        fault_in_all: bool,
     ) -> Result<Spare, SpareError> {
         let other = |op, e| SpareError::Other(WalError::io(op, tmp_path, e));
         let ulen = usize::try_from(len).map_err(|_| {
@@ -286,20 +257,7 @@ impl Spare {
         // took 150–400 ms and made rotation wait for the spare; the flusher's
         // fdatasync of the segment (before any durable LSN in it) covers the
         // preallocation's metadata too.
-        //
-        // With zero-fill, and off the append path, the whole file is faulted
-        // in (10–30 ms for 64 MiB): its pages are dirty from the zeros just
-        // written, so mapping them writable adds no write-back, and the
-        // appends into this segment take no page fault until its first
-        // fdatasync (after which the flusher faults in a window ahead of the
-        // write offset after each round). Without zero-fill the pages are
-        // unwritten extents: faulting them all in would make the first
-        // fdatasync write the whole file's zeros, so only the head is.
-        let head = if zero_fill && fault_in_all {
-            ulen
-        } else {
-            WRITTEN_HEAD.min(ulen)
-        };
+        let head = WRITTEN_HEAD.min(ulen);
         if let Err(e) = map.advise_range(memmap2::Advice::PopulateWrite, 0, head) {
             // Kernels before 5.14 lack it: the header store then faults as usual.
             tracing::debug!(error = %e, "MADV_POPULATE_WRITE failed on the spare segment");
@@ -410,11 +368,6 @@ impl ActiveSegment {
 
     pub(crate) fn is_sealed(&self) -> bool {
         self.sealed
-    }
-
-    /// Where the next frame goes.
-    pub(crate) fn write_off(&self) -> usize {
-        self.write_off
     }
 
     /// Whether a frame of `frame_len` bytes fits while keeping room for the

@@ -825,7 +825,6 @@ impl RoundSource for Inner {
             sealed: std::mem::take(&mut st.sealed),
             dir_dirty: std::mem::take(&mut st.dir_dirty),
             active_sealed: st.active.as_ref().is_some_and(ActiveSegment::is_sealed),
-            active_write_off: st.active.as_ref().map_or(0, ActiveSegment::write_off),
         }
     }
 
