@@ -562,10 +562,23 @@ impl AuditEvent {
 }
 
 /// True when `bytes` holds a NUL. Audit fields are short and a NUL is rare, so
-/// this looks at every byte without branching (a loop LLVM vectorizes) rather
-/// than stopping at the first: a memchr's set-up costs more than the scan here.
+/// this looks at every byte without branching rather than stopping at the
+/// first (a memchr's set-up costs more than the scan here), eight bytes at a
+/// time: `(w - 0x01…01) & !w & 0x80…80` is nonzero exactly when some byte of
+/// `w` is zero (the borrow can only start at a zero byte). A byte-wise fold
+/// was not vectorized for these lengths: ~3 instructions a byte in callgrind.
 fn has_nul(bytes: &[u8]) -> bool {
-    bytes.iter().fold(false, |found, &b| found | (b == 0))
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let mut chunks = bytes.chunks_exact(8);
+    let mut found = 0u64;
+    for chunk in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        let w = u64::from_ne_bytes(w);
+        found |= w.wrapping_sub(ONES) & !w & HIGHS;
+    }
+    found != 0 || chunks.remainder().contains(&0)
 }
 
 /// True when PostgreSQL's timestamptz can hold `t`: from 4713 BC (year -4712)
@@ -644,6 +657,23 @@ mod tests {
                 Err(want),
                 "{line}"
             );
+        }
+    }
+
+    #[test]
+    fn has_nul_finds_a_nul_at_every_position_and_no_other_byte() {
+        // Bytes next to zero in value (0x01, 0x80, 0xff) around every position
+        // and length, across the eight-byte chunks and the remainder.
+        for len in 0..40 {
+            for filler in [0x01u8, 0x7f, 0x80, 0x81, 0xff, b'a'] {
+                let clean = vec![filler; len];
+                assert!(!has_nul(&clean), "len {len} filler {filler:#x}");
+                for at in 0..len {
+                    let mut with = clean.clone();
+                    with[at] = 0;
+                    assert!(has_nul(&with), "len {len} filler {filler:#x} at {at}");
+                }
+            }
         }
     }
 
