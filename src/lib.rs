@@ -42,7 +42,7 @@ macro_rules! internal_modules {
     )*};
 }
 
-internal_modules!(columns, config, event, loader, log, pg, sampling, wal);
+internal_modules!(chain, columns, config, event, loader, log, pg, sampling, wal);
 mod mode;
 
 pub use config::{Config, ConfigBuilder, ConfigError};
