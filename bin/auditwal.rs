@@ -40,6 +40,10 @@ enum Command {
     Inspect(cmd::inspect::InspectArgs),
     /// Check a segment file or stream directory for damage (exit 1 if any).
     Verify(cmd::inspect::VerifyArgs),
+    /// Write an Ed25519 key pair for signed checkpoints (auditwal.key, 0600, and auditwal.pub).
+    Keygen(cmd::keygen::KeygenArgs),
+    /// Prove the table's rows are what the writers signed (exit 1 on findings).
+    VerifyDb(cmd::verify_db::VerifyDbArgs),
     /// Run a benchmark against a baseline measured in the same run.
     Bench(auditwal_bench::BenchArgs),
     /// Record events for other processes over a Unix socket (and loopback HTTP).
@@ -61,6 +65,8 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd::inspect::run_inspect(a),
         Command::Verify(a) => cmd::inspect::run_verify(a),
         Command::Agent(a) => cmd::agent::run(a),
+        Command::Keygen(a) => cmd::keygen::run(a),
+        Command::VerifyDb(a) => cmd::verify_db::run(a),
         Command::ScratchDb(a) => cmd::scratch_db::run(a),
         Command::Bench(a) => auditwal_bench::run(a).map_err(cmd::Failure::from),
     };

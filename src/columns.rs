@@ -168,11 +168,42 @@ pub const SAMPLE_RATE: Column = Column {
     nullable: false,
 };
 
+/// `chain_prev_lsn`: the LSN of the link before the row's in its stream's hash
+/// chain (`chain`); NULL for sync rows.
+pub const CHAIN_PREV_LSN: Column = Column {
+    name: "chain_prev_lsn",
+    pg_type: "int8",
+    nullable: true,
+};
+
+/// `chain_hash`: the row's link hash; NULL for sync rows.
+pub const CHAIN_HASH: Column = Column {
+    name: "chain_hash",
+    pg_type: "bytea",
+    nullable: true,
+};
+
+/// `wal_payload`: the WAL record the row was loaded from, the bytes its link
+/// hash covers; NULL for sync rows.
+pub const WAL_PAYLOAD: Column = Column {
+    name: "wal_payload",
+    pg_type: "bytea",
+    nullable: true,
+};
+
 /// The columns the loader's COPY (and replay) sends: the event's, then where
-/// the row came from in the WAL. Also every column any writer names, in table
-/// order: what the migrations must create after `id` and before `recorded_at`.
-pub const LOADED_COLUMNS: [Column; EVENT_COLUMNS.len() + 3] =
-    event_columns_then(&[STREAM_ID, LSN, SAMPLE_RATE]);
+/// the row came from in the WAL, then its hash-chain link. Also every column any
+/// writer names, in table order: what the migrations must create after `id`,
+/// with `recorded_at` between the sample rate and the chain columns (those came
+/// later, and ADD COLUMN appends).
+pub const LOADED_COLUMNS: [Column; EVENT_COLUMNS.len() + 6] = event_columns_then(&[
+    STREAM_ID,
+    LSN,
+    SAMPLE_RATE,
+    CHAIN_PREV_LSN,
+    CHAIN_HASH,
+    WAL_PAYLOAD,
+]);
 
 /// The columns a sync INSERT sends: the event's and the sample rate
 /// (`stream_id` and `lsn` are left NULL).

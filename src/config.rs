@@ -26,8 +26,8 @@ use crate::pg::SyncConfig;
 use crate::sampling::{ActionPattern, ForceKeep, SampleKey, Sampler};
 use crate::wal::format;
 use crate::wal::{
-    FullDiskPolicy, WalConfig, WalError, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DISK_BUDGET,
-    DEFAULT_FSYNC_INTERVAL, DEFAULT_SEGMENT_SIZE,
+    FullDiskPolicy, WalConfig, WalError, DEFAULT_BLOCK_TIMEOUT, DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DISK_BUDGET, DEFAULT_FSYNC_INTERVAL, DEFAULT_SEGMENT_SIZE,
 };
 
 /// Where a setting's value came from, for error messages.
@@ -276,6 +276,21 @@ settings! {
         builder
             /// Sets `zero_fill_segments` (docs/modes.md).
             zero_fill_segments(on: bool) => on;
+    chain_key: Option<PathBuf> = None,
+        env "AUDITWAL_CHAIN_KEY",
+        help "Ed25519 private key file (auditwal keygen): sign the stream's hash chain (docs/integrity.md)",
+        parse |r| text(r).map(|t| Some(PathBuf::from(t))),
+        builder chain_key(path: impl Into<PathBuf>) => Some(path.into());
+    checkpoint_every: u64 = DEFAULT_CHECKPOINT_EVERY,
+        env "AUDITWAL_CHECKPOINT_EVERY",
+        help "events between signed checkpoints, at most",
+        parse |r| text(r)?.parse::<u64>().map_err(|_| "expected a whole number of events".to_string()),
+        builder checkpoint_every(events: u64) => events;
+    checkpoint_interval_ms: Duration = DEFAULT_CHECKPOINT_INTERVAL,
+        env "AUDITWAL_CHECKPOINT_INTERVAL_MS",
+        help "longest time new events wait for a signed checkpoint",
+        parse millis,
+        builder checkpoint_interval(interval: Duration) => interval;
     database_url: Option<String> = None,
         env "DATABASE_URL",
         help "PostgreSQL URL for sync mode",
@@ -350,6 +365,12 @@ pub struct Config {
     pub full_disk_policy: FullDiskPolicy,
     /// Whether new segments are written with zeros first (docs/modes.md).
     pub zero_fill_segments: bool,
+    /// `chain_key`: the private key that signs the stream's checkpoints; none
+    /// (the default) writes no checkpoints (docs/integrity.md).
+    pub chain_key: Option<PathBuf>,
+    /// `checkpoint_every` and `checkpoint_interval_ms`.
+    pub checkpoint_every: u64,
+    pub checkpoint_interval: Duration,
     /// `database_url`: required by sync mode. Never printed with its password.
     pub database_url: Option<String>,
     pub sync_timeout: Duration,
@@ -390,6 +411,9 @@ impl fmt::Debug for Config {
             .field("link_timeout", &self.link_timeout)
             .field("sync_migrate", &self.sync_migrate)
             .field("zero_fill_segments", &self.zero_fill_segments)
+            .field("chain_key", &self.chain_key)
+            .field("checkpoint_every", &self.checkpoint_every)
+            .field("checkpoint_interval", &self.checkpoint_interval)
             .field("max_event_bytes", &self.max_event_bytes)
             .finish()
     }
@@ -435,7 +459,12 @@ impl Config {
                 .with_fsync_interval(self.fsync_interval)
                 .with_disk_budget(self.disk_budget)
                 .with_full_disk_policy(self.full_disk_policy)
-                .with_zero_fill_segments(self.zero_fill_segments),
+                .with_zero_fill_segments(self.zero_fill_segments)
+                .with_chain(
+                    self.chain_key.clone(),
+                    self.checkpoint_every,
+                    self.checkpoint_interval,
+                ),
         )
     }
 
@@ -473,6 +502,22 @@ impl Config {
                 "fsync_interval_ms",
                 self.fsync_interval.as_millis().to_string(),
                 "must be 1 ..= 3600000 (a zero interval would fsync in a busy loop)".into(),
+            ));
+        }
+        if self.checkpoint_every == 0 {
+            return Err(self.invalid(
+                "checkpoint_every",
+                "0".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.checkpoint_interval < Duration::from_millis(10)
+            || self.checkpoint_interval > Duration::from_secs(3600)
+        {
+            return Err(self.invalid(
+                "checkpoint_interval_ms",
+                self.checkpoint_interval.as_millis().to_string(),
+                "must be 10 ..= 3600000".into(),
             ));
         }
         if self.sync_timeout.is_zero() {
@@ -742,6 +787,9 @@ impl Layer {
                 },
             },
             zero_fill_segments: v.zero_fill_segments,
+            chain_key: v.chain_key,
+            checkpoint_every: v.checkpoint_every,
+            checkpoint_interval: v.checkpoint_interval_ms,
             database_url: v.database_url,
             sync_timeout: v.sync_timeout_ms,
             link_timeout: v.link_timeout_ms,

@@ -200,7 +200,8 @@ struct Counters {
     recorded: [AtomicU64; 4],
     failed: [AtomicU64; 4],
     rejected: AtomicU64,
-    sampled_out: AtomicU64,
+    /// Shared with the WAL writer, whose signed checkpoints count it.
+    sampled_out: Arc<AtomicU64>,
     forced_keeps: AtomicU64,
     dropped: AtomicU64,
     blocked_appends: AtomicU64,
@@ -335,6 +336,10 @@ impl AuditLog {
             }
             None => None,
         };
+        let counters = Counters::default();
+        if let Some(wal) = &wal {
+            wal.count_sampled_out(counters.sampled_out.clone());
+        }
         let log = AuditLog {
             inner: Arc::new(Inner {
                 config,
@@ -344,7 +349,7 @@ impl AuditLog {
                 sync_reconnect: Reconnect::default(),
                 block,
                 closed: AtomicBool::new(false),
-                counters: Counters::default(),
+                counters,
                 limits: Default::default(),
                 opened: Instant::now(),
             }),

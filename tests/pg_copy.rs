@@ -40,6 +40,8 @@ fn rows(events: &[AuditEvent], first_lsn: u64) -> Vec<BatchRow> {
             lsn: first_lsn + i as u64,
             event: e.clone(),
             sample_rate: 0.25,
+            payload: Vec::new(),
+            link: None,
         })
         .collect()
 }
@@ -70,6 +72,7 @@ async fn every_field_lands_in_its_column_exactly() {
     let b = Batch {
         rows: rows(&[e.clone(), plain.clone()], 1),
         end_lsn: 3,
+        ..Batch::default()
     };
     let out = batch::commit(&mut c, "audit_events", "s1", &b)
         .await
@@ -152,6 +155,7 @@ async fn ipv6_addresses_round_trip() {
     let b = Batch {
         rows: rows(std::slice::from_ref(&e), 1),
         end_lsn: 1,
+        ..Batch::default()
     };
     commit(&mut c, &b).await.expect("commit");
     let ip: String = sqlx::query_scalar("SELECT host(ip) FROM audit_events WHERE event_id = $1")
@@ -170,6 +174,7 @@ async fn a_batch_sent_twice_loads_once() {
     let b = Batch {
         rows: rows(&events, 1),
         end_lsn: 100,
+        ..Batch::default()
     };
     let first = commit(&mut c, &b).await.expect("first");
     assert_eq!(first, BatchOutcome::Committed { rows: 100 });
@@ -182,6 +187,7 @@ async fn a_batch_sent_twice_loads_once() {
     let b2 = Batch {
         rows: overlap,
         end_lsn: 150,
+        ..Batch::default()
     };
     let third = commit(&mut c, &b2).await.expect("overlap");
     assert_eq!(third, BatchOutcome::Committed { rows: 50 });
@@ -199,6 +205,7 @@ async fn a_refused_row_is_named_by_its_index_and_nothing_commits() {
     let b = Batch {
         rows: r,
         end_lsn: 10,
+        ..Batch::default()
     };
     let err = commit(&mut c, &b).await.expect_err("refused");
     match err {

@@ -96,6 +96,9 @@ async fn audit_events_has_every_column_of_the_event_schema_with_its_type() {
         ("lsn", "bigint", "YES"),
         ("sample_rate", "double precision", "NO"),
         ("recorded_at", "timestamp with time zone", "NO"),
+        ("chain_prev_lsn", "bigint", "YES"),
+        ("chain_hash", "bytea", "YES"),
+        ("wal_payload", "bytea", "YES"),
     ];
     let got: Vec<(&str, &str, &str)> = cols
         .iter()
@@ -119,6 +122,8 @@ async fn audit_events_has_every_column_of_the_event_schema_with_its_type() {
                 "updated_at".to_string(),
                 "timestamp with time zone".to_string()
             ),
+            ("chain_lsn".to_string(), "bigint".to_string()),
+            ("chain_head".to_string(), "bytea".to_string()),
         ]
     );
 
@@ -171,7 +176,12 @@ async fn the_code_s_column_list_is_the_migrated_table_s_columns_in_order() {
         Some("id"),
         "id is first, the columns of the list follow"
     );
-    assert_eq!(cols.last().map(|c| c.0.as_str()), Some("recorded_at"));
+    let at = |name: &str| cols.iter().position(|c| c.0 == name);
+    assert_eq!(
+        at("recorded_at"),
+        at("sample_rate").map(|i| i + 1),
+        "recorded_at follows the sample rate; the chain columns come after it"
+    );
 }
 
 #[tokio::test]

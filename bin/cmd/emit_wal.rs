@@ -36,6 +36,29 @@ const SEGMENT_SIZE_ENVS: [&str; 2] = ["AUDITWAL_SEGMENT_SIZE", "AUDITWAL_WAL_SEG
 /// Bound on appended-but-not-yet-durable events queued for the printing thread.
 const DURABLE_PIPELINE: usize = 4096;
 
+/// The hash-chain settings from the library's environment variables
+/// (docs/integrity.md): `AUDITWAL_CHAIN_KEY`, `AUDITWAL_CHECKPOINT_EVERY`,
+/// `AUDITWAL_CHECKPOINT_INTERVAL_MS`.
+fn chain_from_env(config: &mut WalConfig) -> Result<(), Failure> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let number = |name: &str, text: String| {
+        text.trim()
+            .parse::<u64>()
+            .map_err(|_| Failure::usage(anyhow::anyhow!("{name}={text:?} is not a whole number")))
+    };
+    if let Some(key) = var("AUDITWAL_CHAIN_KEY") {
+        config.chain_key = Some(key.into());
+    }
+    if let Some(text) = var("AUDITWAL_CHECKPOINT_EVERY") {
+        config.checkpoint_every = number("AUDITWAL_CHECKPOINT_EVERY", text)?;
+    }
+    if let Some(text) = var("AUDITWAL_CHECKPOINT_INTERVAL_MS") {
+        let ms = number("AUDITWAL_CHECKPOINT_INTERVAL_MS", text)?;
+        config.checkpoint_interval = std::time::Duration::from_millis(ms);
+    }
+    Ok(())
+}
+
 pub fn run(wal_dir: &Path, stream: &str, durable: bool) -> CmdResult {
     let mut config = WalConfig::new(wal_dir, stream);
     let from_env = SEGMENT_SIZE_ENVS
@@ -45,6 +68,7 @@ pub fn run(wal_dir: &Path, stream: &str, durable: bool) -> CmdResult {
         config.segment_size = auditwal::config::parse_size(&text)
             .map_err(|e| Failure::usage(anyhow::anyhow!("{name}={text:?} is not a size: {e}")))?;
     }
+    chain_from_env(&mut config)?;
     let wal = WalWriter::open(config).map_err(|e| {
         let usage = matches!(
             e,

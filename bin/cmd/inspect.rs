@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use auditwal::chain::{self, Checkpoint, Verifier, WalCheck};
 use auditwal::wal::format::Lsn;
 use auditwal::wal::payload::WalEvent;
 use auditwal::wal::reader::{
@@ -57,6 +58,10 @@ Exit codes: 0 clean, 1 damage found (the report names segment, byte range and ki
 pub struct VerifyArgs {
     /// A segment file, a stream directory, or a WAL directory.
     pub path: PathBuf,
+    /// Also check each checkpoint's signature with this public key (the hash
+    /// chain's heads are checked with or without it).
+    #[arg(long)]
+    pub public_key: Option<PathBuf>,
 }
 
 /// One stream (or lone segment file) to read.
@@ -139,6 +144,23 @@ struct JsonRecord<'a> {
     #[serde(flatten)]
     event: &'a AuditEvent,
     sample_rate: f64,
+}
+
+/// A checkpoint record as `inspect --json` prints it: what the note says, and
+/// the note itself.
+#[derive(Serialize)]
+struct JsonCheckpoint<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_id: Option<&'a str>,
+    lsn: Lsn,
+    kind: &'static str,
+    size: Lsn,
+    head: String,
+    epoch: Lsn,
+    events: u64,
+    sampled_out: u64,
+    time: i64,
+    note: &'a str,
 }
 
 #[derive(Serialize)]
@@ -258,7 +280,7 @@ fn read_all(
                 .map_err(Failure::runtime)?;
             let Some(item) = item else { break };
             match &item {
-                ReadItem::Event { .. } => tally.records += 1,
+                ReadItem::Event { .. } | ReadItem::Checkpoint { .. } => tally.records += 1,
                 ReadItem::SegmentConsumed { sealed, .. } => {
                     tally.segments += 1;
                     if *sealed {
@@ -299,7 +321,43 @@ pub fn run_inspect(args: InspectArgs) -> CmdResult {
         },
         |stream, item| {
             match item {
-                ReadItem::Event { lsn, offset, event } => {
+                ReadItem::Checkpoint { lsn, note, .. } => {
+                    let text = String::from_utf8_lossy(note);
+                    let prefix = stream.map(|s| format!("{s} ")).unwrap_or_default();
+                    match Checkpoint::parse(note) {
+                        Ok(c) if json => {
+                            let rec = JsonCheckpoint {
+                                stream_id: stream,
+                                lsn: *lsn,
+                                kind: "checkpoint",
+                                size: c.size,
+                                head: chain::hex(&c.head),
+                                epoch: c.epoch,
+                                events: c.events,
+                                sampled_out: c.sampled_out,
+                                time: c.time,
+                                note: &text,
+                            };
+                            serde_json::to_writer(&mut out, &rec).map_err(io::Error::from)?;
+                            out.write_all(b"\n")?;
+                        }
+                        Ok(c) => writeln!(
+                            out,
+                            "{prefix}lsn={lsn} checkpoint size={} head={} epoch={} events={}",
+                            c.size,
+                            chain::hex(&c.head),
+                            c.epoch,
+                            c.events
+                        )?,
+                        Err(e) => {
+                            out.flush()?;
+                            eprintln!("{prefix}lsn={lsn} checkpoint that does not parse: {e}");
+                        }
+                    }
+                }
+                ReadItem::Event {
+                    lsn, offset, event, ..
+                } => {
                     if json {
                         let rec = JsonRecord {
                             stream_id: stream,
@@ -368,6 +426,10 @@ pub fn run_inspect(args: InspectArgs) -> CmdResult {
 }
 
 pub fn run_verify(args: VerifyArgs) -> CmdResult {
+    let verifier = match &args.public_key {
+        Some(path) => Some(Verifier::read(path).map_err(Failure::usage)?),
+        None => None,
+    };
     let mut targets = targets(&args.path, 1)?;
     let stdout = io::stdout();
     let out = std::cell::RefCell::new(stdout.lock());
@@ -375,17 +437,45 @@ pub fn run_verify(args: VerifyArgs) -> CmdResult {
         Some(s) => writeln!(out.borrow_mut(), "damage: stream {s}: {text}"),
         None => writeln!(out.borrow_mut(), "damage: {text}"),
     };
+    // The hash chain of the stream being read (targets are read one by one).
+    let mut chain: Option<(Option<String>, WalCheck)> = None;
+    let mut chain_problems = 0u64;
     let tally = read_all(&mut targets, line, |stream, item| {
-        match item.damage_report() {
-            Some(text) => line(stream, &text),
-            None => Ok(()),
+        if chain.as_ref().is_none_or(|(s, _)| s.as_deref() != stream) {
+            chain = Some((
+                stream.map(str::to_string),
+                WalCheck::new(stream, verifier.clone()),
+            ));
+        }
+        let check = chain.as_mut().map(|(_, c)| c);
+        match item {
+            ReadItem::Event { lsn, payload, .. } => {
+                if let Some(c) = check {
+                    c.event(*lsn, payload);
+                }
+                Ok(())
+            }
+            ReadItem::Checkpoint { lsn, note, .. } => {
+                match check.and_then(|c| c.checkpoint(*lsn, note)) {
+                    Some(text) => {
+                        chain_problems += 1;
+                        line(stream, &text)
+                    }
+                    None => Ok(()),
+                }
+            }
+            other => match other.damage_report() {
+                Some(text) => line(stream, &text),
+                None => Ok(()),
+            },
         }
     })?;
+    let damage = tally.damage + chain_problems;
     let mut out = out.into_inner();
-    let verdict = if tally.damage == 0 {
+    let verdict = if damage == 0 {
         "clean".to_string()
     } else {
-        format!("{} problem(s) found", tally.damage)
+        format!("{damage} problem(s) found")
     };
     let summary = format!(
         "{}: {} record(s) in {} segment(s): {verdict}",
@@ -396,7 +486,7 @@ pub fn run_verify(args: VerifyArgs) -> CmdResult {
     // A closed pipe must not turn a damage verdict into success: the exit code
     // carries the verdict either way.
     let _ = writeln!(out, "{summary}");
-    if tally.damage > 0 {
+    if damage > 0 {
         return Ok(ExitCode::from(EXIT_FOUND_PROBLEM));
     }
     Ok(ExitCode::SUCCESS)

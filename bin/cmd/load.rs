@@ -185,7 +185,7 @@ async fn load_estimate(wal_dir: &Path, database_url: &str) -> Option<Estimate> {
         let mut done = Vec::with_capacity(streams.len());
         for s in &streams {
             let checkpoint = match auditwal::loader::checkpoint::read(&mut conn, s).await {
-                Ok(cp) => cp.unwrap_or(0),
+                Ok(cp) => cp.map_or(0, |c| c.lsn),
                 // A database never loaded into (the loader migrates it first): no
                 // checkpoints yet.
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => 0,

@@ -7,10 +7,12 @@ pub mod emit;
 pub mod emit_sync;
 pub mod emit_wal;
 pub mod inspect;
+pub mod keygen;
 pub mod load;
 pub mod migrate;
 pub mod progress;
 pub mod scratch_db;
+pub mod verify_db;
 
 use std::process::ExitCode;
 

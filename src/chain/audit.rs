@@ -142,6 +142,8 @@ pub struct Summary {
     pub signed_through: Lsn,
     /// Rows after `signed_through`: chained, but no signature covers them yet.
     pub unsigned_rows: u64,
+    /// The table's newest row of the stream (0: none).
+    pub last_lsn: Lsn,
     /// The first row's predecessor, when its link could not be checked because
     /// the rows before it are gone (retention) and no checkpoint holds its hash.
     pub unanchored_from: Option<Lsn>,
@@ -161,8 +163,9 @@ struct Pending {
 /// Walks one stream. Push rows in LSN order, then [`Auditor::finish`].
 pub struct Auditor {
     stream: String,
-    /// Valid checkpoints by size, and the record LSN of each.
-    checkpoints: BTreeMap<Lsn, (Lsn, Checkpoint)>,
+    /// Valid checkpoints by size: the record LSN of each (0 for one held
+    /// outside the table), the checkpoint, and where it came from.
+    checkpoints: BTreeMap<Lsn, (Lsn, Checkpoint, String)>,
     /// Epoch checkpoints: start LSN to record LSN.
     epochs: HashMap<Lsn, Lsn>,
     window: VecDeque<Pending>,
@@ -215,13 +218,33 @@ impl Auditor {
                     } else {
                         a.hashes_at_sizes.insert(c.size, None);
                     }
-                    a.checkpoints.insert(c.size, (stored.lsn, c));
+                    let source = format!("the checkpoint at LSN {}", stored.lsn);
+                    a.checkpoints.insert(c.size, (stored.lsn, c, source));
                 }
             }
         }
-        // Largest first, so the walk pops them in LSN order.
-        a.sizes = a.checkpoints.keys().rev().copied().collect();
+        a.sort_sizes();
         a
+    }
+
+    /// Adds a checkpoint held outside the table (the writer's local WAL, an
+    /// exported file), already checked against the key, before the walk: one
+    /// ahead of the table's rows shows a cut tail that deleted the table's
+    /// checkpoints too.
+    pub fn external(&mut self, checkpoint: Checkpoint, source: String) {
+        if checkpoint.stream != self.stream || checkpoint.is_epoch() {
+            return;
+        }
+        self.hashes_at_sizes.entry(checkpoint.size).or_insert(None);
+        self.checkpoints
+            .entry(checkpoint.size)
+            .or_insert((0, checkpoint, source));
+        self.sort_sizes();
+    }
+
+    fn sort_sizes(&mut self) {
+        // Largest first, so the walk pops them in LSN order.
+        self.sizes = self.checkpoints.keys().rev().copied().collect();
     }
 
     /// The next row, in LSN order.
@@ -326,7 +349,7 @@ impl Auditor {
     /// that LSN, else unknown (the rows before were dropped).
     fn anchor(&mut self, prev_lsn: Lsn) -> Option<Hash> {
         match self.checkpoints.get(&prev_lsn) {
-            Some((_, c)) => Some(c.head),
+            Some((_, c, _)) => Some(c.head),
             None => {
                 self.summary.unanchored_from = Some(prev_lsn);
                 None
@@ -430,16 +453,22 @@ impl Auditor {
         }
         let last_row = self.last_lsn.unwrap_or(0);
         let mut signed_through = 0;
-        for (&size, (record, c)) in &self.checkpoints {
-            if c.is_epoch() {
-                continue;
-            }
-            if size > last_row {
-                self.findings.push(Finding::CutTail {
-                    last_row,
-                    size,
-                    source: format!("the checkpoint at LSN {record}"),
-                });
+        // One cut tail, named by the checkpoint furthest ahead.
+        if let Some((&size, (_, _, source))) = self
+            .checkpoints
+            .iter()
+            .rev()
+            .find(|(_, (_, c, _))| !c.is_epoch())
+            .filter(|(&size, _)| size > last_row)
+        {
+            self.findings.push(Finding::CutTail {
+                last_row,
+                size,
+                source: source.clone(),
+            });
+        }
+        for (&size, (record, c, _)) in &self.checkpoints {
+            if c.is_epoch() || size > last_row {
                 continue;
             }
             match self.hashes_at_sizes.get(&size).copied().flatten() {
@@ -456,6 +485,7 @@ impl Auditor {
             }
         }
         self.summary.signed_through = signed_through;
+        self.summary.last_lsn = last_row;
         let rows = self.summary.rows;
         let through = |size| self.rows_through.get(&size).copied().unwrap_or(rows);
         self.summary.unsigned_rows = rows - if signed_through == 0 { 0 } else { through(signed_through) };

@@ -23,6 +23,7 @@
 pub mod audit;
 pub mod keys;
 pub mod note;
+pub mod wal_check;
 
 use sha2::{Digest, Sha256};
 
@@ -30,6 +31,7 @@ use crate::wal::Lsn;
 
 pub use keys::{KeyError, Signer, Verifier};
 pub use note::{Checkpoint, NoteError};
+pub use wal_check::WalCheck;
 
 /// Length of a link hash (SHA-256).
 pub const HASH_LEN: usize = 32;

@@ -22,6 +22,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::event::AuditEvent;
 use crate::loader::checkpoint;
+use crate::chain::{Checkpoint, Hash, Link};
 use crate::loader::copy::{copy_statement, CopyBuffer, RowOrigin};
 
 /// One row of a batch, decoded from the WAL.
@@ -30,6 +31,19 @@ pub struct BatchRow {
     pub lsn: u64,
     pub event: AuditEvent,
     pub sample_rate: f64,
+    /// The WAL record's payload (stored in `wal_payload`).
+    pub payload: Vec<u8>,
+    /// The row's hash-chain link; `None` for a replayed row (replay does not
+    /// know the chain).
+    pub link: Option<Link>,
+}
+
+/// A signed checkpoint read from the WAL, to store with the batch.
+#[derive(Debug, Clone)]
+pub struct SignedCheckpoint {
+    pub lsn: u64,
+    pub checkpoint: Checkpoint,
+    pub note: String,
 }
 
 /// Rows of one stream, in LSN order, and the checkpoint they bring the stream to.
@@ -39,6 +53,11 @@ pub struct BatchRow {
 pub struct Batch {
     pub rows: Vec<BatchRow>,
     pub end_lsn: u64,
+    /// Where the chain stands after the batch (its last link's LSN and hash),
+    /// stored with the checkpoint; `None` leaves it as it is.
+    pub chain: Option<(u64, Hash)>,
+    /// The signed checkpoints read in the batch's LSN range.
+    pub signed: Vec<SignedCheckpoint>,
 }
 
 /// What a commit attempt did.
@@ -147,6 +166,8 @@ pub async fn commit_within(
                     stream_id,
                     lsn: r.lsn,
                     sample_rate: r.sample_rate,
+                    link: r.link,
+                    payload: Some(&r.payload),
                 },
             );
         }
@@ -191,10 +212,24 @@ pub async fn commit_within(
             return Err(BatchError::RowCountMismatch { sent, stored });
         }
     }
+    for signed in batch.signed.iter().filter(|s| s.lsn > checkpoint) {
+        within(
+            t,
+            "storing a signed checkpoint",
+            checkpoint::store_signed(
+                &mut tx,
+                stream_id,
+                signed.lsn,
+                &signed.checkpoint,
+                &signed.note,
+            ),
+        )
+        .await?;
+    }
     within(
         t,
         "advancing the checkpoint",
-        checkpoint::advance(&mut tx, stream_id, batch.end_lsn),
+        checkpoint::advance(&mut tx, stream_id, batch.end_lsn, batch.chain),
     )
     .await?;
     within(t, "COMMIT", tx.commit()).await?;

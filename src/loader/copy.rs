@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::chain::Link;
 use crate::columns::{self, ColumnVisitor, Value, LOADED_COLUMNS};
 use crate::event::AuditEvent;
 
@@ -60,6 +61,10 @@ pub struct RowOrigin<'a> {
     pub stream_id: &'a str,
     pub lsn: u64,
     pub sample_rate: f64,
+    /// The row's hash-chain link and the record bytes it covers (NULL columns
+    /// when absent: replayed rows).
+    pub link: Option<Link>,
+    pub payload: Option<&'a [u8]>,
 }
 
 /// A binary COPY body being built: header, rows, and (on `finish`) the trailer.
@@ -97,15 +102,30 @@ impl CopyBuffer {
         self.rows == 0
     }
 
-    /// Appends one row: the event's fields, then its WAL origin.
+    /// Appends one row: the event's fields, then its WAL origin and link.
     pub fn push(&mut self, event: &AuditEvent, origin: RowOrigin<'_>) {
         let b = &mut self.buf;
         b.extend_from_slice(&(COPY_COLUMNS.len() as i16).to_be_bytes());
         columns::visit_event(event, &mut RowFields(b));
-        // The last three of LOADED_COLUMNS: stream_id, lsn, sample_rate.
+        // The rest of LOADED_COLUMNS: stream_id, lsn, sample_rate,
+        // chain_prev_lsn, chain_hash, wal_payload.
         put_text(b, Some(origin.stream_id));
         put_field(b, &(origin.lsn as i64).to_be_bytes());
         put_field(b, &origin.sample_rate.to_be_bytes());
+        match origin.link {
+            Some(link) => {
+                put_field(b, &(link.prev_lsn as i64).to_be_bytes());
+                put_field(b, &link.hash);
+            }
+            None => {
+                put_null(b);
+                put_null(b);
+            }
+        }
+        match origin.payload {
+            Some(payload) => put_field(b, payload),
+            None => put_null(b),
+        }
         self.rows += 1;
     }
 
@@ -229,6 +249,11 @@ mod tests {
                 stream_id: "s",
                 lsn: 7,
                 sample_rate: 1.0,
+                link: Some(Link {
+                    prev_lsn: 6,
+                    hash: [1; 32],
+                }),
+                payload: Some(b"record"),
             },
         );
         let body = c.finish();

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::loader::batch::{Batch, BatchRow};
+use crate::chain::{ChainState, Checkpoint};
+use crate::loader::batch::{Batch, BatchRow, SignedCheckpoint};
+use crate::loader::checkpoint::Committed;
 use crate::loader::metrics::StreamMetrics;
 use crate::wal::format::Lsn;
 use crate::wal::reader::{self, Follow, ReadError, ReadItem, StreamReader};
@@ -53,6 +55,9 @@ pub struct Cursor {
     stream: String,
     reader: StreamReader,
     committed: Lsn,
+    /// The hash chain through the last record gathered: each event's link
+    /// follows it, an epoch checkpoint restarts it (`chain`).
+    chain: ChainState,
     /// Consumed segments and their last LSN, waiting for the checkpoint to pass it.
     consumed: Vec<(PathBuf, Lsn)>,
     /// True when the last gather stopped because nothing more is written at all.
@@ -74,7 +79,8 @@ impl Cursor {
     /// Segments left behind by an earlier run (committed through but not yet
     /// retired: kept for the rule above, or a crash before the deletion) are
     /// taken up as consumed, since the reader starts past them.
-    pub fn open(dir: &Path, stream: &str, committed: Lsn) -> Result<Cursor, CursorError> {
+    pub fn open(dir: &Path, stream: &str, from: Committed) -> Result<Cursor, CursorError> {
+        let committed = from.lsn;
         let segments = reader::list_segments(dir)?;
         let consumed = segments
             .windows(2)
@@ -86,6 +92,10 @@ impl Cursor {
             stream: stream.to_string(),
             reader: StreamReader::open(dir, committed.saturating_add(1), Follow::Live),
             committed,
+            chain: ChainState {
+                head: from.chain_head,
+                ..ChainState::epoch_at(from.chain_lsn)
+            },
             consumed,
             at_end: false,
             written_seen: committed,
@@ -114,6 +124,7 @@ impl Cursor {
             batch: Batch {
                 rows: Vec::new(),
                 end_lsn: self.reader.next_lsn().saturating_sub(1),
+                ..Batch::default()
             },
             skipped: Vec::new(),
         };
@@ -153,6 +164,7 @@ impl Cursor {
             }
         }
         out.batch.end_lsn = self.reader.next_lsn().saturating_sub(1);
+        out.batch.chain = Some((self.chain.lsn, self.chain.head));
         self.written_seen = self.written_seen.max(out.batch.end_lsn);
         if self.oldest_pending.is_none() {
             self.oldest_pending = out.batch.rows.first().map(|r| r.event.occurred_at);
@@ -162,15 +174,49 @@ impl Cursor {
 
     fn take(&mut self, item: ReadItem, out: &mut Gathered, bytes: &mut usize) {
         match item {
-            ReadItem::Event { lsn, event, .. } => {
-                // The COPY row is about the event's content plus ~200 bytes of
-                // lengths and fixed-size fields.
-                *bytes += event.event.content_len() + 200;
+            ReadItem::Event {
+                lsn,
+                event,
+                payload,
+                ..
+            } => {
+                // The COPY row is about the event's content (twice: the columns
+                // and the payload) plus ~250 bytes of lengths, fixed-size fields
+                // and the link.
+                *bytes += event.event.content_len() + payload.len() + 250;
+                let link = self.chain.push(&self.stream, lsn, &payload);
                 out.batch.rows.push(BatchRow {
                     lsn,
                     event: event.event,
                     sample_rate: event.sample_rate,
+                    payload,
+                    link: Some(link),
                 });
+            }
+            ReadItem::Checkpoint { lsn, note, .. } => {
+                let parsed = Checkpoint::parse(&note).and_then(|c| {
+                    String::from_utf8(note)
+                        .map(|text| (c, text))
+                        .map_err(|_| crate::chain::NoteError::NotUtf8)
+                });
+                match parsed {
+                    Ok((checkpoint, note)) => {
+                        // A writer that lost its chain state starts a new epoch
+                        // before its next event: follow it.
+                        if checkpoint.is_epoch() && checkpoint.size >= self.chain.lsn {
+                            self.chain = ChainState::epoch_at(checkpoint.size);
+                        }
+                        out.batch.signed.push(SignedCheckpoint {
+                            lsn,
+                            checkpoint,
+                            note,
+                        });
+                    }
+                    Err(e) => out.skipped.push(format!(
+                        "{}: checkpoint record LSN {lsn} does not parse ({e}); not stored",
+                        self.dir.display()
+                    )),
+                }
             }
             ReadItem::SegmentConsumed {
                 segment,
@@ -269,7 +315,11 @@ mod tests {
 
         // An earlier run committed exactly through the first segment's
         // end-of-segment record and kept the segment (its checkpoint is in it).
-        let mut cursor = Cursor::open(&dir, "s", first_end).expect("cursor");
+        let from = Committed {
+            lsn: first_end,
+            ..Committed::default()
+        };
+        let mut cursor = Cursor::open(&dir, "s", from).expect("cursor");
         assert!(
             cursor.take_finished().is_empty(),
             "kept while it holds the checkpoint"

@@ -55,7 +55,6 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::{watch, Notify};
 
 use crate::pg::link::{self, LinkTuning, DEFAULT_LINK_TIMEOUT};
-use crate::wal::Lsn;
 use backoff::Backoff;
 use batch::{Batch, BatchError, BatchOutcome};
 use cursor::{Cursor, CursorError};
@@ -523,8 +522,8 @@ async fn run_stream(ctx: Arc<StreamCtx>, stream: &str) -> Result<(), LoadError> 
                 });
             match read {
                 Ok(cp) => {
-                    let cp = cp.unwrap_or(0);
-                    m.checkpoint_lsn.store(cp, Ordering::Relaxed);
+                    let cp = cp.unwrap_or_default();
+                    m.checkpoint_lsn.store(cp.lsn, Ordering::Relaxed);
                     cursor = Some(Cursor::open(&dir, stream, cp).map_err(stream_err)?);
                 }
                 Err(e) => {
@@ -753,9 +752,19 @@ async fn commit_row_by_row(
 ) -> Result<(BatchOutcome, u64), StreamFailure> {
     let mut rows = 0;
     for row in &batch.rows {
+        let at_row = row.link.map(|l| (row.lsn, l.hash));
         let one = Batch {
             rows: vec![row.clone()],
             end_lsn: row.lsn,
+            chain: at_row,
+            // Those before the row (stored once: commit_within skips what the
+            // checkpoint has passed).
+            signed: batch
+                .signed
+                .iter()
+                .filter(|s| s.lsn < row.lsn)
+                .cloned()
+                .collect(),
         };
         match batch::commit_within(conn, table, stream, &one, link_timeout).await {
             Ok(BatchOutcome::Committed { rows: n }) => rows += n,
@@ -767,28 +776,37 @@ async fn commit_row_by_row(
                 | BatchError::PoisonUnknownRow { sqlstate, message },
             ) => {
                 dead_letter(dead, stream, row, &sqlstate, &message, m).await?;
-                advance_checkpoint(conn, table, stream, row.lsn, link_timeout).await?;
+                // The chain goes through the dead-lettered row's link: the
+                // table shows it as missing, the dead-letter file holds it.
+                let past = Batch {
+                    end_lsn: row.lsn,
+                    chain: at_row,
+                    ..Batch::default()
+                };
+                advance_checkpoint(conn, table, stream, past, link_timeout).await?;
             }
             Err(e) => return Err(StreamFailure::Database(e.to_string())),
         }
     }
-    advance_checkpoint(conn, table, stream, batch.end_lsn, link_timeout).await?;
-    Ok((BatchOutcome::Committed { rows }, batch.end_lsn))
+    let end_lsn = batch.end_lsn;
+    let rest = Batch {
+        rows: Vec::new(),
+        ..batch
+    };
+    advance_checkpoint(conn, table, stream, rest, link_timeout).await?;
+    Ok((BatchOutcome::Committed { rows }, end_lsn))
 }
 
-/// Commits an empty batch: moves `stream`'s checkpoint to `end_lsn` (past a
-/// dead-lettered row, or to the end of a batch loaded row by row).
+/// Commits a batch without rows: moves `stream`'s checkpoint (and chain) to
+/// `empty`'s end (past a dead-lettered row, or to the end of a batch loaded row
+/// by row), storing its signed checkpoints.
 async fn advance_checkpoint(
     conn: &mut PgConnection,
     table: &str,
     stream: &str,
-    end_lsn: Lsn,
+    empty: Batch,
     link_timeout: Duration,
 ) -> Result<(), StreamFailure> {
-    let empty = Batch {
-        rows: Vec::new(),
-        end_lsn,
-    };
     batch::commit_within(conn, table, stream, &empty, link_timeout)
         .await
         .map(drop)

@@ -135,12 +135,19 @@ async fn replay_stream(
                 .next_item(up_to)
                 .map_err(|e| stream_err(e.to_string()))?
             {
-                Some(ReadItem::Event { lsn, event, .. }) => rows.push(BatchRow {
+                Some(ReadItem::Event {
+                    lsn,
+                    event,
+                    payload,
+                    ..
+                }) => rows.push(BatchRow {
                     lsn,
                     event: event.event,
                     sample_rate: event.sample_rate,
+                    payload,
+                    link: None,
                 }),
-                Some(ReadItem::SegmentConsumed { .. }) => {}
+                Some(ReadItem::SegmentConsumed { .. } | ReadItem::Checkpoint { .. }) => {}
                 Some(damage) => {
                     summary.damaged += 1;
                     tracing::warn!(stream, "damaged WAL range skipped: {damage:?}");
@@ -185,6 +192,8 @@ async fn insert_missing(
                 stream_id: stream,
                 lsn: r.lsn,
                 sample_rate: r.sample_rate,
+                link: r.link,
+                payload: Some(&r.payload),
             },
         );
     }
@@ -205,7 +214,7 @@ async fn insert_missing(
     .rows_affected();
     let current = checkpoint::lock(&mut tx, stream).await?;
     if end_lsn > current {
-        checkpoint::advance(&mut tx, stream, end_lsn).await?;
+        checkpoint::advance(&mut tx, stream, end_lsn, None).await?;
     }
     tx.commit().await?;
     Ok(inserted)

@@ -28,6 +28,13 @@ pub const DEFAULT_DISK_BUDGET: u64 = 4 * 1024 * 1024 * 1024;
 /// [`FullDiskPolicy::Block`].
 pub const DEFAULT_BLOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Default events between two signed checkpoints, at most.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 10_000;
+/// Default longest time a new event waits for a signed checkpoint to cover it:
+/// what a cut of the table's newest rows can hide from an auditor who holds
+/// only the table's checkpoints.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What an append does when a new segment is needed and the stream's disk budget
 /// (or the disk) has no room for it.
 ///
@@ -90,6 +97,13 @@ pub struct WalConfig {
     /// preparer). Turn it off on copy-on-write file systems (btrfs, ZFS), where
     /// the zeros buy nothing.
     pub zero_fill_segments: bool,
+    /// The Ed25519 private key file that signs the stream's hash chain
+    /// (`chain`); `None` writes no checkpoints.
+    pub chain_key: Option<PathBuf>,
+    /// A checkpoint after at most this many events...
+    pub checkpoint_every: u64,
+    /// ...or once new events are this old, whichever comes first.
+    pub checkpoint_interval: Duration,
 }
 
 impl WalConfig {
@@ -104,7 +118,19 @@ impl WalConfig {
             full_disk_policy: FullDiskPolicy::default(),
             prepare_next_segment: true,
             zero_fill_segments: true,
+            chain_key: None,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
         }
+    }
+
+    /// Signs the stream's hash chain with the key at `key` (none: no
+    /// checkpoints), every `every` events or `interval`.
+    pub fn with_chain(mut self, key: Option<PathBuf>, every: u64, interval: Duration) -> Self {
+        self.chain_key = key;
+        self.checkpoint_every = every;
+        self.checkpoint_interval = interval;
+        self
     }
 
     pub fn with_segment_size(mut self, bytes: u64) -> Self {
@@ -173,6 +199,9 @@ impl WalConfig {
                     2 * self.segment_size
                 ),
             );
+        }
+        if self.checkpoint_every == 0 {
+            return bad("checkpoint_every", "must be at least 1".into());
         }
         if let FullDiskPolicy::Block { timeout } = self.full_disk_policy {
             if timeout > Duration::from_secs(24 * 3600) {

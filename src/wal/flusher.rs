@@ -20,9 +20,10 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::chain_writer::ChainWriter;
 use super::durable::{Durability, Sidecar};
 use super::error::WalError;
 use super::format::Lsn;
@@ -41,6 +42,9 @@ pub(crate) struct SyncRound {
 
 /// What a sync round needs from the writer it serves.
 pub(crate) trait RoundSource {
+    /// Appends a signed checkpoint record (also while closing); never blocks
+    /// on a full disk.
+    fn append_checkpoint(&self, note: &[u8]) -> Result<Lsn, WalError>;
     /// What the next round must cover, taken atomically with the written LSN:
     /// every record up to `written` is complete in `sealed` or `active`.
     fn take_sync_round(&self) -> SyncRound;
@@ -58,6 +62,8 @@ pub(crate) struct Flusher {
     interval: Duration,
     fsyncs: AtomicU64,
     fsync_nanos: AtomicU64,
+    /// The stream's hash chain, when the writer signs it.
+    chain: Mutex<Option<ChainWriter>>,
 }
 
 impl Flusher {
@@ -68,6 +74,33 @@ impl Flusher {
             interval,
             fsyncs: AtomicU64::new(0),
             fsync_nanos: AtomicU64::new(0),
+            chain: Mutex::new(None),
+        }
+    }
+
+    /// Signs the stream's hash chain from now on (before the thread starts).
+    pub(crate) fn set_chain(&self, chain: ChainWriter) {
+        *self.lock_chain() = Some(chain);
+    }
+
+    pub(crate) fn lock_chain(&self) -> std::sync::MutexGuard<'_, Option<ChainWriter>> {
+        self.chain.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends a checkpoint if one is due (`closing`: for any unsigned event).
+    /// Returns whether one was appended. A failed append is logged: the events
+    /// stay in the chain, and a later checkpoint covers them.
+    fn checkpoint_if_due(&self, writer: &impl RoundSource, closing: bool) -> bool {
+        let note = match self.lock_chain().as_mut() {
+            Some(chain) if chain.due(closing) => chain.sign(),
+            _ => return false,
+        };
+        match writer.append_checkpoint(note.as_bytes()) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(stream = self.dir.name(), error = %e, "cannot append a signed checkpoint; the next one covers its events");
+                false
+            }
         }
     }
 
@@ -81,6 +114,13 @@ impl Flusher {
             if let Err(failure) = self.sync_round(writer) {
                 writer.poison(failure);
                 return;
+            }
+            // At shutdown the final checkpoint needs a round of its own.
+            if self.checkpoint_if_due(writer, shutdown) && shutdown {
+                if let Err(failure) = self.sync_round(writer) {
+                    writer.poison(failure);
+                    return;
+                }
             }
             if shutdown {
                 return;
@@ -168,6 +208,12 @@ impl Flusher {
             tracing::warn!(error = %super::error::chain(&e), "cannot update the durable watermark file");
         }
         durability.publish(round.written);
+        // What this round made durable joins the hash chain.
+        if let Some(chain) = self.lock_chain().as_mut() {
+            let segments: Vec<&Arc<Segment>> =
+                round.sealed.iter().chain(round.active.iter()).collect();
+            chain.hash_round(&segments, round.written);
+        }
         // Sealed segments are unmapped here, outside the append mutex.
         drop(round);
         Ok(())

@@ -71,6 +71,9 @@ pub enum RecordKind {
     Event = 1,
     /// Seals the segment: no record follows it in this segment. Empty payload.
     EndOfSegment = 2,
+    /// A signed checkpoint of the stream's hash chain; the payload is the note's
+    /// text (`chain::note`). Written only when the writer has a signing key.
+    Checkpoint = 3,
 }
 
 impl RecordKind {
@@ -79,6 +82,7 @@ impl RecordKind {
         match byte {
             1 => Some(RecordKind::Event),
             2 => Some(RecordKind::EndOfSegment),
+            3 => Some(RecordKind::Checkpoint),
             _ => None,
         }
     }
@@ -87,6 +91,7 @@ impl RecordKind {
         match self {
             RecordKind::Event => "event",
             RecordKind::EndOfSegment => "end_of_segment",
+            RecordKind::Checkpoint => "checkpoint",
         }
     }
 }

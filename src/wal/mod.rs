@@ -56,6 +56,7 @@ pub mod settle;
 pub mod writer;
 
 mod budget;
+mod chain_writer;
 mod config;
 mod durable;
 pub(crate) mod error;
@@ -69,7 +70,7 @@ mod stream_dir;
 
 pub(crate) use budget::{BlockStep, BlockWait};
 pub use config::{
-    FullDiskPolicy, WalConfig, DEFAULT_BLOCK_TIMEOUT, DEFAULT_DISK_BUDGET, DEFAULT_FSYNC_INTERVAL,
+    FullDiskPolicy, WalConfig, DEFAULT_BLOCK_TIMEOUT, DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DISK_BUDGET, DEFAULT_FSYNC_INTERVAL,
     DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
 };
 pub use error::WalError;

@@ -81,8 +81,12 @@ impl Loader {
             max_time: Duration::from_secs(10),
         };
         if self.cursor.is_none() {
+            let from = crate::loader::checkpoint::Committed {
+                lsn: self.checkpoint,
+                ..Default::default()
+            };
             self.cursor =
-                Some(Cursor::open(&self.stream_dir, STREAM, self.checkpoint).expect("cursor"));
+                Some(Cursor::open(&self.stream_dir, STREAM, from).expect("cursor"));
         }
         loop {
             if self.sim.power_lost() {

@@ -90,7 +90,13 @@ pub enum ReadItem {
         lsn: Lsn,
         offset: u64,
         event: WalEvent,
+        /// The record's payload bytes: what the hash chain covers and the
+        /// table keeps in `wal_payload`.
+        payload: Vec<u8>,
     },
+    /// A signed checkpoint of the stream's hash chain: the note's bytes, not
+    /// yet parsed or checked (`chain::Checkpoint`).
+    Checkpoint { lsn: Lsn, offset: u64, note: Vec<u8> },
     /// A record whose checksum is valid but whose payload does not decode (a bug
     /// or a newer payload version): the loader dead-letters it and goes on.
     Undecodable {
@@ -147,7 +153,7 @@ impl ReadItem {
     pub fn is_damage(&self) -> bool {
         !matches!(
             self,
-            ReadItem::Event { .. } | ReadItem::SegmentConsumed { .. }
+            ReadItem::Event { .. } | ReadItem::Checkpoint { .. } | ReadItem::SegmentConsumed { .. }
         )
     }
 
@@ -203,7 +209,9 @@ impl ReadItem {
                 "{}: byte {offset}: record LSN {lsn} has a valid checksum but its payload does not decode ({error})",
                 segment.display()
             ),
-            ReadItem::Event { .. } | ReadItem::SegmentConsumed { .. } => return None,
+            ReadItem::Event { .. } | ReadItem::Checkpoint { .. } | ReadItem::SegmentConsumed { .. } => {
+                return None
+            }
         })
     }
 }
@@ -746,12 +754,20 @@ impl StreamReader {
                 }
                 if record.lsn >= self.next_lsn {
                     self.next_lsn = record.lsn.saturating_add(1);
+                    if record.kind == RecordKind::Checkpoint {
+                        self.pending.push_back(ReadItem::Checkpoint {
+                            lsn: record.lsn,
+                            offset: offset as u64,
+                            note: record.payload.to_vec(),
+                        });
+                    }
                     if record.kind == RecordKind::Event {
                         self.pending.push_back(match decode_event(record.payload) {
                             Ok(event) => ReadItem::Event {
                                 lsn: record.lsn,
                                 offset: offset as u64,
                                 event,
+                                payload: record.payload.to_vec(),
                             },
                             Err(error) => ReadItem::Undecodable {
                                 segment: path.clone(),

@@ -107,6 +107,23 @@ impl Segment {
         unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.len) }
     }
 
+    /// The `len` bytes at `offset`, or `None` past the end: how the flusher
+    /// reads the frames it hashes while appends go on after them.
+    ///
+    /// # Safety
+    /// No one may write `[offset, offset + len)` while the slice lives. That
+    /// holds for a frame whose LSN is at or below the writer's published
+    /// written LSN: an appended frame is complete and never written again.
+    pub(crate) unsafe fn slice(&self, offset: usize, len: usize) -> Option<&[u8]> {
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: in bounds (checked above) of a map valid while `self` lives;
+        // the caller guarantees no one writes these bytes meanwhile.
+        Some(unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset), len) })
+    }
+
     /// Sets `[from, len)` to zero, touching only pages that are not zero already
     /// (the preallocated tail is zero and stays unwritten). Used by recovery to
     /// cut a torn tail without shrinking the file. Returns the bytes zeroed
@@ -360,6 +377,11 @@ impl ActiveSegment {
             write_off,
             sealed: false,
         }
+    }
+
+    /// Where the next frame goes.
+    pub(crate) fn write_off(&self) -> usize {
+        self.write_off
     }
 
     pub(crate) fn segment(&self) -> &std::sync::Arc<Segment> {

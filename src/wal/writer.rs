@@ -39,6 +39,7 @@ use super::config::{FullDiskPolicy, WalConfig};
 use super::durable::{Durability, Sidecar};
 use super::error::WalError;
 use super::flusher::{Flusher, RoundSource, SyncRound};
+use super::chain_writer::{ChainWriter, HashCursor};
 use super::format::{self, Lsn, RecordKind};
 use super::fs::FileSystem;
 use super::payload;
@@ -336,6 +337,10 @@ impl WalWriter {
             }
         }
 
+        if let Some(key) = &inner.config.chain_key {
+            inner.start_chain(key)?;
+        }
+
         let mut lifecycle = Lifecycle {
             lock: Some(lock),
             ..Lifecycle::default()
@@ -421,7 +426,7 @@ impl WalWriter {
         loop {
             let step = with_encoded(event, sample_rate, |payload| {
                 let frame_len = self.inner.frame_len_for(payload)?;
-                Ok(match self.inner.try_append(payload, frame_len)? {
+                Ok(match self.inner.try_append(RecordKind::Event, payload, frame_len)? {
                     FastAppend::Appended(lsn) => AsyncStep::Done(lsn),
                     FastAppend::NoRoom(no_room) if !blocks => {
                         return Err(self.inner.refuse(no_room))
@@ -506,6 +511,15 @@ impl WalWriter {
             return Err(WalError::LsnNotWritten { lsn, written });
         }
         Ok(())
+    }
+
+    /// Counts `counter`'s increments (the service's sampled-out events) in each
+    /// signed checkpoint, so that sampling is on the record. No-op without a
+    /// chain key.
+    pub fn count_sampled_out(&self, counter: Arc<AtomicU64>) {
+        if let Some(chain) = self.inner.flusher.lock_chain().as_mut() {
+            chain.count_sampled_out(counter);
+        }
     }
 
     /// Last LSN whose record is in the page cache (including EndOfSegment records).
@@ -651,15 +665,27 @@ impl Inner {
     /// The fast path: LSN assignment and copy under the append mutex, when the
     /// active segment has room. Makes no system call and never waits (but for
     /// the mutex, which no one holds across either).
-    fn try_append(&self, payload: &[u8], frame_len: usize) -> Result<FastAppend, WalError> {
+    fn try_append(
+        &self,
+        kind: RecordKind,
+        payload: &[u8],
+        frame_len: usize,
+    ) -> Result<FastAppend, WalError> {
         let mut st = self.lock_state();
-        if let Some(e) = st.refusal(self.stream()) {
+        // A checkpoint is still taken while closing: the flusher signs the
+        // last events before its final round (no rotation then, see
+        // `append_checkpoint`).
+        let refusal = match kind {
+            RecordKind::Checkpoint => st.failure.clone(),
+            _ => st.refusal(self.stream()),
+        };
+        if let Some(e) = refusal {
             return Err(e);
         }
         let st = &mut *st;
         if let Some(active) = st.active.as_mut().filter(|a| a.has_room_for(frame_len)) {
             let lsn = st.next_lsn;
-            active.append(lsn, RecordKind::Event, payload)?;
+            active.append(lsn, kind, payload)?;
             st.next_lsn = lsn + 1;
             self.written.store(lsn, Ordering::Release);
             return Ok(FastAppend::Appended(lsn));
@@ -677,7 +703,7 @@ impl Inner {
         let frame_len = self.frame_len_for(payload)?;
         let mut block = BlockWait::for_policy(self.config.full_disk_policy);
         loop {
-            let no_room = match self.try_append(payload, frame_len)? {
+            let no_room = match self.try_append(RecordKind::Event, payload, frame_len)? {
                 FastAppend::Appended(lsn) => return Ok(lsn),
                 FastAppend::NoRoom(no_room) => no_room,
                 FastAppend::NeedsSegment => match self.rotate(frame_len, Rotation::Full)? {
@@ -802,6 +828,43 @@ impl Inner {
         Ok(Ok(()))
     }
 
+    /// Resumes (or starts) the stream's hash chain and hands it to the
+    /// flusher, before its thread starts (`wal::chain_writer`).
+    fn start_chain(&self, key: &std::path::Path) -> Result<(), WalError> {
+        let end = {
+            let st = self.lock_state();
+            match st.active.as_ref().filter(|a| !a.is_sealed()) {
+                Some(a) => HashCursor {
+                    seg_first: a.segment().first_lsn(),
+                    offset: a.write_off(),
+                    next_lsn: st.next_lsn,
+                },
+                None => HashCursor {
+                    seg_first: st.next_lsn,
+                    offset: format::SEGMENT_HEADER_LEN,
+                    next_lsn: st.next_lsn,
+                },
+            }
+        };
+        let opened = ChainWriter::open(
+            key,
+            self.dir.path(),
+            self.dir.name(),
+            end,
+            self.config.checkpoint_every,
+            self.config.checkpoint_interval,
+        )?;
+        if let Some(epoch) = opened.epoch {
+            // Before any event: the loader restarts its chain here too.
+            if let Err(e) = self.append_checkpoint(epoch.as_bytes()) {
+                tracing::warn!(stream = self.stream(), error = %e, "cannot start the hash chain; this run's events go unsigned");
+                return Ok(());
+            }
+        }
+        self.flusher.set_chain(opened.chain);
+        Ok(())
+    }
+
     /// Puts the writer in its failed state: every later append and wait returns
     /// `failure`. Not undone: the kernel may have dropped the unsynced pages.
     pub(crate) fn poison(&self, failure: WalError) {
@@ -817,6 +880,29 @@ impl Inner {
 }
 
 impl RoundSource for Inner {
+    fn append_checkpoint(&self, note: &[u8]) -> Result<Lsn, WalError> {
+        let frame_len = self.frame_len_for(note)?;
+        loop {
+            let no_room = match self.try_append(RecordKind::Checkpoint, note, frame_len)? {
+                FastAppend::Appended(lsn) => return Ok(lsn),
+                FastAppend::NoRoom(no_room) => no_room,
+                // No new segment once closing: the preparer is gone, and the
+                // events stay unsigned until the next open resumes the chain.
+                FastAppend::NeedsSegment if self.lock_state().closed => {
+                    return Err(WalError::Closed {
+                        stream: self.stream().to_string(),
+                    })
+                }
+                FastAppend::NeedsSegment => match self.rotate(frame_len, Rotation::Full)? {
+                    Ok(()) => continue,
+                    Err(no_room) => no_room,
+                },
+            };
+            // Never blocks the flusher: the next checkpoint tries again.
+            return Err(no_room.into_error(self.stream(), Duration::ZERO));
+        }
+    }
+
     fn take_sync_round(&self) -> SyncRound {
         let mut st = self.lock_state();
         SyncRound {

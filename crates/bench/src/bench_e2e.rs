@@ -1045,7 +1045,7 @@ impl Sink {
             let checkpoint = auditwal::loader::checkpoint::read(pg, &self.stream)
                 .await
                 .context("reading the loader's checkpoint")?
-                .unwrap_or(0);
+                .map_or(0, |c| c.lsn);
             if checkpoint >= lsn {
                 return Ok(Instant::now().saturating_duration_since(last));
             }

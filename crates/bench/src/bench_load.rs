@@ -168,14 +168,23 @@ fn write_copy_file(stream_dir: &Path, out: &Path) -> Result<(), Failure> {
     );
     let mut reader = StreamReader::open(stream_dir, 1, Follow::AtRest);
     let mut body = CopyBuffer::new();
+    // The same links the loader computes: the baseline sends the same bytes.
+    let mut chain = auditwal::chain::ChainState::epoch_at(0);
     loop {
         match reader.next_item(None).context("reading the bench WAL")? {
-            Some(ReadItem::Event { lsn, event, .. }) => body.push(
+            Some(ReadItem::Event {
+                lsn,
+                event,
+                payload,
+                ..
+            }) => body.push(
                 &event.event,
                 RowOrigin {
                     stream_id: STREAM,
                     lsn,
                     sample_rate: event.sample_rate,
+                    link: Some(chain.push(STREAM, lsn, &payload)),
+                    payload: Some(&payload),
                 },
             ),
             Some(_) => {}

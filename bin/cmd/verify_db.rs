@@ -1,0 +1,432 @@
+//! `auditwal verify-db`: proves a table's rows are what the writers signed
+//! (docs/integrity.md).
+//!
+//! For each stream (or `--stream`): the stored signed checkpoints, then the rows
+//! in LSN order, each with its link, its WAL record and its columns. Each row's
+//! columns are compared with what its record says (the record is what the link
+//! hashes), and `chain::audit` walks links and checkpoints into findings.
+//! Checkpoints held outside the database — the writer's local WAL
+//! (`--wal-dir`), exported notes (`--checkpoint FILE`) — show a tail cut together
+//! with the table's own checkpoints.
+//!
+//! Exit codes as `verify`'s: 0 clean, 1 findings, 2 bad usage (URL, key file),
+//! 3 the database or the WAL could not be read.
+
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use auditwal::chain::audit::{Auditor, Finding, Row, StoredCheckpoint, Summary};
+use auditwal::chain::{Checkpoint, Hash, Link, Verifier};
+use auditwal::columns::{self, ColumnVisitor, Value, EVENT_COLUMNS};
+use auditwal::wal::format::{self, RecordKind, ScanItem};
+use auditwal::wal::payload::decode_event;
+use auditwal::wal::reader::{is_stream_dir, list_segments, list_streams};
+use futures_util::TryStreamExt;
+use serde::Serialize;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgConnection, Row as _};
+
+use super::{progress, CmdResult, Failure, EXIT_FOUND_PROBLEM};
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  auditwal verify-db --database-url postgres://auditor@db/audit --public-key auditwal.pub\n  \
+auditwal verify-db --public-key auditwal.pub --stream api --wal-dir /var/lib/auditwal --json\n\n\
+Each finding names the stream, the LSN and what it is: a changed row, deleted rows, an\n\
+inserted row, a reordered pair, a forged or mismatched checkpoint, a cut tail.\n\
+Exit codes: 0 clean, 1 findings, 2 bad usage, 3 the database or the WAL cannot be read."
+)]
+pub struct VerifyDbArgs {
+    /// PostgreSQL connection URL (a role that can read audit_events and
+    /// audit_chain_checkpoints: auditwal_reader).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// The writers' public key (`auditwal keygen`'s auditwal.pub).
+    #[arg(long)]
+    pub public_key: PathBuf,
+    /// Only this stream.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// A WAL directory (or one stream's) whose newest checkpoints the table must
+    /// have reached: a cut of the table's newest rows and checkpoints shows here.
+    #[arg(long)]
+    pub wal_dir: Option<PathBuf>,
+    /// An exported checkpoint note (as `inspect --json` prints in `note`); may
+    /// be given more than once.
+    #[arg(long)]
+    pub checkpoint: Vec<PathBuf>,
+    /// One JSON object per finding, then one per stream summary.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Serialize)]
+struct JsonFinding<'a> {
+    stream_id: &'a str,
+    /// The LSN the finding sorts by (each kind's own fields say more).
+    at_lsn: u64,
+    #[serde(flatten)]
+    finding: &'a Finding,
+    description: String,
+}
+
+#[derive(Serialize)]
+struct JsonSummary<'a> {
+    stream_id: &'a str,
+    findings: usize,
+    #[serde(flatten)]
+    summary: &'a Summary,
+    secs: f64,
+}
+
+pub fn run(args: VerifyDbArgs) -> CmdResult {
+    let options: PgConnectOptions = args.database_url.parse().map_err(|e| {
+        Failure::usage(anyhow!("--database-url is not a valid PostgreSQL URL: {e}"))
+    })?;
+    let verifier = Verifier::read(&args.public_key).map_err(Failure::usage)?;
+    let mut external = Vec::new();
+    for path in &args.checkpoint {
+        let note = std::fs::read(path)
+            .with_context(|| format!("reading {}", path.display()))
+            .map_err(Failure::usage)?;
+        let c = Checkpoint::open(&note, &verifier)
+            .with_context(|| format!("{} is not a checkpoint signed by the key", path.display()))
+            .map_err(Failure::usage)?;
+        external.push((c, format!("the checkpoint file {}", path.display())));
+    }
+    if let Some(dir) = &args.wal_dir {
+        external.extend(wal_checkpoints(dir, &verifier).map_err(Failure::runtime)?);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(anyhow!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async move {
+        let mut conn = options
+            .connect()
+            .await
+            .context("connecting to the database")
+            .map_err(Failure::runtime)?;
+        let streams = match &args.stream {
+            Some(s) => vec![s.clone()],
+            None => list_db_streams(&mut conn, &external)
+                .await
+                .map_err(Failure::runtime)?,
+        };
+        let rows_done = Arc::new(AtomicU64::new(0));
+        let bar = progress::wanted(args.no_progress || args.json).then(|| {
+            let count = rows_done.clone();
+            progress::Progress::start("verify", None, move || count.load(Ordering::Relaxed))
+        });
+        let stdout = io::stdout();
+        let mut out = stdout.lock();
+        let mut total_findings = 0;
+        for stream in &streams {
+            let started = Instant::now();
+            let (findings, summary) =
+                verify_stream(&mut conn, stream, &verifier, &external, &rows_done)
+                    .await
+                    .with_context(|| format!("verifying stream {stream}"))
+                    .map_err(Failure::runtime)?;
+            total_findings += findings.len();
+            let secs = started.elapsed().as_secs_f64();
+            report(&mut out, args.json, stream, &findings, &summary, secs)
+                .context("writing to stdout")
+                .map_err(Failure::runtime)?;
+        }
+        if let Some(bar) = bar {
+            bar.finish(rows_done.load(Ordering::Relaxed), true);
+        }
+        if total_findings > 0 {
+            Ok(ExitCode::from(EXIT_FOUND_PROBLEM))
+        } else {
+            Ok(ExitCode::SUCCESS)
+        }
+    })
+}
+
+fn report(
+    out: &mut impl Write,
+    json: bool,
+    stream: &str,
+    findings: &[Finding],
+    summary: &Summary,
+    secs: f64,
+) -> io::Result<()> {
+    for f in findings {
+        if json {
+            let line = JsonFinding {
+                stream_id: stream,
+                at_lsn: f.lsn(),
+                finding: f,
+                description: f.describe(),
+            };
+            serde_json::to_writer(&mut *out, &line)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "finding: stream {stream}: {}", f.describe())?;
+        }
+    }
+    if json {
+        let line = JsonSummary {
+            stream_id: stream,
+            findings: findings.len(),
+            summary,
+            secs,
+        };
+        serde_json::to_writer(&mut *out, &line)?;
+        writeln!(out)?;
+    } else {
+        let verdict = match findings.len() {
+            0 => "clean".to_string(),
+            n => format!("{n} finding(s)"),
+        };
+        let mut line = format!(
+            "stream {stream}: {} row(s), {} checkpoint(s), signed through LSN {}, {} newer row(s) \
+             not yet covered by a signature ({:.0} rows/s): {verdict}",
+            summary.rows,
+            summary.checkpoints,
+            summary.signed_through,
+            summary.unsigned_rows,
+            summary.rows as f64 / secs.max(1e-9),
+        );
+        if let Some(lsn) = summary.unanchored_from {
+            line.push_str(&format!(
+                "; the rows before LSN {} are gone (retention) and no checkpoint holds the \
+                 hash there, so the first row's link is not checked",
+                lsn + 1
+            ));
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// Every stream the loader or a checkpoint knows.
+async fn list_db_streams(
+    conn: &mut PgConnection,
+    external: &[(Checkpoint, String)],
+) -> anyhow::Result<Vec<String>> {
+    let mut streams: Vec<String> = sqlx::query_scalar(
+        "SELECT stream_id FROM audit_checkpoints \
+         UNION SELECT stream_id FROM audit_chain_checkpoints ORDER BY 1",
+    )
+    .fetch_all(conn)
+    .await
+    .context("listing the streams (is the schema migrated?)")?;
+    for (c, _) in external {
+        if !streams.contains(&c.stream) {
+            streams.push(c.stream.clone());
+        }
+    }
+    Ok(streams)
+}
+
+/// The SELECT list: the chain columns, then each event column in a text form
+/// [`Rendered`] compares exactly.
+fn select_list() -> String {
+    let mut cols = vec![
+        "lsn".to_string(),
+        "chain_prev_lsn".into(),
+        "chain_hash".into(),
+        "wal_payload".into(),
+        "sample_rate".into(),
+    ];
+    for c in EVENT_COLUMNS {
+        cols.push(match c.pg_type {
+            "timestamptz" => format!(
+                "(extract(epoch FROM {0}) * 1000000)::int8::text AS {0}",
+                c.name
+            ),
+            "inet" => format!("host({0}) AS {0}", c.name),
+            "text" => c.name.to_string(),
+            _ => format!("{0}::text AS {0}", c.name),
+        });
+    }
+    cols.join(", ")
+}
+
+/// One column's value in a form both sides can give: text as is, times as
+/// microseconds, addresses and JSON parsed and printed again.
+fn render_json(text: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => normalize_json(&v),
+        Err(_) => format!("unparsable JSON {text:?}"),
+    }
+}
+
+/// JSON with keys sorted and numbers by value (jsonb keeps 1.0 and prints 1e2
+/// as 100; both sides print each number the same way here).
+fn normalize_json(v: &serde_json::Value) -> String {
+    use serde_json::Value as J;
+    match v {
+        J::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let inner: Vec<String> = keys
+                .iter()
+                .map(|k| format!("{}:{}", J::String((*k).clone()), normalize_json(&m[*k])))
+                .collect();
+            format!("{{{}}}", inner.join(","))
+        }
+        J::Array(a) => format!(
+            "[{}]",
+            a.iter().map(normalize_json).collect::<Vec<_>>().join(",")
+        ),
+        J::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => i.to_string(),
+            (_, Some(u), _) => u.to_string(),
+            (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => (f as i64).to_string(),
+            (_, _, Some(f)) => f.to_string(),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The decoded record's columns, rendered.
+struct Rendered(Vec<Option<String>>);
+
+impl ColumnVisitor<'_> for Rendered {
+    fn value(&mut self, value: Value<'_>) {
+        self.0.push(match value {
+            Value::Uuid(u) => Some(u.hyphenated().to_string()),
+            Value::Timestamptz(t) => Some(t.timestamp_micros().to_string()),
+            Value::Text(s) => Some(s.to_string()),
+            Value::OptText(s) => s.map(str::to_string),
+            Value::Outcome(o) => o.map(|o| o.as_str().to_string()),
+            Value::Inet(ip) => ip.map(|ip| ip.to_string()),
+            Value::Jsonb(j) => j.map(|j| render_json(j.as_str())),
+        });
+    }
+}
+
+/// `Ok(())`, or the first column that differs from the record.
+fn compare(row: &sqlx::postgres::PgRow, payload: &[u8]) -> Result<(), String> {
+    let decoded =
+        decode_event(payload).map_err(|e| format!("wal_payload (does not decode: {e})"))?;
+    let sample_rate: f64 = row.try_get("sample_rate").map_err(|e| e.to_string())?;
+    if sample_rate != decoded.sample_rate {
+        return Err("sample_rate".into());
+    }
+    let mut want = Rendered(Vec::with_capacity(EVENT_COLUMNS.len()));
+    columns::visit_event(&decoded.event, &mut want);
+    for (c, want) in EVENT_COLUMNS.iter().zip(want.0) {
+        let got: Option<String> = row.try_get(c.name).map_err(|e| e.to_string())?;
+        let got = got.map(|g| match c.pg_type {
+            "jsonb" => render_json(&g),
+            "inet" => g.parse::<IpAddr>().map_or(g, |ip| ip.to_string()),
+            _ => g,
+        });
+        if got != want {
+            return Err(c.name.to_string());
+        }
+    }
+    Ok(())
+}
+
+async fn verify_stream(
+    conn: &mut PgConnection,
+    stream: &str,
+    verifier: &Verifier,
+    external: &[(Checkpoint, String)],
+    rows_done: &AtomicU64,
+) -> anyhow::Result<(Vec<Finding>, Summary)> {
+    let stored: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT lsn, note FROM audit_chain_checkpoints WHERE stream_id = $1 ORDER BY lsn",
+    )
+    .bind(stream)
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading audit_chain_checkpoints")?;
+    let stored: Vec<StoredCheckpoint> = stored
+        .into_iter()
+        .map(|(lsn, note)| StoredCheckpoint {
+            lsn: lsn.max(0) as u64,
+            note,
+        })
+        .collect();
+    let mut auditor = Auditor::new(stream, &stored, verifier);
+    for (c, source) in external {
+        auditor.external(c.clone(), source.clone());
+    }
+    let sql = format!(
+        "SELECT {} FROM {} WHERE stream_id = $1 ORDER BY lsn",
+        select_list(),
+        columns::TABLE
+    );
+    let mut rows = sqlx::query(&sql).bind(stream).fetch(&mut *conn);
+    while let Some(row) = rows.try_next().await.context("reading audit_events")? {
+        let lsn: i64 = row.try_get("lsn")?;
+        let prev: Option<i64> = row.try_get("chain_prev_lsn")?;
+        let hash: Option<Vec<u8>> = row.try_get("chain_hash")?;
+        let payload: Option<Vec<u8>> = row.try_get("wal_payload")?;
+        let link = match (prev, hash.as_deref().map(Hash::try_from)) {
+            (Some(prev), Some(Ok(hash))) => Some(Link {
+                prev_lsn: prev.max(0) as u64,
+                hash,
+            }),
+            _ => None,
+        };
+        let content = match &payload {
+            Some(p) => compare(&row, p),
+            None => Ok(()),
+        };
+        auditor.push(Row {
+            lsn: lsn.max(0) as u64,
+            link,
+            payload,
+            content,
+        });
+        rows_done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(auditor.finish())
+}
+
+/// The newest checkpoint record of each stream under `dir` (a WAL directory or
+/// one stream's), signed by the key.
+fn wal_checkpoints(dir: &Path, verifier: &Verifier) -> anyhow::Result<Vec<(Checkpoint, String)>> {
+    let stream_dirs: Vec<PathBuf> = if is_stream_dir(dir) || !list_segments(dir)?.is_empty() {
+        vec![dir.to_path_buf()]
+    } else {
+        list_streams(dir)?
+            .into_iter()
+            .map(|s| dir.join(s))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for stream_dir in stream_dirs {
+        'segments: for seg in list_segments(&stream_dir)?.iter().rev() {
+            let bytes = std::fs::read(&seg.path)
+                .with_context(|| format!("reading {}", seg.path.display()))?;
+            let mut newest = None;
+            for item in format::scan_segment(&bytes) {
+                if let ScanItem::Record { record, .. } = item {
+                    if record.kind == RecordKind::Checkpoint {
+                        if let Ok(c) = Checkpoint::open(record.payload, verifier) {
+                            newest = Some((c, record.lsn));
+                        }
+                    }
+                }
+            }
+            if let Some((c, lsn)) = newest {
+                let source = format!(
+                    "the local WAL's checkpoint at LSN {lsn} ({})",
+                    seg.path.display()
+                );
+                out.push((c, source));
+                break 'segments;
+            }
+        }
+    }
+    Ok(out)
+}
