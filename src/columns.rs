@@ -277,7 +277,18 @@ mod tests {
         let event = names(EVENT_COLUMNS);
         assert_eq!(
             names(&LOADED_COLUMNS),
-            [&event[..], &["stream_id", "lsn", "sample_rate"]].concat()
+            [
+                &event[..],
+                &[
+                    "stream_id",
+                    "lsn",
+                    "sample_rate",
+                    "chain_prev_lsn",
+                    "chain_hash",
+                    "wal_payload"
+                ]
+            ]
+            .concat()
         );
         assert_eq!(
             names(&SYNC_COLUMNS),

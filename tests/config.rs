@@ -140,6 +140,9 @@ sync_timeout_ms = 1500
 link_timeout_ms = 4000
 sync_migrate = false
 zero_fill_segments = false
+chain_key = "/etc/auditwal/auditwal.key"
+checkpoint_every = 500
+checkpoint_interval_ms = 2000
 max_event_bytes = "8KiB"
 "#,
         wal(d.path())
@@ -170,6 +173,12 @@ max_event_bytes = "8KiB"
     assert_eq!(c.sync_config().link_timeout, Duration::from_secs(4));
     assert!(!c.sync_migrate);
     assert!(!c.zero_fill_segments);
+    assert_eq!(
+        c.chain_key.as_deref(),
+        Some(Path::new("/etc/auditwal/auditwal.key"))
+    );
+    assert_eq!(c.checkpoint_every, 500);
+    assert_eq!(c.checkpoint_interval, Duration::from_secs(2));
     assert_eq!(c.max_event_bytes, 8192);
     // Every setting of the table was covered by this file.
     for s in SETTINGS {
@@ -203,6 +212,9 @@ fn environment_sets_every_setting() {
         ("AUDITWAL_LINK_TIMEOUT_MS", "3000"),
         ("AUDITWAL_SYNC_MIGRATE", "no"),
         ("AUDITWAL_ZERO_FILL_SEGMENTS", "off"),
+        ("AUDITWAL_CHAIN_KEY", "/keys/a.key"),
+        ("AUDITWAL_CHECKPOINT_EVERY", "7"),
+        ("AUDITWAL_CHECKPOINT_INTERVAL_MS", "100"),
         ("AUDITWAL_MAX_EVENT_BYTES", "4096"),
         ("UNRELATED", "x"),
     ];
@@ -226,6 +238,20 @@ fn environment_sets_every_setting() {
     assert!(
         !c.wal_config().expect("wal dir set").zero_fill_segments,
         "the WAL writer gets the setting"
+    );
+    let wal_config = c.wal_config().expect("wal dir set");
+    assert_eq!(
+        (
+            wal_config.chain_key.as_deref(),
+            wal_config.checkpoint_every,
+            wal_config.checkpoint_interval
+        ),
+        (
+            Some(Path::new("/keys/a.key")),
+            7,
+            Duration::from_millis(100)
+        ),
+        "the WAL writer gets the chain settings"
     );
     assert_eq!(c.max_event_bytes, 4096);
     for s in SETTINGS {

@@ -334,7 +334,18 @@ impl Auditor {
             None => self.anchor(link.prev_lsn),
         };
         if let Some(prev_hash) = prev_hash {
-            if link_hash(&self.stream, row.lsn, link.prev_lsn, payload, &prev_hash) != link.hash {
+            let verifies = |prev: &Hash| {
+                link_hash(&self.stream, row.lsn, link.prev_lsn, payload, prev) == link.hash
+            };
+            // A loader whose chain disagreed with a checkpoint continues from
+            // the signed head (loader::cursor): the mismatch is reported at
+            // that checkpoint, and the link after it follows the head.
+            let follows_checkpoint = || {
+                self.checkpoints
+                    .get(&link.prev_lsn)
+                    .is_some_and(|(_, c, _)| !c.is_epoch() && verifies(&c.head))
+            };
+            if !verifies(&prev_hash) && !follows_checkpoint() {
                 p.suspect = true;
                 p.findings.push(Finding::ChangedRow {
                     lsn: row.lsn,

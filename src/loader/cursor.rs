@@ -58,6 +58,8 @@ pub struct Cursor {
     /// The hash chain through the last record gathered: each event's link
     /// follows it, an epoch checkpoint restarts it (`chain`).
     chain: ChainState,
+    /// `chain` when the batch being gathered began.
+    batch_start: ChainState,
     /// Consumed segments and their last LSN, waiting for the checkpoint to pass it.
     consumed: Vec<(PathBuf, Lsn)>,
     /// True when the last gather stopped because nothing more is written at all.
@@ -96,6 +98,7 @@ impl Cursor {
                 head: from.chain_head,
                 ..ChainState::epoch_at(from.chain_lsn)
             },
+            batch_start: ChainState::epoch_at(0),
             consumed,
             at_end: false,
             written_seen: committed,
@@ -120,6 +123,7 @@ impl Cursor {
     /// is alive to raise it, the stream is settled first (wal::settle).
     pub fn next_batch(&mut self, limits: &BatchLimits) -> Result<Gathered, CursorError> {
         let mut durable = reader::read_durable_lsn(&self.dir)?;
+        self.batch_start = self.chain;
         let mut out = Gathered {
             batch: Batch {
                 rows: Vec::new(),
@@ -205,6 +209,8 @@ impl Cursor {
                         // before its next event: follow it.
                         if checkpoint.is_epoch() && checkpoint.size >= self.chain.lsn {
                             self.chain = ChainState::epoch_at(checkpoint.size);
+                        } else if !checkpoint.is_epoch() {
+                            self.follow(&checkpoint, &mut out.batch.rows);
                         }
                         out.batch.signed.push(SignedCheckpoint {
                             lsn,
@@ -233,6 +239,43 @@ impl Cursor {
                     .unwrap_or_else(|| format!("{damage:?}")),
             ),
         }
+    }
+
+    /// Where this loader's chain disagrees with a signed checkpoint, continues
+    /// from the checkpoint's head, so that one divergence is one finding of
+    /// verify-db and not one per later checkpoint. It happens when the loader
+    /// began mid-stream (a new database, segments before it already retired:
+    /// its chain could not know the head it started from) and when records
+    /// were changed in the WAL before the loader read them. The rows of this
+    /// batch after the checkpoint's size get their links again; when some were
+    /// committed by an earlier batch, the chain is left as it is.
+    fn follow(&mut self, checkpoint: &Checkpoint, rows: &mut [BatchRow]) {
+        let tail = rows.partition_point(|r| r.lsn <= checkpoint.size);
+        let ours = match tail.checked_sub(1) {
+            Some(i) => rows[i].link.map(|l| l.hash),
+            None if self.batch_start.lsn <= checkpoint.size => Some(self.batch_start.head),
+            // Links after the checkpoint's size are already committed.
+            None => return,
+        };
+        if ours == Some(checkpoint.head) {
+            return;
+        }
+        tracing::warn!(
+            stream = %self.stream,
+            size = checkpoint.size,
+            "hash chain: the loaded rows do not hash to the signed checkpoint's head \
+             (loading began mid-stream, or the WAL was changed); continuing from the signed head"
+        );
+        let mut chain = ChainState {
+            lsn: checkpoint.size,
+            head: checkpoint.head,
+            events: checkpoint.events,
+            epoch: checkpoint.epoch,
+        };
+        for row in &mut rows[tail..] {
+            row.link = Some(chain.push(&self.stream, row.lsn, &row.payload));
+        }
+        self.chain = chain;
     }
 
     fn settle_due(&self) -> bool {

@@ -1238,8 +1238,8 @@ mod tests {
                 FormatError::UnknownKind { kind: 0 },
             ),
             (
-                raw_frame(1, 3, 3, [0; 3], b"x"),
-                FormatError::UnknownKind { kind: 3 },
+                raw_frame(1, 3, 4, [0; 3], b"x"),
+                FormatError::UnknownKind { kind: 4 },
             ),
             (
                 raw_frame(1, 3, 1, [0, 1, 0], b"x"),

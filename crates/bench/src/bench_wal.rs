@@ -12,6 +12,9 @@
 //!   config (64 MiB segments, flusher fdatasync every 100 ms; rotations fall in
 //!   the measured run). Baseline: encode the same frame, `write()` it to a file
 //!   opened O_APPEND, a background thread fdatasyncs every 100 ms.
+//! - `async-1t-signed` / `async-1t`: the cost of the hash chain
+//!   (docs/integrity.md): the same appends with a chain key, so the flusher
+//!   hashes every record after each round and appends signed checkpoints.
 //! - `async-2t` / `raw-write-2t`: the same with two appending threads.
 //! - `durable-64` / `raw-fdatasync-64`: 64 threads, each appending and waiting
 //!   for its record to be durable. Ours: `append_durable` (flusher group
@@ -96,6 +99,9 @@ struct Run {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Case {
     Async(usize),
+    /// As `Async`, with the hash chain signed (AUDITWAL_CHAIN_KEY): the
+    /// flusher hashes every record and appends checkpoints.
+    AsyncSigned(usize),
     RawWrite(usize),
     Durable,
     RawFdatasync,
@@ -111,6 +117,7 @@ impl Case {
     fn name(self) -> String {
         match self {
             Case::Async(t) => format!("async-{t}t"),
+            Case::AsyncSigned(t) => format!("async-{t}t-signed"),
             Case::RawWrite(t) => format!("raw-write-{t}t"),
             Case::Durable => format!("durable-{DURABLE_THREADS}"),
             Case::RawFdatasync => format!("raw-fdatasync-{DURABLE_THREADS}"),
@@ -143,6 +150,7 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
     // Pairs of (ours, baseline); rounds alternate which of a pair goes first.
     let pairs = [
         (Case::Async(1), Case::RawWrite(1), async_events),
+        (Case::AsyncSigned(1), Case::Async(1), async_events),
         (Case::Async(2), Case::RawWrite(2), async_events),
         (Case::Durable, Case::RawFdatasync, durable_events),
         (
@@ -204,7 +212,10 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
     for &(ours, baseline, _) in &pairs {
         let b = summary(baseline);
         let o = summary(ours).against(&b);
-        results.push(b);
+        // async-1t is both a case and the signed case's baseline: once.
+        if !results.iter().any(|r: &BenchResult| r.case == b.case) {
+            results.push(b);
+        }
         results.push(o);
     }
     report(&results, json);
@@ -307,7 +318,14 @@ fn round1(v: f64) -> f64 {
 
 fn run_case(case: Case, dir: &Path, events: &Arc<Vec<AuditEvent>>, n: u64) -> anyhow::Result<Run> {
     match case {
-        Case::Async(threads) => wal_async(dir, events, threads, n),
+        Case::Async(threads) => wal_async(dir, events, threads, n, None),
+        Case::AsyncSigned(threads) => {
+            let keys = dir.with_extension("keys");
+            let (key, _) = auditwal::chain::keys::write_pair(&keys, "bench")?;
+            let run = wal_async(dir, events, threads, n, Some(key));
+            let _ = std::fs::remove_dir_all(&keys);
+            run
+        }
         Case::RawWrite(threads) => raw_write(dir, events, threads, n),
         Case::Durable => wal_durable(dir, events, n),
         Case::RawFdatasync => raw_fdatasync(dir, events, n),
@@ -426,8 +444,11 @@ fn wal_async(
     events: &Arc<Vec<AuditEvent>>,
     threads: usize,
     n: u64,
+    chain_key: Option<PathBuf>,
 ) -> anyhow::Result<Run> {
-    let wal = Arc::new(WalWriter::open(wal_config(dir))?);
+    let mut config = wal_config(dir);
+    config.chain_key = chain_key;
+    let wal = Arc::new(WalWriter::open(config)?);
     let per = n / threads as u64;
     let run = timed_calls(events, threads, per, || {
         let wal = wal.clone();
