@@ -22,6 +22,7 @@
 //! | `log` | [`AuditLog`]: the modes, sampling, the full-disk policy, counters |
 //! | `sampling` | which events a sampled call keeps |
 //! | `wal` | the segment WAL: format, writer, flusher, reader, recovery |
+//! | `chain` | the hash chain: links, signed checkpoints, keys, verify-db's walk (docs/integrity.md) |
 //! | `loader` | WAL to PostgreSQL: cursor, batches, binary COPY, checkpoints, replay |
 //! | `pg` | sync mode, the schema, connection tuning, [`PgError`] |
 //!
