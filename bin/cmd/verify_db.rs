@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use auditwal::chain::audit::{Auditor, Finding, Row, StoredCheckpoint, Summary};
@@ -92,6 +92,8 @@ pub fn run(args: VerifyDbArgs) -> CmdResult {
     let options: PgConnectOptions = args.database_url.parse().map_err(|e| {
         Failure::usage(anyhow!("--database-url is not a valid PostgreSQL URL: {e}"))
     })?;
+    // The walk is one long statement by design: no slow-statement warning.
+    let options = options.log_slow_statements(tracing::log::LevelFilter::Off, Duration::MAX);
     let verifier = Verifier::read(&args.public_key).map_err(Failure::usage)?;
     let mut external = Vec::new();
     for path in &args.checkpoint {
@@ -231,82 +233,102 @@ async fn list_db_streams(
     Ok(streams)
 }
 
-/// The SELECT list: the chain columns, then each event column in a text form
-/// [`Rendered`] compares exactly.
+/// The SELECT list: the chain columns, then each event column in a form
+/// [`Checker`] compares with the record's value without rendering it.
 fn select_list() -> String {
-    let mut cols = vec![
-        "lsn".to_string(),
-        "chain_prev_lsn".into(),
-        "chain_hash".into(),
-        "wal_payload".into(),
-        "sample_rate".into(),
-    ];
+    let mut cols: Vec<String> = CHAIN_COLUMNS.iter().map(|c| c.to_string()).collect();
     for c in EVENT_COLUMNS {
         cols.push(match c.pg_type {
-            "timestamptz" => format!(
-                "(extract(epoch FROM {0}) * 1000000)::int8::text AS {0}",
-                c.name
-            ),
+            "timestamptz" => format!("(extract(epoch FROM {0}) * 1000000)::int8 AS {0}", c.name),
             "inet" => format!("host({0}) AS {0}", c.name),
-            "text" => c.name.to_string(),
-            _ => format!("{0}::text AS {0}", c.name),
+            "jsonb" => format!("{0}::text AS {0}", c.name),
+            _ => c.name.to_string(),
         });
     }
     cols.join(", ")
 }
 
-/// One column's value in a form both sides can give: text as is, times as
-/// microseconds, addresses and JSON parsed and printed again.
-fn render_json(text: &str) -> String {
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(v) => normalize_json(&v),
-        Err(_) => format!("unparsable JSON {text:?}"),
-    }
-}
+/// The columns before the event's, in [`select_list`] order.
+const CHAIN_COLUMNS: [&str; 5] = [
+    "lsn",
+    "chain_prev_lsn",
+    "chain_hash",
+    "wal_payload",
+    "sample_rate",
+];
 
-/// JSON with keys sorted and numbers by value (jsonb keeps 1.0 and prints 1e2
-/// as 100; both sides print each number the same way here).
-fn normalize_json(v: &serde_json::Value) -> String {
+/// JSON equality by value: keys in any order, numbers by value (jsonb keeps
+/// 1.0 as 1.0 but prints 1e2 as 100).
+fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     use serde_json::Value as J;
-    match v {
-        J::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            let inner: Vec<String> = keys
-                .iter()
-                .map(|k| format!("{}:{}", J::String((*k).clone()), normalize_json(&m[*k])))
-                .collect();
-            format!("{{{}}}", inner.join(","))
+    match (a, b) {
+        (J::Object(x), J::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
         }
-        J::Array(a) => format!(
-            "[{}]",
-            a.iter().map(normalize_json).collect::<Vec<_>>().join(",")
-        ),
-        J::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => i.to_string(),
-            (_, Some(u), _) => u.to_string(),
-            (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => (f as i64).to_string(),
-            (_, _, Some(f)) => f.to_string(),
-            _ => n.to_string(),
+        (J::Array(x), J::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| json_eq(v, w))
+        }
+        (J::Number(x), J::Number(y)) => match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
+            (Some(i), Some(j), _, _) => i == j,
+            (_, _, Some(i), Some(j)) => i == j,
+            _ => x.as_f64() == y.as_f64(),
         },
-        other => other.to_string(),
+        _ => a == b,
     }
 }
 
-/// The decoded record's columns, rendered.
-struct Rendered(Vec<Option<String>>);
+fn json_text_eq(stored: &str, record: &str) -> bool {
+    if stored == record {
+        return true;
+    }
+    match (
+        serde_json::from_str::<serde_json::Value>(stored),
+        serde_json::from_str::<serde_json::Value>(record),
+    ) {
+        (Ok(a), Ok(b)) => json_eq(&a, &b),
+        _ => false,
+    }
+}
 
-impl ColumnVisitor<'_> for Rendered {
+/// Compares each event column of a row with the record's value, in
+/// [`EVENT_COLUMNS`] order; remembers the first that differs.
+struct Checker<'r> {
+    row: &'r sqlx::postgres::PgRow,
+    index: usize,
+    first_bad: Option<&'static str>,
+}
+
+impl ColumnVisitor<'_> for Checker<'_> {
     fn value(&mut self, value: Value<'_>) {
-        self.0.push(match value {
-            Value::Uuid(u) => Some(u.hyphenated().to_string()),
-            Value::Timestamptz(t) => Some(t.timestamp_micros().to_string()),
-            Value::Text(s) => Some(s.to_string()),
-            Value::OptText(s) => s.map(str::to_string),
-            Value::Outcome(o) => o.map(|o| o.as_str().to_string()),
-            Value::Inet(ip) => ip.map(|ip| ip.to_string()),
-            Value::Jsonb(j) => j.map(|j| render_json(j.as_str())),
-        });
+        let i = self.index;
+        self.index += 1;
+        if self.first_bad.is_some() {
+            return;
+        }
+        let row = self.row;
+        let text = || row.try_get::<Option<&str>, _>(i);
+        let same = match value {
+            Value::Uuid(u) => row.try_get::<uuid::Uuid, _>(i).is_ok_and(|g| g == *u),
+            Value::Timestamptz(t) => row
+                .try_get::<i64, _>(i)
+                .is_ok_and(|g| g == t.timestamp_micros()),
+            Value::Text(s) => row.try_get::<&str, _>(i).is_ok_and(|g| g == s),
+            Value::OptText(s) => text().is_ok_and(|g| g == s),
+            Value::Outcome(o) => text().is_ok_and(|g| g == o.map(|o| o.as_str())),
+            Value::Inet(ip) => {
+                text().is_ok_and(|g| g.map(|g| g.parse::<IpAddr>().ok()) == ip.map(Some))
+            }
+            Value::Jsonb(j) => text().is_ok_and(|g| match (g, j) {
+                (None, None) => true,
+                (Some(g), Some(j)) => json_text_eq(g, j.as_str()),
+                _ => false,
+            }),
+        };
+        if !same {
+            self.first_bad = Some(EVENT_COLUMNS[i - CHAIN_COLUMNS.len()].name);
+        }
     }
 }
 
@@ -314,24 +336,20 @@ impl ColumnVisitor<'_> for Rendered {
 fn compare(row: &sqlx::postgres::PgRow, payload: &[u8]) -> Result<(), String> {
     let decoded =
         decode_event(payload).map_err(|e| format!("wal_payload (does not decode: {e})"))?;
-    let sample_rate: f64 = row.try_get("sample_rate").map_err(|e| e.to_string())?;
+    let sample_rate: f64 = row.try_get(4).map_err(|e| e.to_string())?;
     if sample_rate != decoded.sample_rate {
         return Err("sample_rate".into());
     }
-    let mut want = Rendered(Vec::with_capacity(EVENT_COLUMNS.len()));
-    columns::visit_event(&decoded.event, &mut want);
-    for (c, want) in EVENT_COLUMNS.iter().zip(want.0) {
-        let got: Option<String> = row.try_get(c.name).map_err(|e| e.to_string())?;
-        let got = got.map(|g| match c.pg_type {
-            "jsonb" => render_json(&g),
-            "inet" => g.parse::<IpAddr>().map_or(g, |ip| ip.to_string()),
-            _ => g,
-        });
-        if got != want {
-            return Err(c.name.to_string());
-        }
+    let mut checker = Checker {
+        row,
+        index: CHAIN_COLUMNS.len(),
+        first_bad: None,
+    };
+    columns::visit_event(&decoded.event, &mut checker);
+    match checker.first_bad {
+        None => Ok(()),
+        Some(column) => Err(column.to_string()),
     }
-    Ok(())
 }
 
 async fn verify_stream(
@@ -366,11 +384,11 @@ async fn verify_stream(
     );
     let mut rows = sqlx::query(&sql).bind(stream).fetch(&mut *conn);
     while let Some(row) = rows.try_next().await.context("reading audit_events")? {
-        let lsn: i64 = row.try_get("lsn")?;
-        let prev: Option<i64> = row.try_get("chain_prev_lsn")?;
-        let hash: Option<Vec<u8>> = row.try_get("chain_hash")?;
-        let payload: Option<Vec<u8>> = row.try_get("wal_payload")?;
-        let link = match (prev, hash.as_deref().map(Hash::try_from)) {
+        let lsn: i64 = row.try_get(0)?;
+        let prev: Option<i64> = row.try_get(1)?;
+        let hash: Option<&[u8]> = row.try_get(2)?;
+        let payload: Option<Vec<u8>> = row.try_get(3)?;
+        let link = match (prev, hash.map(Hash::try_from)) {
             (Some(prev), Some(Ok(hash))) => Some(Link {
                 prev_lsn: prev.max(0) as u64,
                 hash,
