@@ -24,9 +24,8 @@ use anyhow::{anyhow, Context};
 use auditwal::chain::audit::{Auditor, Finding, Row, StoredCheckpoint, Summary};
 use auditwal::chain::{Checkpoint, Hash, Link, Verifier};
 use auditwal::columns::{self, ColumnVisitor, Value, EVENT_COLUMNS};
-use auditwal::wal::format::{self, RecordKind, ScanItem};
 use auditwal::wal::payload::decode_event;
-use auditwal::wal::reader::{is_stream_dir, list_segments, list_streams};
+use auditwal::wal::reader::{is_stream_dir, list_segments, list_streams, newest_checkpoint};
 use futures_util::TryStreamExt;
 use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
@@ -423,27 +422,14 @@ fn wal_checkpoints(dir: &Path, verifier: &Verifier) -> anyhow::Result<Vec<(Check
     };
     let mut out = Vec::new();
     for stream_dir in stream_dirs {
-        'segments: for seg in list_segments(&stream_dir)?.iter().rev() {
-            let bytes = std::fs::read(&seg.path)
-                .with_context(|| format!("reading {}", seg.path.display()))?;
-            let mut newest = None;
-            for item in format::scan_segment(&bytes) {
-                if let ScanItem::Record { record, .. } = item {
-                    if record.kind == RecordKind::Checkpoint {
-                        if let Ok(c) = Checkpoint::open(record.payload, verifier) {
-                            newest = Some((c, record.lsn));
-                        }
-                    }
-                }
-            }
-            if let Some((c, lsn)) = newest {
-                let source = format!(
-                    "the local WAL's checkpoint at LSN {lsn} ({})",
-                    seg.path.display()
-                );
-                out.push((c, source));
-                break 'segments;
-            }
+        let newest =
+            newest_checkpoint(&stream_dir, |_, note| Checkpoint::open(note, verifier).ok())?;
+        if let Some((c, lsn, segment)) = newest {
+            let source = format!(
+                "the local WAL's checkpoint at LSN {lsn} ({})",
+                segment.display()
+            );
+            out.push((c, source));
         }
     }
     Ok(out)

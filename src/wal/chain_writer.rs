@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::WalError;
-use super::format::{self, FrameOutcome, Lsn, RecordKind, ScanItem};
+use super::format::{self, FrameOutcome, Lsn, RecordKind};
 use super::reader::{self, Follow, ReadItem, StreamReader};
 use super::segment::Segment;
 use crate::chain::{ChainState, Checkpoint, Signer};
@@ -240,40 +240,30 @@ fn read_failed(path: &Path, e: impl std::fmt::Display) -> WalError {
     }
 }
 
-/// The newest checkpoint record of the stream signed by `signer`, newest
-/// segment first.
+/// The newest checkpoint record of the stream signed by `signer`.
 fn last_checkpoint(
     stream_dir: &Path,
     stream: &str,
     signer: &Signer,
 ) -> Result<Option<Checkpoint>, WalError> {
     let verifier = signer.verifier();
-    let segments = reader::list_segments(stream_dir).map_err(|e| read_failed(stream_dir, e))?;
-    for seg in segments.iter().rev() {
-        let bytes = std::fs::read(&seg.path).map_err(|e| read_failed(&seg.path, e))?;
-        let mut last = None;
-        for item in format::scan_segment(&bytes) {
-            if let ScanItem::Record { record, .. } = item {
-                if record.kind != RecordKind::Checkpoint {
-                    continue;
-                }
-                match Checkpoint::open(record.payload, &verifier) {
-                    Ok(c) if c.stream == stream => last = Some(c),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(
-                        stream,
-                        lsn = record.lsn,
-                        error = %e,
-                        "hash chain: a checkpoint record not signed by this key is ignored"
-                    ),
-                }
+    let found = reader::newest_checkpoint(stream_dir, |lsn, note| {
+        match Checkpoint::open(note, &verifier) {
+            Ok(c) if c.stream == stream => Some(c),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(
+                    stream,
+                    lsn,
+                    error = %e,
+                    "hash chain: a checkpoint record not signed by this key is ignored"
+                );
+                None
             }
         }
-        if last.is_some() {
-            return Ok(last);
-        }
-    }
-    Ok(None)
+    })
+    .map_err(|e| read_failed(stream_dir, e))?;
+    Ok(found.map(|(c, _, _)| c))
 }
 
 /// The chain from checkpoint `from`, through the events on disk up to

@@ -77,7 +77,7 @@ pub use error::WalError;
 pub use format::{FormatError, Lsn, RecordKind};
 pub use payload::{PayloadError, WalEvent};
 pub use reader::{
-    is_stream_dir, list_segments, list_streams, read_durable_lsn, Follow, ReadError, ReadItem,
+    is_stream_dir, list_segments, list_streams, newest_checkpoint, read_durable_lsn, Follow, ReadError, ReadItem,
     SegmentFile, StreamReader,
 };
 pub use recovery::RecoveryReport;

@@ -291,6 +291,37 @@ pub fn list_segments(stream_dir: &Path) -> Result<Vec<SegmentFile>, ReadError> {
     Ok(segments)
 }
 
+/// The newest checkpoint record of the stream in `stream_dir` that `accept`
+/// takes (it gets the record's LSN and note bytes): what `accept` made of it,
+/// its LSN and its segment. Segments are read newest first, and the search
+/// stops in the first one holding such a record. The writer resumes its hash
+/// chain from it; `verify-db --wal-dir` compares the table with it.
+pub fn newest_checkpoint<T>(
+    stream_dir: &Path,
+    mut accept: impl FnMut(Lsn, &[u8]) -> Option<T>,
+) -> Result<Option<(T, Lsn, PathBuf)>, ReadError> {
+    for seg in list_segments(stream_dir)?.iter().rev() {
+        let bytes = std::fs::read(&seg.path).map_err(|source| ReadError::OpenSegment {
+            path: seg.path.clone(),
+            source,
+        })?;
+        let mut newest = None;
+        for item in crate::wal::format::scan_segment(&bytes) {
+            if let ScanItem::Record { record, .. } = item {
+                if record.kind == RecordKind::Checkpoint {
+                    if let Some(t) = accept(record.lsn, record.payload) {
+                        newest = Some((t, record.lsn));
+                    }
+                }
+            }
+        }
+        if let Some((t, lsn)) = newest {
+            return Ok(Some((t, lsn, seg.path.clone())));
+        }
+    }
+    Ok(None)
+}
+
 /// The durable watermark of a stream: every record up to this LSN has been
 /// fsynced. 0 when the sidecar does not exist yet or does not check out (it is
 /// rewritten in place after each fsync; a torn read is retried a few times, then
