@@ -475,6 +475,9 @@ impl Config {
             link_timeout: self.link_timeout,
             migrate: self.sync_migrate,
             max_event_bytes: self.max_event_bytes,
+            chain_key: self.chain_key.clone(),
+            checkpoint_every: self.checkpoint_every,
+            checkpoint_interval: self.checkpoint_interval,
             ..SyncConfig::default()
         }
     }

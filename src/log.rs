@@ -444,9 +444,13 @@ impl AuditLog {
     /// Refuses further calls ([`AuditError::Closed`]), then fsyncs every record
     /// appended so far, writes the durable watermark, and releases the stream's
     /// lock, so the stream can be reopened and a loader loads everything.
-    /// Idempotent. Sync calls already in flight finish on their own.
+    /// Sync mode's writer answers the calls it has queued and signs its
+    /// chains' last events ([`SyncWriter::close`]). Idempotent.
     pub async fn close(&self) -> Result<(), AuditError> {
         self.inner.closed.store(true, Ordering::Release);
+        if let Some(sync) = self.inner.sync.get() {
+            sync.close().await;
+        }
         let Some(wal) = self.inner.wal.clone() else {
             return Ok(());
         };

@@ -20,6 +20,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use super::emit_wal::ChainEnv;
 use super::{CmdResult, Failure, EXIT_FOUND_PROBLEM, EXIT_RUNTIME};
 
 /// Events being recorded at once. Enough for the committers to coalesce; bounded
@@ -51,6 +52,10 @@ async fn emit(database_url: &str) -> CmdResult {
     let config = {
         let mut c = SyncConfig::default();
         c.timeout = Duration::from_secs(10);
+        let chain = ChainEnv::read()?;
+        c.chain_key = chain.key;
+        c.checkpoint_every = chain.every.unwrap_or(c.checkpoint_every);
+        c.checkpoint_interval = chain.interval.unwrap_or(c.checkpoint_interval);
         c
     };
     let writer = match SyncWriter::connect(database_url, config).await {
@@ -95,6 +100,8 @@ async fn emit(database_url: &str) -> CmdResult {
     while let Some(p) = pending.pop_front() {
         finish(p, &stdout, &mut tally).await?;
     }
+    // With a chain key: the last checkpoint signs the tail.
+    writer.close().await;
     tracing::debug!(
         committed = tally.committed,
         refused = tally.refused,

@@ -38,24 +38,39 @@ const DURABLE_PIPELINE: usize = 4096;
 
 /// The hash-chain settings from the library's environment variables
 /// (docs/integrity.md): `AUDITWAL_CHAIN_KEY`, `AUDITWAL_CHECKPOINT_EVERY`,
-/// `AUDITWAL_CHECKPOINT_INTERVAL_MS`.
+/// `AUDITWAL_CHECKPOINT_INTERVAL_MS`. Shared with `emit --mode sync`.
+pub(super) struct ChainEnv {
+    pub key: Option<std::path::PathBuf>,
+    pub every: Option<u64>,
+    pub interval: Option<std::time::Duration>,
+}
+
+impl ChainEnv {
+    pub(super) fn read() -> Result<ChainEnv, Failure> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let number = |name: &str| -> Result<Option<u64>, Failure> {
+            var(name)
+                .map(|text| {
+                    text.trim().parse::<u64>().map_err(|_| {
+                        Failure::usage(anyhow::anyhow!("{name}={text:?} is not a whole number"))
+                    })
+                })
+                .transpose()
+        };
+        Ok(ChainEnv {
+            key: var("AUDITWAL_CHAIN_KEY").map(Into::into),
+            every: number("AUDITWAL_CHECKPOINT_EVERY")?,
+            interval: number("AUDITWAL_CHECKPOINT_INTERVAL_MS")?
+                .map(std::time::Duration::from_millis),
+        })
+    }
+}
+
 fn chain_from_env(config: &mut WalConfig) -> Result<(), Failure> {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let number = |name: &str, text: String| {
-        text.trim()
-            .parse::<u64>()
-            .map_err(|_| Failure::usage(anyhow::anyhow!("{name}={text:?} is not a whole number")))
-    };
-    if let Some(key) = var("AUDITWAL_CHAIN_KEY") {
-        config.chain_key = Some(key.into());
-    }
-    if let Some(text) = var("AUDITWAL_CHECKPOINT_EVERY") {
-        config.checkpoint_every = number("AUDITWAL_CHECKPOINT_EVERY", text)?;
-    }
-    if let Some(text) = var("AUDITWAL_CHECKPOINT_INTERVAL_MS") {
-        let ms = number("AUDITWAL_CHECKPOINT_INTERVAL_MS", text)?;
-        config.checkpoint_interval = std::time::Duration::from_millis(ms);
-    }
+    let env = ChainEnv::read()?;
+    config.chain_key = env.key.or(config.chain_key.take());
+    config.checkpoint_every = env.every.unwrap_or(config.checkpoint_every);
+    config.checkpoint_interval = env.interval.unwrap_or(config.checkpoint_interval);
     Ok(())
 }
 

@@ -12,6 +12,7 @@
 //! Exit codes as `verify`'s: 0 clean, 1 findings, 2 bad usage (URL, key file),
 //! 3 the database or the WAL could not be read.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,8 @@ use auditwal::chain::{Checkpoint, Hash, Link, Verifier};
 use auditwal::columns::{self, ColumnVisitor, Value, EVENT_COLUMNS};
 use auditwal::wal::payload::decode_event;
 use auditwal::wal::reader::{is_stream_dir, list_segments, list_streams, newest_checkpoint};
+use auditwal::wal::Lsn;
+use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
 use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
@@ -52,6 +55,11 @@ pub struct VerifyDbArgs {
     /// Only this stream.
     #[arg(long)]
     pub stream: Option<String>,
+    /// Only what was signed since this time (RFC 3339, e.g. 2026-11-01T00:00:00Z):
+    /// each stream's walk starts at its newest checkpoint signed at or before
+    /// it, whose head anchors the first row after it.
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<DateTime<Utc>>,
     /// A WAL directory (or one stream's) whose newest checkpoints the table must
     /// have reached: a cut of the table's newest rows and checkpoints shows here.
     #[arg(long)]
@@ -76,6 +84,23 @@ struct JsonFinding<'a> {
     #[serde(flatten)]
     finding: &'a Finding,
     description: String,
+}
+
+/// Rows in no chain: `stream_id` NULL (a sync writer without the key).
+#[derive(Serialize)]
+struct JsonUnchained {
+    stream_id: Option<&'static str>,
+    finding: &'static str,
+    rows: i64,
+    first_id: Option<i64>,
+    last_id: Option<i64>,
+    description: String,
+}
+
+fn parse_since(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time (2026-11-01T00:00:00Z): {e}"))
 }
 
 #[derive(Serialize)]
@@ -117,11 +142,19 @@ pub fn run(args: VerifyDbArgs) -> CmdResult {
             .await
             .context("connecting to the database")
             .map_err(Failure::runtime)?;
-        let streams = match &args.stream {
-            Some(s) => vec![s.clone()],
-            None => list_db_streams(&mut conn, &external)
-                .await
-                .map_err(Failure::runtime)?,
+        let stored = read_checkpoints(&mut conn, args.stream.as_deref())
+            .await
+            .map_err(Failure::runtime)?;
+        let mut streams = list_db_streams(&mut conn, &stored, &external)
+            .await
+            .map_err(Failure::runtime)?;
+        if let Some(only) = &args.stream {
+            streams.retain(|s| s == only);
+            streams.insert(only.clone());
+        }
+        let starts = match args.since {
+            Some(t) => since_starts(&stored, &verifier, t),
+            None => HashMap::new(),
         };
         let rows_done = Arc::new(AtomicU64::new(0));
         let bar = progress::wanted(args.no_progress || args.json).then(|| {
@@ -131,19 +164,37 @@ pub fn run(args: VerifyDbArgs) -> CmdResult {
         let stdout = io::stdout();
         let mut out = stdout.lock();
         let mut total_findings = 0;
-        for stream in &streams {
-            let started = Instant::now();
-            let (findings, summary) =
-                verify_stream(&mut conn, stream, &verifier, &external, &rows_done)
-                    .await
-                    .with_context(|| format!("verifying stream {stream}"))
+        if args.stream.is_none() {
+            let unchained = unchained_rows(&mut conn, args.since)
+                .await
+                .map_err(Failure::runtime)?;
+            if let Some(u) = unchained {
+                total_findings += 1;
+                report_unchained(&mut out, args.json, &u)
+                    .context("writing to stdout")
                     .map_err(Failure::runtime)?;
+            }
+        }
+        let walk = Walk {
+            verifier: &verifier,
+            stored: &stored,
+            external: &external,
+            starts: &starts,
+        };
+        let mut on_stream = |stream: &str, findings: Vec<Finding>, summary: Summary, secs: f64| {
             total_findings += findings.len();
-            let secs = started.elapsed().as_secs_f64();
             report(&mut out, args.json, stream, &findings, &summary, secs)
                 .context("writing to stdout")
-                .map_err(Failure::runtime)?;
-        }
+        };
+        walk.run(
+            &mut conn,
+            args.stream.as_deref(),
+            &streams,
+            &rows_done,
+            &mut on_stream,
+        )
+        .await
+        .map_err(Failure::runtime)?;
         if let Some(bar) = bar {
             bar.finish(rows_done.load(Ordering::Relaxed), true);
         }
@@ -212,24 +263,116 @@ fn report(
     Ok(())
 }
 
-/// Every stream the loader or a checkpoint knows.
-async fn list_db_streams(
+/// Every stored checkpoint (of `only`, when given), by stream, in LSN order.
+async fn read_checkpoints(
     conn: &mut PgConnection,
-    external: &[(Checkpoint, String)],
-) -> anyhow::Result<Vec<String>> {
-    let mut streams: Vec<String> = sqlx::query_scalar(
-        "SELECT stream_id FROM audit_checkpoints \
-         UNION SELECT stream_id FROM audit_chain_checkpoints ORDER BY 1",
+    only: Option<&str>,
+) -> anyhow::Result<BTreeMap<String, Vec<StoredCheckpoint>>> {
+    let rows: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT stream_id, lsn, note FROM audit_chain_checkpoints \
+         WHERE $1::text IS NULL OR stream_id = $1 ORDER BY stream_id, lsn",
     )
+    .bind(only)
     .fetch_all(conn)
     .await
-    .context("listing the streams (is the schema migrated?)")?;
-    for (c, _) in external {
-        if !streams.contains(&c.stream) {
-            streams.push(c.stream.clone());
-        }
+    .context("reading audit_chain_checkpoints (is the schema migrated?)")?;
+    let mut by_stream: BTreeMap<String, Vec<StoredCheckpoint>> = BTreeMap::new();
+    for (stream, lsn, note) in rows {
+        by_stream.entry(stream).or_default().push(StoredCheckpoint {
+            lsn: lsn.max(0) as u64,
+            note,
+        });
     }
+    Ok(by_stream)
+}
+
+/// Every stream the loader or a checkpoint knows (streams with rows are found
+/// by the walk itself).
+async fn list_db_streams(
+    conn: &mut PgConnection,
+    stored: &BTreeMap<String, Vec<StoredCheckpoint>>,
+    external: &[(Checkpoint, String)],
+) -> anyhow::Result<BTreeSet<String>> {
+    let loaded: Vec<String> = sqlx::query_scalar("SELECT stream_id FROM audit_checkpoints")
+        .fetch_all(conn)
+        .await
+        .context("listing the loaded streams (is the schema migrated?)")?;
+    let mut streams: BTreeSet<String> = loaded.into_iter().collect();
+    streams.extend(stored.keys().cloned());
+    streams.extend(external.iter().map(|(c, _)| c.stream.clone()));
     Ok(streams)
+}
+
+/// For `--since t`: per stream, the LSN its walk starts after, the size of
+/// its newest checkpoint signed by the key at or before `t`.
+fn since_starts(
+    stored: &BTreeMap<String, Vec<StoredCheckpoint>>,
+    verifier: &Verifier,
+    t: DateTime<Utc>,
+) -> HashMap<String, Lsn> {
+    let t = t.timestamp();
+    stored
+        .iter()
+        .filter_map(|(stream, checkpoints)| {
+            checkpoints
+                .iter()
+                .filter_map(|c| Checkpoint::open(c.note.as_bytes(), verifier).ok())
+                .filter(|c| c.time <= t && &c.stream == stream)
+                .map(|c| c.size)
+                .max()
+                .map(|size| (stream.clone(), size))
+        })
+        .collect()
+}
+
+/// Rows in no chain: `stream_id` NULL.
+struct Unchained {
+    rows: i64,
+    first_id: Option<i64>,
+    last_id: Option<i64>,
+}
+
+async fn unchained_rows(
+    conn: &mut PgConnection,
+    since: Option<DateTime<Utc>>,
+) -> anyhow::Result<Option<Unchained>> {
+    let (rows, first_id, last_id): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT count(*), min(id), max(id) FROM audit_events \
+         WHERE stream_id IS NULL AND ($1::timestamptz IS NULL OR recorded_at >= $1)",
+    )
+    .bind(since)
+    .fetch_one(conn)
+    .await
+    .context("counting the rows in no chain")?;
+    Ok((rows > 0).then_some(Unchained {
+        rows,
+        first_id,
+        last_id,
+    }))
+}
+
+fn report_unchained(out: &mut impl Write, json: bool, u: &Unchained) -> io::Result<()> {
+    let description = format!(
+        "{} row(s) are in no chain (stream_id NULL, ids {}..={}): sync rows written without \
+         a chain key, or rows inserted by hand; nothing vouches for them",
+        u.rows,
+        u.first_id.unwrap_or(0),
+        u.last_id.unwrap_or(0)
+    );
+    if json {
+        let line = JsonUnchained {
+            stream_id: None,
+            finding: "unchained_rows",
+            rows: u.rows,
+            first_id: u.first_id,
+            last_id: u.last_id,
+            description,
+        };
+        serde_json::to_writer(&mut *out, &line)?;
+        writeln!(out)
+    } else {
+        writeln!(out, "finding: {description}")
+    }
 }
 
 /// The SELECT list: the chain columns, then each event column in a form
@@ -248,7 +391,8 @@ fn select_list() -> String {
 }
 
 /// The columns before the event's, in [`select_list`] order.
-const CHAIN_COLUMNS: [&str; 5] = [
+const CHAIN_COLUMNS: [&str; 6] = [
+    "stream_id",
     "lsn",
     "chain_prev_lsn",
     "chain_hash",
@@ -335,7 +479,7 @@ impl ColumnVisitor<'_> for Checker<'_> {
 fn compare(row: &sqlx::postgres::PgRow, payload: &[u8]) -> Result<(), String> {
     let decoded =
         decode_event(payload).map_err(|e| format!("wal_payload (does not decode: {e})"))?;
-    let sample_rate: f64 = row.try_get(4).map_err(|e| e.to_string())?;
+    let sample_rate: f64 = row.try_get(5).map_err(|e| e.to_string())?;
     if sample_rate != decoded.sample_rate {
         return Err("sample_rate".into());
     }
@@ -351,62 +495,119 @@ fn compare(row: &sqlx::postgres::PgRow, payload: &[u8]) -> Result<(), String> {
     }
 }
 
-async fn verify_stream(
-    conn: &mut PgConnection,
-    stream: &str,
-    verifier: &Verifier,
-    external: &[(Checkpoint, String)],
-    rows_done: &AtomicU64,
-) -> anyhow::Result<(Vec<Finding>, Summary)> {
-    let stored: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT lsn, note FROM audit_chain_checkpoints WHERE stream_id = $1 ORDER BY lsn",
-    )
-    .bind(stream)
-    .fetch_all(&mut *conn)
-    .await
-    .context("reading audit_chain_checkpoints")?;
-    let stored: Vec<StoredCheckpoint> = stored
-        .into_iter()
-        .map(|(lsn, note)| StoredCheckpoint {
-            lsn: lsn.max(0) as u64,
-            note,
-        })
-        .collect();
-    let mut auditor = Auditor::new(stream, &stored, verifier);
-    for (c, source) in external {
-        auditor.external(c.clone(), source.clone());
+/// What every stream's walk starts from.
+struct Walk<'a> {
+    verifier: &'a Verifier,
+    stored: &'a BTreeMap<String, Vec<StoredCheckpoint>>,
+    external: &'a [(Checkpoint, String)],
+    /// `--since`: the LSN each stream's walk starts after.
+    starts: &'a HashMap<String, Lsn>,
+}
+
+impl Walk<'_> {
+    fn auditor(&self, stream: &str) -> Auditor {
+        let start = self.starts.get(stream).copied().unwrap_or(0);
+        // With --since, the checkpoints stored before the start vouch for rows
+        // the walk does not read.
+        let stored: Vec<StoredCheckpoint> = self
+            .stored
+            .get(stream)
+            .map(|v| v.iter().filter(|c| c.lsn > start).cloned().collect())
+            .unwrap_or_default();
+        let mut auditor = Auditor::new(stream, &stored, self.verifier);
+        if start > 0 {
+            auditor.start_after(start);
+        }
+        for (c, source) in self.external {
+            auditor.external(c.clone(), source.clone());
+        }
+        auditor
     }
-    let sql = format!(
-        "SELECT {} FROM {} WHERE stream_id = $1 ORDER BY lsn",
-        select_list(),
-        columns::TABLE
-    );
-    let mut rows = sqlx::query(&sql).bind(stream).fetch(&mut *conn);
-    while let Some(row) = rows.try_next().await.context("reading audit_events")? {
-        let lsn: i64 = row.try_get(0)?;
-        let prev: Option<i64> = row.try_get(1)?;
-        let hash: Option<&[u8]> = row.try_get(2)?;
-        let payload: Option<Vec<u8>> = row.try_get(3)?;
-        let link = match (prev, hash.map(Hash::try_from)) {
-            (Some(prev), Some(Ok(hash))) => Some(Link {
-                prev_lsn: prev.max(0) as u64,
-                hash,
-            }),
-            _ => None,
-        };
-        let content = match &payload {
-            Some(p) => compare(&row, p),
-            None => Ok(()),
-        };
-        auditor.push(Row {
-            lsn: lsn.max(0) as u64,
-            link,
-            payload,
-            content,
-        });
-        rows_done.fetch_add(1, Ordering::Relaxed);
+
+    /// One ordered read of every chained row (of `only`), a stream at a time,
+    /// then the `known` streams that have no rows; `done` gets each stream's
+    /// findings.
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        only: Option<&str>,
+        known: &BTreeSet<String>,
+        rows_done: &AtomicU64,
+        done: &mut impl FnMut(&str, Vec<Finding>, Summary, f64) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let (start_streams, start_lsns): (Vec<&str>, Vec<i64>) = self
+            .starts
+            .iter()
+            .map(|(s, &lsn)| (s.as_str(), lsn as i64))
+            .unzip();
+        let sql = format!(
+            "SELECT {} FROM {} e LEFT JOIN unnest($2::text[], $3::int8[]) AS s(start_stream, \
+             start_lsn) ON s.start_stream = e.stream_id WHERE e.stream_id IS NOT NULL \
+             AND ($1::text IS NULL OR e.stream_id = $1) AND e.lsn > coalesce(s.start_lsn, 0) \
+             ORDER BY e.stream_id, e.lsn",
+            select_list(),
+            columns::TABLE
+        );
+        let mut rows = sqlx::query(&sql)
+            .bind(only)
+            .bind(start_streams)
+            .bind(start_lsns)
+            .fetch(&mut *conn);
+        let mut seen = BTreeSet::new();
+        let mut current: Option<(String, Auditor, Instant)> = None;
+        while let Some(row) = rows.try_next().await.context("reading audit_events")? {
+            let stream: &str = row.try_get(0)?;
+            if current.as_ref().map(|(s, _, _)| s.as_str()) != Some(stream) {
+                if let Some((s, auditor, started)) = current.take() {
+                    let (findings, summary) = auditor.finish();
+                    done(&s, findings, summary, started.elapsed().as_secs_f64())?;
+                }
+                seen.insert(stream.to_string());
+                current = Some((stream.to_string(), self.auditor(stream), Instant::now()));
+            }
+            let Some((_, auditor, _)) = current.as_mut() else {
+                continue;
+            };
+            auditor.push(chained_row(&row)?);
+            rows_done.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(rows);
+        if let Some((s, auditor, started)) = current.take() {
+            let (findings, summary) = auditor.finish();
+            done(&s, findings, summary, started.elapsed().as_secs_f64())?;
+        }
+        for stream in known.difference(&seen) {
+            let started = Instant::now();
+            let (findings, summary) = self.auditor(stream).finish();
+            done(stream, findings, summary, started.elapsed().as_secs_f64())?;
+        }
+        Ok(())
     }
-    Ok(auditor.finish())
+}
+
+/// One row of the walk's SELECT as the auditor takes it.
+fn chained_row(row: &sqlx::postgres::PgRow) -> anyhow::Result<Row> {
+    let lsn: i64 = row.try_get(1)?;
+    let prev: Option<i64> = row.try_get(2)?;
+    let hash: Option<&[u8]> = row.try_get(3)?;
+    let payload: Option<Vec<u8>> = row.try_get(4)?;
+    let link = match (prev, hash.map(Hash::try_from)) {
+        (Some(prev), Some(Ok(hash))) => Some(Link {
+            prev_lsn: prev.max(0) as u64,
+            hash,
+        }),
+        _ => None,
+    };
+    let content = match &payload {
+        Some(p) => compare(row, p),
+        None => Ok(()),
+    };
+    Ok(Row {
+        lsn: lsn.max(0) as u64,
+        link,
+        payload,
+        content,
+    })
 }
 
 /// The newest checkpoint record of each stream under `dir` (a WAL directory or

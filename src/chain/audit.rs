@@ -178,6 +178,8 @@ pub struct Auditor {
     /// the walk passes the size (for the unsigned tail).
     rows_through: HashMap<Lsn, u64>,
     sizes: Vec<Lsn>,
+    /// [`Auditor::start_after`]'s LSN (0: the walk reads every row).
+    start: Lsn,
 }
 
 impl Auditor {
@@ -195,6 +197,7 @@ impl Auditor {
             hashes_at_sizes: HashMap::new(),
             rows_through: HashMap::new(),
             sizes: Vec::new(),
+            start: 0,
         };
         for stored in checkpoints {
             a.summary.checkpoints += 1;
@@ -240,6 +243,14 @@ impl Auditor {
             .entry(checkpoint.size)
             .or_insert((0, checkpoint, source));
         self.sort_sizes();
+    }
+
+    /// The walk starts after LSN `lsn`, a valid checkpoint's size (`verify-db
+    /// --since`): the rows up to it are not read, the checkpoint's head anchors
+    /// the first row after it, and it counts as signed.
+    pub fn start_after(&mut self, lsn: Lsn) {
+        self.start = lsn;
+        self.last_lsn = Some(lsn);
     }
 
     fn sort_sizes(&mut self) {
@@ -463,7 +474,10 @@ impl Auditor {
             self.retire_oldest();
         }
         let last_row = self.last_lsn.unwrap_or(0);
-        let mut signed_through = 0;
+        let mut signed_through = match self.checkpoints.get(&self.start) {
+            Some(_) if self.start > 0 => self.start,
+            _ => 0,
+        };
         // One cut tail, named by the checkpoint furthest ahead.
         if let Some((&size, (_, _, source))) = self
             .checkpoints

@@ -6,6 +6,8 @@
 //! - [`sync`]: sync mode, [`SyncWriter`]: each event committed in its own
 //!   transaction before the call returns, calls that arrive during a commit
 //!   coalesced into one multi-row INSERT (group commit without a timer window).
+//! - `sync_chain`: sync mode's hash chain, one stream per committer, its
+//!   links and checkpoints written by the statement that stores the rows.
 //! - `reconnect`: when a new connection is worth trying after one got no
 //!   answer (sync mode's committers and the audit log's start of sync mode).
 //! - [`link`]: the TCP tuning (keepalive, `TCP_USER_TIMEOUT`) of every connection
@@ -23,6 +25,7 @@ pub mod link;
 pub(crate) mod reconnect;
 pub mod schema;
 pub mod sync;
+mod sync_chain;
 
 pub use error::PgError;
 pub use schema::{ensure_partitions, migrate, MIGRATOR, PARTITIONS_AHEAD};

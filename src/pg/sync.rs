@@ -45,6 +45,7 @@
 //! encoding are elsewhere.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
@@ -61,8 +62,11 @@ use super::error::{classify, PgError, Stage};
 use super::reconnect::Reconnect;
 use super::schema::{self, PARTITIONS_AHEAD};
 use crate::columns::{self, Column, ColumnVisitor, Value, SYNC_COLUMNS, TABLE};
-use crate::event::{AuditEvent, JsonText, Outcome, DEFAULT_MAX_EVENT_BYTES};
+use super::sync_chain::{self, ChainSettings, Plan, SyncChain};
+use crate::event::{AuditEvent, EventError, JsonText, Outcome, DEFAULT_MAX_EVENT_BYTES};
 use crate::pg::link::{self, LinkTuning};
+use crate::wal::format::MAX_PAYLOAD_LEN;
+use crate::wal::payload::{encode_event, PayloadError};
 
 /// The id of a stored row (`audit_events.id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,6 +103,14 @@ pub struct SyncConfig {
     /// ([`crate::pg::link`]): a connection whose link died is ended by the kernel
     /// within this, so the next call opens a new one instead of sending into it.
     pub link_timeout: Duration,
+    /// The Ed25519 private key (`auditwal keygen`) that signs each committer's
+    /// hash chain ([`super::sync_chain`], docs/integrity.md); none: rows are
+    /// stored without chain links.
+    pub chain_key: Option<PathBuf>,
+    /// Events between signed checkpoints, at most.
+    pub checkpoint_every: u64,
+    /// The longest an event waits for a signed checkpoint.
+    pub checkpoint_interval: Duration,
 }
 
 /// `committers` was chosen with `auditwal bench sync` at 64 callers on a 2-core
@@ -118,6 +130,9 @@ impl Default for SyncConfig {
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             partition_check_interval: Duration::from_secs(3600),
             link_timeout: link::DEFAULT_LINK_TIMEOUT,
+            chain_key: None,
+            checkpoint_every: crate::wal::DEFAULT_CHECKPOINT_EVERY,
+            checkpoint_interval: crate::wal::DEFAULT_CHECKPOINT_INTERVAL,
         }
     }
 }
@@ -154,6 +169,9 @@ const ABANDONED: u8 = 2;
 struct Request {
     event: AuditEvent,
     sample_rate: f64,
+    /// The event in the WAL's encoding, when the writer signs a chain: what
+    /// its link hashes and `wal_payload` keeps.
+    payload: Option<Vec<u8>>,
     deadline: Instant,
     /// QUEUED until the committer (SENT, about to send) or the caller (ABANDONED,
     /// gave up) claims it.
@@ -178,9 +196,13 @@ pub struct SyncWriter {
 
 struct Inner {
     queue: Arc<Queue>,
+    /// Whether rows get chain links (then each request carries its payload).
+    chained: bool,
     pool: PgPool,
     config: SyncConfig,
     upkeep: JoinHandle<()>,
+    /// Taken by [`SyncWriter::close`], which waits for them.
+    committers: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
@@ -318,9 +340,19 @@ impl SyncWriter {
             max_batch: config.max_batch,
             step: config.extra_commit_step.max(1),
         });
+        let chain = match &config.chain_key {
+            Some(key) => Some(
+                ChainSettings::read(key, config.checkpoint_every, config.checkpoint_interval)
+                    .map_err(|e| PgError::Config(format!("chain_key: {e}")))?,
+            ),
+            None => None,
+        };
         let reconnect = Arc::new(Reconnect::default());
-        for _ in 0..config.committers {
+        let mut committers = Vec::with_capacity(config.committers);
+        for index in 0..config.committers {
             let committer = Committer {
+                chain: chain.as_ref().map(|c| c.stream(index)),
+                checkpoint_retry: None,
                 options: pool.connect_options(),
                 reconnect: reconnect.clone(),
                 conn: None,
@@ -328,7 +360,7 @@ impl SyncWriter {
                 timeout: config.timeout,
                 tuning: LinkTuning::for_timeout(config.link_timeout),
             };
-            tokio::spawn(committer.run(queue.clone()));
+            committers.push(tokio::spawn(committer.run(queue.clone())));
         }
         let upkeep = tokio::spawn(partition_upkeep(
             pool.clone(),
@@ -339,9 +371,11 @@ impl SyncWriter {
         Ok(SyncWriter {
             inner: Arc::new(Inner {
                 queue,
+                chained: chain.is_some(),
                 pool,
                 config,
                 upkeep,
+                committers: std::sync::Mutex::new(committers),
             }),
         })
     }
@@ -369,11 +403,20 @@ impl SyncWriter {
         // PostgreSQL keeps microseconds. Truncate here so the value we send is the
         // value stored, which is how batch results are matched back to callers.
         event.occurred_at = event.occurred_at.trunc_subsecs(6);
+        let payload = match self.inner.chained {
+            true => {
+                let mut buf = Vec::new();
+                encode_event(&event, sample_rate, &mut buf).map_err(unencodable)?;
+                Some(buf)
+            }
+            false => None,
+        };
         let claim = Arc::new(AtomicU8::new(QUEUED));
         let (reply, answer) = oneshot::channel();
         self.inner.queue.push(Request {
             event,
             sample_rate,
+            payload,
             deadline,
             claim: claim.clone(),
             reply,
@@ -409,6 +452,25 @@ impl SyncWriter {
         }
     }
 
+    /// Refuses further calls ([`PgError::Closed`]), lets the committers answer
+    /// what is queued and sign their chains' last events, and waits for them
+    /// (each within the timeout). Dropping the last clone closes too, but
+    /// cannot wait: a runtime shut down right after may cut the last
+    /// checkpoint short, leaving those rows unsigned.
+    pub async fn close(&self) {
+        self.inner.queue.close();
+        let handles: Vec<JoinHandle<()>> = match self.inner.committers.lock() {
+            Ok(mut h) => h.drain(..).collect(),
+            Err(p) => p.into_inner().drain(..).collect(),
+        };
+        let limit = self.inner.config.timeout + GRACE;
+        for h in handles {
+            if tokio::time::timeout(limit, h).await.is_err() {
+                tracing::warn!("sync writer close: a committer did not finish within {limit:?}");
+            }
+        }
+    }
+
     /// The writer's pool (for callers that want to read what they wrote).
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
@@ -416,6 +478,25 @@ impl SyncWriter {
 
     pub fn config(&self) -> &SyncConfig {
         &self.inner.config
+    }
+}
+
+/// An event that passed validation but has no WAL encoding (the chain hashes
+/// that encoding): only a size over the record limit or a timestamp out of
+/// range can get here.
+fn unencodable(e: PayloadError) -> PgError {
+    match e {
+        PayloadError::TooLarge { len } => PgError::InvalidEvent(EventError::TooLarge {
+            size: len,
+            limit: MAX_PAYLOAD_LEN,
+        }),
+        PayloadError::TimestampOutOfRange { micros } => {
+            PgError::InvalidEvent(EventError::TimestampOutOfRange {
+                value: format!("{micros} µs since the epoch"),
+            })
+        }
+        PayloadError::InvalidSampleRate { value } => PgError::InvalidSampleRate { value },
+        other => PgError::Client(format!("cannot encode the event for its chain link: {other}")),
     }
 }
 
@@ -467,7 +548,14 @@ struct Committer {
     last_used: Instant,
     timeout: Duration,
     tuning: LinkTuning,
+    /// The hash chain this committer's rows are links of, when signing.
+    chain: Option<SyncChain>,
+    /// After a checkpoint-only statement failed: not before this again.
+    checkpoint_retry: Option<Instant>,
 }
+
+/// How long an idle committer waits before retrying a checkpoint that failed.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 impl Committer {
     async fn run(mut self, queue: Arc<Queue>) {
@@ -486,9 +574,21 @@ impl Committer {
                 }
                 Take::Wait => {
                     freed = false;
-                    notified.await;
+                    match self.checkpoint_due_at() {
+                        Some(due) => {
+                            if timeout_at(due, notified).await.is_err() {
+                                self.checkpoint_only().await;
+                            }
+                        }
+                        None => notified.await,
+                    }
                 }
-                Take::Closed => return,
+                Take::Closed => {
+                    if self.chain.as_ref().is_some_and(SyncChain::has_unsigned) {
+                        self.checkpoint_only().await;
+                    }
+                    return;
+                }
             }
         }
     }
@@ -545,12 +645,7 @@ impl Committer {
             }
             return;
         };
-        let result = match sending.as_slice() {
-            [one] => timeout_at(latest, insert_one(conn, &one.event, one.sample_rate))
-                .await
-                .map(|r| r.map(|id| vec![Some(id)])),
-            many => timeout_at(latest, insert_many(conn, many)).await,
-        };
+        let result = send(conn, self.chain.as_mut(), &sending, latest).await;
         self.last_used = Instant::now();
         match result {
             Ok(Ok(ids)) => {
@@ -614,8 +709,13 @@ impl Committer {
                     reason: "connection lost while retrying a refused batch".into(),
                 }),
                 Some(conn) => {
-                    match timeout_at(r.deadline, insert_one(conn, &r.event, r.sample_rate)).await {
-                        Ok(Ok(id)) => Ok(id),
+                    let one = std::slice::from_ref(&r);
+                    match send(conn, self.chain.as_mut(), one, r.deadline).await {
+                        Ok(Ok(ids)) => ids.into_iter().next().flatten().ok_or_else(|| {
+                            PgError::OutcomeUnknown {
+                                reason: "the INSERT returned no row for this event".into(),
+                            }
+                        }),
                         Ok(Err(e)) => {
                             if is_connection_error(&e) {
                                 self.discard_connection();
@@ -656,8 +756,26 @@ impl Committer {
         if self.conn.is_none() {
             let attempt = self.reconnect.attempt(Instant::now())?;
             match timeout_at(deadline, link::connect(&self.options, &self.tuning)).await {
-                Ok(Ok((c, _))) => {
+                Ok(Ok((mut c, _))) => {
                     attempt.answered();
+                    if let Some(chain) = self.chain.as_mut() {
+                        match timeout_at(deadline, chain.on_connect(&mut c)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => {
+                                return Err(format!(
+                                    "taking chain stream {}'s lock: {e}",
+                                    chain.stream_id()
+                                ))
+                            }
+                            Err(_) => {
+                                return Err(format!(
+                                    "the session of an unanswered statement on chain stream {} \
+                                     has not ended yet",
+                                    chain.stream_id()
+                                ))
+                            }
+                        }
+                    }
                     self.conn = Some(c);
                 }
                 Ok(Err(e)) => {
@@ -678,11 +796,97 @@ impl Committer {
         Ok(())
     }
 
+    /// When an idle committer must wake to sign its chain's unsigned events.
+    fn checkpoint_due_at(&self) -> Option<Instant> {
+        let due = self.chain.as_ref()?.checkpoint_due_at()?;
+        Some(self.checkpoint_retry.map_or(due, |retry| due.max(retry)))
+    }
+
+    /// Signs and stores a checkpoint of the chain's unsigned events in a
+    /// statement of its own (an idle committer's, and at close).
+    async fn checkpoint_only(&mut self) {
+        let deadline = Instant::now() + self.timeout;
+        let stored = match self.ready_connection(deadline).await {
+            Err(reason) => Err(reason),
+            Ok(()) => match (self.chain.as_mut(), self.conn.as_mut()) {
+                (Some(chain), Some(conn)) => {
+                    let plan = chain.plan(std::iter::empty(), true);
+                    let stream = chain.stream_id().to_string();
+                    let result =
+                        timeout_at(deadline, sync_chain::insert_checkpoints(conn, &stream, &plan))
+                            .await;
+                    self.last_used = Instant::now();
+                    match result {
+                        Ok(Ok(())) => {
+                            chain.committed(plan);
+                            Ok(())
+                        }
+                        Ok(Err(e)) if !is_connection_error(&e) => Err(e.to_string()),
+                        other => {
+                            chain.in_doubt(plan);
+                            self.conn = None;
+                            Err(match other {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => PgError::timed_out("storing a checkpoint", self.timeout),
+                            })
+                        }
+                    }
+                }
+                _ => Ok(()),
+            },
+        };
+        self.checkpoint_retry = match stored {
+            Ok(()) => None,
+            Err(reason) => {
+                tracing::warn!(%reason, "sync chain: could not store a checkpoint; will retry");
+                Some(Instant::now() + CHECKPOINT_RETRY)
+            }
+        };
+    }
+
     /// Drops the connection, whose state is unknown; a new one is opened for
     /// the next batch.
     fn discard_connection(&mut self) {
         self.conn = None;
     }
+}
+
+/// Sends one statement for `batch` by `deadline`; with a chain, one that also
+/// stores the rows' links and any due checkpoint, and moves the chain's
+/// position by its outcome (a refused statement stored nothing; one without
+/// an answer leaves the position in doubt).
+async fn send(
+    conn: &mut PgConnection,
+    chain: Option<&mut SyncChain>,
+    batch: &[Request],
+    deadline: Instant,
+) -> Result<Result<Vec<Option<RowId>>, sqlx::Error>, tokio::time::error::Elapsed> {
+    let Some(chain) = chain else {
+        return match batch {
+            [one] => timeout_at(deadline, insert_one(conn, &one.event, one.sample_rate))
+                .await
+                .map(|r| r.map(|id| vec![Some(id)])),
+            many => timeout_at(deadline, insert_many(conn, many, None)).await,
+        };
+    };
+    let plan = chain.plan(
+        batch.iter().map(|r| {
+            (
+                r.payload.as_deref().unwrap_or_default(),
+                r.event.event_id,
+                r.event.occurred_at,
+            )
+        }),
+        false,
+    );
+    let stream = chain.stream_id().to_string();
+    let result = timeout_at(deadline, insert_many(conn, batch, Some((&stream, &plan)))).await;
+    match &result {
+        Ok(Ok(_)) => chain.committed(plan),
+        Ok(Err(e)) if !is_connection_error(e) => {}
+        _ => chain.in_doubt(plan),
+    }
+    result
 }
 
 /// True when the error says the connection (not the row) is the problem.
@@ -722,32 +926,74 @@ fn insert_one_sql() -> &'static str {
 /// The multi-row INSERT: one array per column, unnested in step.
 fn insert_many_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| {
-        // One statement, one transaction, one commit for the whole batch. Text is
-        // cast to inet/jsonb server-side.
-        let names = columns::name_list(&SYNC_COLUMNS);
-        let select: Vec<String> = SYNC_COLUMNS
-            .iter()
-            .map(|c| match bound_as_text(c) {
-                true => format!("{}::{}", c.name, c.pg_type),
-                false => c.name.to_string(),
-            })
-            .collect();
-        let arrays: Vec<String> = SYNC_COLUMNS
-            .iter()
-            .enumerate()
-            .map(|(i, c)| match bound_as_text(c) {
-                true => format!("${}::text[]", i + 1),
-                false => format!("${}::{}[]", i + 1, c.pg_type),
-            })
-            .collect();
-        format!(
-            "INSERT INTO {TABLE} ({names}) SELECT {} FROM unnest({}) AS t({names}) \
-             RETURNING id, event_id, occurred_at",
-            select.join(", "),
-            arrays.join(", ")
-        )
-    })
+    SQL.get_or_init(|| unnest_insert_sql(false))
+}
+
+/// [`insert_many_sql`] with the chain columns and the statement's checkpoints
+/// ([`sync_chain`]).
+fn insert_chained_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| unnest_insert_sql(true))
+}
+
+/// The chain columns a chained INSERT adds, one array each, after the stream
+/// (a single value).
+const CHAIN_ARRAYS: [(&str, &str); 4] = [
+    ("lsn", "int8"),
+    ("chain_prev_lsn", "int8"),
+    ("chain_hash", "bytea"),
+    ("wal_payload", "bytea"),
+];
+
+fn unnest_insert_sql(chained: bool) -> String {
+    // One statement, one transaction, one commit for the whole batch. Text is
+    // cast to inet/jsonb server-side.
+    let mut alias: Vec<String> = SYNC_COLUMNS.iter().map(|c| c.name.to_string()).collect();
+    let mut select: Vec<String> = SYNC_COLUMNS
+        .iter()
+        .map(|c| match bound_as_text(c) {
+            true => format!("{}::{}", c.name, c.pg_type),
+            false => c.name.to_string(),
+        })
+        .collect();
+    let mut arrays: Vec<String> = SYNC_COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match bound_as_text(c) {
+            true => format!("${}::text[]", i + 1),
+            false => format!("${}::{}[]", i + 1, c.pg_type),
+        })
+        .collect();
+    let mut columns = alias.clone();
+    let mut with = String::new();
+    if chained {
+        let stream = SYNC_COLUMNS.len() + 1;
+        for (i, (name, ty)) in CHAIN_ARRAYS.iter().enumerate() {
+            alias.push(name.to_string());
+            select.push(name.to_string());
+            arrays.push(format!("${}::{ty}[]", stream + 1 + i));
+        }
+        columns = alias.clone();
+        columns.push("stream_id".into());
+        select.push(format!("${stream}::text"));
+        let c = stream + 1 + CHAIN_ARRAYS.len();
+        with = format!(
+            "WITH checkpoints AS (INSERT INTO audit_chain_checkpoints \
+             (stream_id, lsn, size, head, note) SELECT ${stream}::text, * FROM \
+             unnest(${c}::int8[], ${}::int8[], ${}::bytea[], ${}::text[])) ",
+            c + 1,
+            c + 2,
+            c + 3
+        );
+    }
+    format!(
+        "{with}INSERT INTO {TABLE} ({}) SELECT {} FROM unnest({}) AS t({}) \
+         RETURNING id, event_id, occurred_at",
+        columns.join(", "),
+        select.join(", "),
+        arrays.join(", "),
+        alias.join(", ")
+    )
 }
 
 /// One event's values as the binds of [`insert_one_sql`], in column order.
@@ -873,9 +1119,11 @@ async fn insert_one(
 
 /// Several events in one multi-row INSERT; the ids come back in request order
 /// (`None` if the database returned no row for one, which would be a bug).
+/// `chain`: the stream and the plan of its links and checkpoints.
 async fn insert_many(
     conn: &mut PgConnection,
     batch: &[Request],
+    chain: Option<(&str, &Plan)>,
 ) -> Result<Vec<Option<RowId>>, sqlx::Error> {
     let n = batch.len();
     let mut args = PgArguments::default();
@@ -890,7 +1138,31 @@ async fn insert_many(
     }
     let rates: Vec<f64> = batch.iter().map(|r| r.sample_rate).collect();
     args.add(rates).map_err(sqlx::Error::Encode)?;
-    let rows = sqlx::query_with(insert_many_sql(), args)
+    let sql = match chain {
+        None => insert_many_sql(),
+        Some((stream, plan)) => {
+            let payloads: Vec<&[u8]> = batch
+                .iter()
+                .map(|r| r.payload.as_deref().unwrap_or_default())
+                .collect();
+            let added = [
+                args.add(stream),
+                args.add(&plan.lsns),
+                args.add(&plan.prev_lsns),
+                args.add(&plan.hashes),
+                args.add(payloads),
+                args.add(&plan.checkpoint_lsns),
+                args.add(&plan.checkpoint_sizes),
+                args.add(&plan.checkpoint_heads),
+                args.add(&plan.checkpoint_notes),
+            ];
+            if let Some(Err(e)) = added.into_iter().find(Result::is_err) {
+                return Err(sqlx::Error::Encode(e));
+            }
+            insert_chained_sql()
+        }
+    };
+    let rows = sqlx::query_with(sql, args)
         .fetch_all(conn)
         .await?;
     // (event_id, occurred_at) is unique in the table, so it identifies each
@@ -965,6 +1237,7 @@ mod tests {
             let r = Request {
                 event: AuditEvent::new("t"),
                 sample_rate: 1.0,
+                payload: None,
                 deadline: Instant::now(),
                 claim: Arc::new(AtomicU8::new(QUEUED)),
                 reply,
@@ -1033,6 +1306,7 @@ mod tests {
         let refused = q.push(Request {
             event: AuditEvent::new("t"),
             sample_rate: 1.0,
+            payload: None,
             deadline: Instant::now(),
             claim: Arc::new(AtomicU8::new(QUEUED)),
             reply,
