@@ -28,7 +28,12 @@ fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 async fn writer(db: &TestDb, key: &Path, timeout: Duration) -> SyncWriter {
+    writer_with(db, key, timeout, SyncConfig::default().committers).await
+}
+
+async fn writer_with(db: &TestDb, key: &Path, timeout: Duration, committers: usize) -> SyncWriter {
     let mut config = SyncConfig::default();
+    config.committers = committers;
     config.chain_key = Some(key.to_path_buf());
     config.checkpoint_every = 7;
     config.timeout = timeout;
@@ -283,4 +288,79 @@ async fn verify_db_since_walks_only_what_was_signed_after_the_time() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Noon on the 10th of the UTC month `back` months before this one.
+fn months_ago(back: u32) -> chrono::DateTime<chrono::Utc> {
+    use chrono::{Datelike, TimeZone};
+    let now = chrono::Utc::now();
+    let months = now.year() * 12 + now.month0() as i32 - back as i32;
+    chrono::Utc
+        .with_ymd_and_hms(months / 12, (months % 12) as u32 + 1, 10, 12, 0, 0)
+        .single()
+        .expect("a valid date")
+}
+
+#[tokio::test]
+async fn a_dropped_partition_leaves_an_anchor_and_a_hand_cut_head_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(&dir.path().join("keys"));
+    let db = TestDb::new().await;
+    sqlx::query("SELECT audit_ensure_partitions(0, 6)")
+        .execute(db.pool())
+        .await
+        .expect("partitions back to six months ago");
+
+    // One committer, one caller at a time: LSN order is time order. Twelve
+    // events five months ago, twelve four months ago, twelve now.
+    let w = writer_with(&db, &key, Duration::from_secs(5), 1).await;
+    for n in 0..36 {
+        let mut e = event(n, "doc.edited");
+        e.occurred_at = match n / 12 {
+            0 => months_ago(5),
+            1 => months_ago(4),
+            _ => chrono::Utc::now(),
+        } + chrono::Duration::seconds(n as i64);
+        w.record(&e).await.expect("committed");
+    }
+    w.close().await;
+    let (code, findings, _) = verify_db(&db, &public, &[]);
+    assert_eq!((code, findings.len()), (0, 0), "{findings:#?}");
+
+    // Retention drops the month five months ago, as the retention role does.
+    let cutoff = months_ago(4) - chrono::Duration::days(9);
+    let dropped: Vec<String> = sqlx::query_scalar("SELECT audit_drop_partitions_before($1)")
+        .bind(cutoff)
+        .fetch_all(db.pool())
+        .await
+        .expect("retention");
+    // (with the empty one before it)
+    let month = format!("audit_events_p{}", months_ago(5).format("%Y%m"));
+    assert!(dropped.contains(&month), "{dropped:?}");
+    let lsns: Vec<i64> = sqlx::query_scalar("SELECT lsn FROM audit_events ORDER BY lsn")
+        .fetch_all(db.pool())
+        .await
+        .expect("lsns");
+    assert_eq!(lsns.len(), 24);
+    let (code, findings, summaries) = verify_db(&db, &public, &[]);
+    assert_eq!((code, findings.len()), (0, 0), "{findings:#?}");
+    assert_eq!(summaries.len(), 1, "{summaries:#?}");
+    assert_eq!(summaries[0]["rows"], 24);
+    assert_eq!(summaries[0]["retention_cut"], lsns[0] - 1, "{summaries:#?}");
+    assert_eq!(summaries[0]["unanchored_from"], Value::Null);
+
+    // The three oldest remaining rows deleted by hand: named, even though
+    // retention cut the stream before them.
+    tamper(
+        &db,
+        &format!("DELETE FROM audit_events WHERE lsn <= {}", lsns[2]),
+    )
+    .await;
+    let (code, findings, _) = verify_db(&db, &public, &[]);
+    assert_eq!(code, 1);
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    assert_eq!(findings[0]["finding"], "deleted_rows");
+    assert_eq!(findings[0]["after"], lsns[0] - 1);
+    assert_eq!(findings[0]["last_missing"], lsns[2]);
+    assert_eq!(findings[0]["next"], lsns[3]);
 }

@@ -152,6 +152,7 @@ pub fn run(args: VerifyDbArgs) -> CmdResult {
             streams.retain(|s| s == only);
             streams.insert(only.clone());
         }
+        let anchors = read_anchors(&mut conn).await.map_err(Failure::runtime)?;
         let starts = match args.since {
             Some(t) => since_starts(&stored, &verifier, t),
             None => HashMap::new(),
@@ -180,6 +181,7 @@ pub fn run(args: VerifyDbArgs) -> CmdResult {
             stored: &stored,
             external: &external,
             starts: &starts,
+            anchors: &anchors,
         };
         let mut on_stream = |stream: &str, findings: Vec<Finding>, summary: Summary, secs: f64| {
             total_findings += findings.len();
@@ -251,10 +253,16 @@ fn report(
             summary.unsigned_rows,
             summary.rows as f64 / secs.max(1e-9),
         );
+        if let Some(lsn) = summary.retention_cut {
+            line.push_str(&format!(
+                "; the rows up to LSN {lsn} were dropped by retention (the chain continues \
+                 from the hash recorded at the cut)"
+            ));
+        }
         if let Some(lsn) = summary.unanchored_from {
             line.push_str(&format!(
-                "; the rows before LSN {} are gone (retention) and no checkpoint holds the \
-                 hash there, so the first row's link is not checked",
+                "; the rows before LSN {} are gone and neither a checkpoint nor a retention \
+                 anchor holds the hash there, so the first row's link is not checked",
                 lsn + 1
             ));
         }
@@ -284,6 +292,25 @@ async fn read_checkpoints(
         });
     }
     Ok(by_stream)
+}
+
+/// Per stream, the newest retention anchor (`audit_chain_anchors`, written by
+/// `audit_drop_partitions_before`).
+async fn read_anchors(conn: &mut PgConnection) -> anyhow::Result<HashMap<String, (Lsn, Hash)>> {
+    let rows: Vec<(String, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT DISTINCT ON (stream_id) stream_id, lsn, hash FROM audit_chain_anchors \
+         ORDER BY stream_id, lsn DESC",
+    )
+    .fetch_all(conn)
+    .await
+    .context("reading audit_chain_anchors (is the schema migrated?)")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(stream, lsn, hash)| {
+            let hash = Hash::try_from(hash.as_slice()).ok()?;
+            Some((stream, (lsn.max(0) as u64, hash)))
+        })
+        .collect())
 }
 
 /// Every stream the loader or a checkpoint knows (streams with rows are found
@@ -502,6 +529,8 @@ struct Walk<'a> {
     external: &'a [(Checkpoint, String)],
     /// `--since`: the LSN each stream's walk starts after.
     starts: &'a HashMap<String, Lsn>,
+    /// Per stream, where retention last cut it.
+    anchors: &'a HashMap<String, (Lsn, Hash)>,
 }
 
 impl Walk<'_> {
@@ -517,6 +546,9 @@ impl Walk<'_> {
         let mut auditor = Auditor::new(stream, &stored, self.verifier);
         if start > 0 {
             auditor.start_after(start);
+        }
+        if let Some(&(lsn, hash)) = self.anchors.get(stream) {
+            auditor.retention_anchor(lsn, hash);
         }
         for (c, source) in self.external {
             auditor.external(c.clone(), source.clone());

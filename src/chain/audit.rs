@@ -145,8 +145,12 @@ pub struct Summary {
     /// The table's newest row of the stream (0: none).
     pub last_lsn: Lsn,
     /// The first row's predecessor, when its link could not be checked because
-    /// the rows before it are gone (retention) and no checkpoint holds its hash.
+    /// the rows before it are gone and neither a checkpoint nor a retention
+    /// anchor holds its hash.
     pub unanchored_from: Option<Lsn>,
+    /// The rows up to this LSN were dropped by retention: the first row after
+    /// them was checked against the hash recorded at the cut.
+    pub retention_cut: Option<Lsn>,
 }
 
 #[derive(Debug)]
@@ -180,6 +184,8 @@ pub struct Auditor {
     sizes: Vec<Lsn>,
     /// [`Auditor::start_after`]'s LSN (0: the walk reads every row).
     start: Lsn,
+    /// Retention anchors: LSN of the newest dropped row to its hash.
+    anchors: HashMap<Lsn, Hash>,
 }
 
 impl Auditor {
@@ -198,6 +204,7 @@ impl Auditor {
             rows_through: HashMap::new(),
             sizes: Vec::new(),
             start: 0,
+            anchors: HashMap::new(),
         };
         for stored in checkpoints {
             a.summary.checkpoints += 1;
@@ -243,6 +250,13 @@ impl Auditor {
             .entry(checkpoint.size)
             .or_insert((0, checkpoint, source));
         self.sort_sizes();
+    }
+
+    /// Retention dropped the rows up to `lsn`, the newest of which had `hash`
+    /// (`audit_chain_anchors`). Unsigned, and need not be: a wrong hash does
+    /// not let the row after it verify.
+    pub fn retention_anchor(&mut self, lsn: Lsn, hash: Hash) {
+        self.anchors.insert(lsn, hash);
     }
 
     /// The walk starts after LSN `lsn`, a valid checkpoint's size (`verify-db
@@ -342,7 +356,19 @@ impl Auditor {
                 });
                 self.hash_in_window(link.prev_lsn)
             }
-            None => self.anchor(link.prev_lsn),
+            None => {
+                if let Some(after) = self.expected_start(link.prev_lsn) {
+                    // The chain began (or retention cut it) before the first
+                    // row's predecessor: the rows between are gone, whether
+                    // or not a checkpoint there holds the hash.
+                    p.findings.push(Finding::DeletedRows {
+                        after,
+                        last_missing: link.prev_lsn,
+                        next: row.lsn,
+                    });
+                }
+                self.anchor(link.prev_lsn)
+            }
         };
         if let Some(prev_hash) = prev_hash {
             let verifies = |prev: &Hash| {
@@ -370,13 +396,31 @@ impl Auditor {
     /// The hash the first row's predecessor must have: a checkpoint's head at
     /// that LSN, else unknown (the rows before were dropped).
     fn anchor(&mut self, prev_lsn: Lsn) -> Option<Hash> {
-        match self.checkpoints.get(&prev_lsn) {
-            Some((_, c, _)) => Some(c.head),
-            None => {
-                self.summary.unanchored_from = Some(prev_lsn);
-                None
-            }
+        if let Some((_, c, _)) = self.checkpoints.get(&prev_lsn) {
+            return Some(c.head);
         }
+        if let Some(&hash) = self.anchors.get(&prev_lsn) {
+            self.summary.retention_cut = Some(prev_lsn);
+            return Some(hash);
+        }
+        self.summary.unanchored_from = Some(prev_lsn);
+        None
+    }
+
+    /// Where the rows of a walk from the stream's beginning should start,
+    /// when the first row's predecessor `prev_lsn` is later: the newest signed
+    /// epoch or retention cut at or before it (none when that is `prev_lsn`).
+    fn expected_start(&self, prev_lsn: Lsn) -> Option<Lsn> {
+        if self.start > 0 {
+            return None;
+        }
+        self.epochs
+            .keys()
+            .chain(self.anchors.keys())
+            .filter(|&&e| e <= prev_lsn)
+            .max()
+            .copied()
+            .filter(|&e| e < prev_lsn)
     }
 
     fn hash_in_window(&self, lsn: Lsn) -> Option<Hash> {
@@ -611,6 +655,109 @@ mod tests {
         assert_eq!(findings.len(), 2, "{findings:?}");
         assert!(matches!(&findings[0], Finding::ChangedRow { lsn, detail } if *lsn == lsns.0 && detail.contains("actor_id")));
         assert!(matches!(&findings[1], Finding::ChangedRow { lsn, .. } if *lsn == lsns.1));
+    }
+
+    /// The fixture with its first `dropped` rows gone, with or without an
+    /// epoch checkpoint at 0 and the retention anchor of the cut.
+    fn cut(dropped: usize, epoch: bool, anchor: bool) -> (Vec<Finding>, Summary) {
+        let mut f = fixture(30);
+        if epoch {
+            let note = Checkpoint::epoch("s", 0, 0).sign(&f.signer);
+            f.checkpoints.insert(0, StoredCheckpoint { lsn: 1, note });
+            // The epoch record takes LSN 1 in a real stream; here no row is
+            // at 1 once the first rows are dropped.
+        }
+        let gone: Vec<Row> = f.rows.drain(..dropped).collect();
+        let last = gone.last().expect("dropped rows");
+        let mut a = Auditor::new("s", &f.checkpoints, &f.signer.verifier());
+        if anchor {
+            a.retention_anchor(last.lsn, last.link.expect("link").hash);
+        }
+        for r in &f.rows {
+            a.push(r.clone());
+        }
+        a.finish()
+    }
+
+    #[test]
+    fn a_retention_cut_is_anchored_and_a_head_cut_without_anchor_is_named() {
+        // Cut between checkpoints (the 10th row's checkpoint is at row 10).
+        let (findings, summary) = cut(13, true, true);
+        assert_eq!(findings, vec![]);
+        assert!(summary.retention_cut.is_some() && summary.unanchored_from.is_none());
+        // The same rows deleted by hand: the epoch says the chain began at 0.
+        let (findings, summary) = cut(13, true, false);
+        assert!(
+            matches!(findings.as_slice(), [Finding::DeletedRows { after: 0, .. }]),
+            "{findings:?}"
+        );
+        assert!(summary.unanchored_from.is_some());
+        // No epoch stored (a loader that began mid-stream): nothing to say
+        // more than that the first link is unchecked.
+        let (findings, summary) = cut(13, false, false);
+        assert_eq!(findings, vec![]);
+        assert!(summary.unanchored_from.is_some());
+        // Rows deleted after a retention cut, up to a checkpoint (whose head
+        // would anchor the next row): still deleted.
+        let mut f = fixture(30);
+        let note = Checkpoint::epoch("s", 0, 0).sign(&f.signer);
+        f.checkpoints.insert(0, StoredCheckpoint { lsn: 1, note });
+        let gone: Vec<Row> = f.rows.drain(..20).collect();
+        let mut a = Auditor::new("s", &f.checkpoints, &f.signer.verifier());
+        a.retention_anchor(gone[12].lsn, gone[12].link.expect("link").hash);
+        for r in &f.rows {
+            a.push(r.clone());
+        }
+        assert_eq!(
+            a.finish().0,
+            vec![Finding::DeletedRows {
+                after: gone[12].lsn,
+                last_missing: gone[19].lsn,
+                next: f.rows[0].lsn
+            }]
+        );
+        // A wrong anchor hash does not make the next row verify.
+        let mut f = fixture(30);
+        let gone: Vec<Row> = f.rows.drain(..13).collect();
+        let mut a = Auditor::new("s", &f.checkpoints, &f.signer.verifier());
+        a.retention_anchor(gone[12].lsn, [7; 32]);
+        for r in &f.rows {
+            a.push(r.clone());
+        }
+        let (findings, _) = a.finish();
+        assert!(
+            matches!(findings.first(), Some(Finding::ChangedRow { lsn, .. }) if *lsn == f.rows[0].lsn),
+            "{findings:?}"
+        );
+    }
+
+    #[test]
+    fn a_walk_started_at_a_checkpoint_reads_only_what_follows() {
+        let f = fixture(30);
+        // The checkpoint after the 20th row.
+        let size = f.rows[19].lsn;
+        let mut a = Auditor::new("s", &f.checkpoints[1..], &f.signer.verifier());
+        a.start_after(size);
+        let mut rows = f.rows[20..].to_vec();
+        rows[0].payload = Some(b"changed".to_vec());
+        for r in &rows {
+            a.push(r.clone());
+        }
+        let (findings, summary) = a.finish();
+        // The checkpoint's head checks the first row's link.
+        assert!(
+            matches!(findings.as_slice(), [Finding::ChangedRow { lsn, .. }] if *lsn == rows[0].lsn),
+            "{findings:?}"
+        );
+        assert_eq!(summary.unanchored_from, None);
+        let mut a = Auditor::new("s", &f.checkpoints[1..], &f.signer.verifier());
+        a.start_after(size);
+        for r in &f.rows[20..] {
+            a.push(r.clone());
+        }
+        let (findings, summary) = a.finish();
+        assert_eq!(findings, vec![]);
+        assert_eq!((summary.rows, summary.signed_through), (10, f.rows[29].lsn));
     }
 
     #[test]
