@@ -33,9 +33,14 @@ ALTER TABLE audit_chain_anchors ENABLE ALWAYS TRIGGER audit_chain_anchors_no_tru
 
 DO $grants$
 BEGIN
-    -- Written only by audit_drop_partitions_before (SECURITY DEFINER).
+    -- Anchors are written only by audit_drop_partitions_before (SECURITY
+    -- DEFINER). A signing sync writer whose statement got no answer looks
+    -- for that statement's first row (or checkpoint) by stream and LSN
+    -- (src/pg/sync_chain.rs): it may read those two columns, no content.
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'auditwal_writer') THEN
         REVOKE ALL ON audit_chain_anchors FROM auditwal_writer;
+        GRANT SELECT (stream_id, lsn) ON audit_events TO auditwal_writer;
+        GRANT SELECT (stream_id, lsn) ON audit_chain_checkpoints TO auditwal_writer;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'auditwal_retention') THEN
         REVOKE ALL ON audit_chain_anchors FROM auditwal_retention;

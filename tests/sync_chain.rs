@@ -42,6 +42,29 @@ async fn writer_with(db: &TestDb, key: &Path, timeout: Duration, committers: usi
         .expect("connect the sync writer")
 }
 
+/// A signing writer logged in as a role that is only `auditwal_writer`.
+async fn writer_login(db: &TestDb, key: &Path, timeout: Duration) -> SyncWriter {
+    let role = format!("writer_{}", db.name());
+    sqlx::query(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'pw' IN ROLE auditwal_writer"
+    ))
+    .execute(db.pool())
+    .await
+    .expect("create the writer login");
+    let options: sqlx::postgres::PgConnectOptions = db.url().parse().expect("url");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_lazy_with(options.username(&role).password("pw"));
+    let mut config = SyncConfig::default();
+    config.chain_key = Some(key.to_path_buf());
+    config.checkpoint_every = 7;
+    config.timeout = timeout;
+    config.migrate = false;
+    SyncWriter::from_pool(pool, config)
+        .await
+        .expect("the writer login's sync writer")
+}
+
 fn event(n: usize, action: &str) -> AuditEvent {
     AuditEvent::new(action)
         .actor("user", format!("user-{n}"))
@@ -143,7 +166,8 @@ async fn sync_rows_are_chained_settled_after_lost_answers_and_verified() {
             .unwrap_or_else(|e| panic!("{stmt}: {e}"));
     }
 
-    let w = writer(&db, &key, Duration::from_secs(1)).await;
+    // As a login with only the writer's rights, as a service runs.
+    let w = writer_login(&db, &key, Duration::from_secs(1)).await;
     record_many(&w, 0, 40).await;
     // Statements whose callers time out: one commits after, one fails after.
     for (n, action) in [(1000, "doc.slow"), (1001, "doc.slow-fail")] {
