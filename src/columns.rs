@@ -239,6 +239,46 @@ pub fn name_list(columns: &[Column]) -> String {
         .join(", ")
 }
 
+/// What `auditwal verify-db` reads of each row, in this order: the chain
+/// columns ([`VERIFY_CHAIN_COLUMNS`]), then every event column in a form
+/// compared with the record's value without rendering it (timestamps as
+/// microseconds, addresses as `host()`, JSON as text).
+pub fn verify_select_list() -> String {
+    let mut cols: Vec<String> = VERIFY_CHAIN_COLUMNS.iter().map(|c| c.to_string()).collect();
+    for c in EVENT_COLUMNS {
+        cols.push(match c.pg_type {
+            "timestamptz" => format!("(extract(epoch FROM {0}) * 1000000)::int8 AS {0}", c.name),
+            "inet" => format!("host({0}) AS {0}", c.name),
+            "jsonb" => format!("{0}::text AS {0}", c.name),
+            _ => c.name.to_string(),
+        });
+    }
+    cols.join(", ")
+}
+
+/// The columns before the event's in [`verify_select_list`].
+pub const VERIFY_CHAIN_COLUMNS: [&str; 6] = [
+    "stream_id",
+    "lsn",
+    "chain_prev_lsn",
+    "chain_hash",
+    "wal_payload",
+    "sample_rate",
+];
+
+/// verify-db's walk: every chained row (of `$1` when not NULL), each
+/// stream's from the LSN after `$3[i]` for the stream `$2[i]` (`--since`), in
+/// stream and LSN order.
+pub fn verify_walk_sql() -> String {
+    format!(
+        "SELECT {} FROM {TABLE} e LEFT JOIN unnest($2::text[], $3::int8[]) AS s(start_stream, \
+         start_lsn) ON s.start_stream = e.stream_id WHERE e.stream_id IS NOT NULL \
+         AND ($1::text IS NULL OR e.stream_id = $1) AND e.lsn > coalesce(s.start_lsn, 0) \
+         ORDER BY e.stream_id, e.lsn",
+        verify_select_list()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use auditwal::chain::audit::{Auditor, Finding, Row, StoredCheckpoint, Summary};
 use auditwal::chain::{Checkpoint, Hash, Link, Verifier};
-use auditwal::columns::{self, ColumnVisitor, Value, EVENT_COLUMNS};
+use auditwal::columns::{self, ColumnVisitor, Value, EVENT_COLUMNS, VERIFY_CHAIN_COLUMNS};
 use auditwal::wal::payload::decode_event;
 use auditwal::wal::reader::{is_stream_dir, list_segments, list_streams, newest_checkpoint};
 use auditwal::wal::Lsn;
@@ -402,31 +402,6 @@ fn report_unchained(out: &mut impl Write, json: bool, u: &Unchained) -> io::Resu
     }
 }
 
-/// The SELECT list: the chain columns, then each event column in a form
-/// [`Checker`] compares with the record's value without rendering it.
-fn select_list() -> String {
-    let mut cols: Vec<String> = CHAIN_COLUMNS.iter().map(|c| c.to_string()).collect();
-    for c in EVENT_COLUMNS {
-        cols.push(match c.pg_type {
-            "timestamptz" => format!("(extract(epoch FROM {0}) * 1000000)::int8 AS {0}", c.name),
-            "inet" => format!("host({0}) AS {0}", c.name),
-            "jsonb" => format!("{0}::text AS {0}", c.name),
-            _ => c.name.to_string(),
-        });
-    }
-    cols.join(", ")
-}
-
-/// The columns before the event's, in [`select_list`] order.
-const CHAIN_COLUMNS: [&str; 6] = [
-    "stream_id",
-    "lsn",
-    "chain_prev_lsn",
-    "chain_hash",
-    "wal_payload",
-    "sample_rate",
-];
-
 /// JSON equality by value: keys in any order, numbers by value (jsonb keeps
 /// 1.0 as 1.0 but prints 1e2 as 100).
 fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
@@ -463,7 +438,7 @@ fn json_text_eq(stored: &str, record: &str) -> bool {
 }
 
 /// Compares each event column of a row with the record's value, in
-/// [`EVENT_COLUMNS`] order; remembers the first that differs.
+/// [`EVENT_COLUMNS`] order (as [`columns::verify_select_list`] reads them); remembers the first that differs.
 struct Checker<'r> {
     row: &'r sqlx::postgres::PgRow,
     index: usize,
@@ -497,7 +472,7 @@ impl ColumnVisitor<'_> for Checker<'_> {
             }),
         };
         if !same {
-            self.first_bad = Some(EVENT_COLUMNS[i - CHAIN_COLUMNS.len()].name);
+            self.first_bad = Some(EVENT_COLUMNS[i - VERIFY_CHAIN_COLUMNS.len()].name);
         }
     }
 }
@@ -512,7 +487,7 @@ fn compare(row: &sqlx::postgres::PgRow, payload: &[u8]) -> Result<(), String> {
     }
     let mut checker = Checker {
         row,
-        index: CHAIN_COLUMNS.len(),
+        index: VERIFY_CHAIN_COLUMNS.len(),
         first_bad: None,
     };
     columns::visit_event(&decoded.event, &mut checker);
@@ -572,14 +547,7 @@ impl Walk<'_> {
             .iter()
             .map(|(s, &lsn)| (s.as_str(), lsn as i64))
             .unzip();
-        let sql = format!(
-            "SELECT {} FROM {} e LEFT JOIN unnest($2::text[], $3::int8[]) AS s(start_stream, \
-             start_lsn) ON s.start_stream = e.stream_id WHERE e.stream_id IS NOT NULL \
-             AND ($1::text IS NULL OR e.stream_id = $1) AND e.lsn > coalesce(s.start_lsn, 0) \
-             ORDER BY e.stream_id, e.lsn",
-            select_list(),
-            columns::TABLE
-        );
+        let sql = columns::verify_walk_sql();
         let mut rows = sqlx::query(&sql)
             .bind(only)
             .bind(start_streams)

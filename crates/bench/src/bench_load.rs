@@ -228,7 +228,7 @@ pub(super) async fn count_rows(url: &str) -> Result<u64, Failure> {
 }
 
 /// Runs `auditwal load --once`; returns its wall time and peak RSS in MiB.
-fn run_loader_once(exe: &Path, wal: &Path, url: &str) -> Result<(f64, f64), Failure> {
+pub(super) fn run_loader_once(exe: &Path, wal: &Path, url: &str) -> Result<(f64, f64), Failure> {
     let start = Instant::now();
     let mut child = Command::new(exe)
         .args(["load", "--once", "--metrics-addr", "off", "--wal-dir"])

@@ -14,6 +14,7 @@ mod bench_fleet;
 mod bench_load;
 mod bench_record;
 mod bench_sync;
+mod bench_verify;
 mod bench_wal;
 mod flaky_link;
 mod loadgen;
@@ -87,6 +88,7 @@ enum BenchKind {
     Record,
     Fleet,
     Agent,
+    VerifyDb,
 }
 
 /// Runs the bench `args` names; a flag of one bench given to another is a usage
@@ -106,5 +108,6 @@ pub fn run(a: BenchArgs) -> CmdResult {
         (BenchKind::Load, None, None) => bench_load::run(a.json, a.dir),
         (BenchKind::Record, None, None) => bench_record::run(a.json, a.dir),
         (BenchKind::Agent, None, None) => bench_agent::run(a.json, a.dir),
+        (BenchKind::VerifyDb, None, None) => bench_verify::run(a.json, a.dir),
     }
 }
