@@ -266,6 +266,11 @@ pub const VERIFY_CHAIN_COLUMNS: [&str; 6] = [
     "sample_rate",
 ];
 
+/// The walk's session settings, sent before [`verify_walk_sql`]. JIT would
+/// compile the one long statement for 0.4 s of its 1.7 s at 300,000 rows and
+/// gain nothing back (docs/benchmarks.md, `bench verify-db`).
+pub const VERIFY_SESSION_SQL: &str = "SET jit = off";
+
 /// verify-db's walk: every chained row (of `$1` when not NULL), each
 /// stream's from the LSN after `$3[i]` for the stream `$2[i]` (`--since`), in
 /// stream and LSN order.

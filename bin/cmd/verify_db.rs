@@ -32,7 +32,7 @@ use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
 use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, PgConnection, Row as _};
+use sqlx::{ConnectOptions, PgConnection, Row as _, ValueRef as _};
 
 use super::{progress, CmdResult, Failure, EXIT_FOUND_PROBLEM};
 
@@ -141,6 +141,11 @@ pub fn run(args: VerifyDbArgs) -> CmdResult {
             .connect()
             .await
             .context("connecting to the database")
+            .map_err(Failure::runtime)?;
+        sqlx::query(columns::VERIFY_SESSION_SQL)
+            .execute(&mut conn)
+            .await
+            .context("setting up the session")
             .map_err(Failure::runtime)?;
         let stored = read_checkpoints(&mut conn, args.stream.as_deref())
             .await
@@ -424,21 +429,60 @@ fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     }
 }
 
+/// `stored` (jsonb's text) against `record` (the event's JSON text). Fast
+/// path: the record rendered as jsonb prints it; on any difference (a number
+/// jsonb normalises, a duplicate key), equality by value.
 fn json_text_eq(stored: &str, record: &str) -> bool {
     if stored == record {
         return true;
     }
-    match (
-        serde_json::from_str::<serde_json::Value>(stored),
-        serde_json::from_str::<serde_json::Value>(record),
-    ) {
-        (Ok(a), Ok(b)) => json_eq(&a, &b),
-        _ => false,
+    let Ok(record) = serde_json::from_str::<serde_json::Value>(record) else {
+        return false;
+    };
+    let mut rendered = String::with_capacity(stored.len());
+    jsonb_text(&record, &mut rendered);
+    if rendered == stored {
+        return true;
+    }
+    serde_json::from_str::<serde_json::Value>(stored).is_ok_and(|s| json_eq(&s, &record))
+}
+
+/// `v` as PostgreSQL prints a jsonb value: object keys shortest first, then
+/// bytewise; `": "` and `", "` between; strings escaped as JSON requires.
+fn jsonb_text(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value as J;
+    match v {
+        J::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+            out.push('{');
+            for (n, k) in keys.into_iter().enumerate() {
+                if n > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&J::String(k.clone()).to_string());
+                out.push_str(": ");
+                jsonb_text(&m[k], out);
+            }
+            out.push('}');
+        }
+        J::Array(a) => {
+            out.push('[');
+            for (n, x) in a.iter().enumerate() {
+                if n > 0 {
+                    out.push_str(", ");
+                }
+                jsonb_text(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
     }
 }
 
 /// Compares each event column of a row with the record's value, in
-/// [`EVENT_COLUMNS`] order (as [`columns::verify_select_list`] reads them); remembers the first that differs.
+/// [`EVENT_COLUMNS`] order (as [`columns::verify_select_list`] reads them);
+/// remembers the first that differs.
 struct Checker<'r> {
     row: &'r sqlx::postgres::PgRow,
     index: usize,
@@ -453,21 +497,34 @@ impl ColumnVisitor<'_> for Checker<'_> {
             return;
         }
         let row = self.row;
-        let text = || row.try_get::<Option<&str>, _>(i);
-        let same = match value {
-            Value::Uuid(u) => row.try_get::<uuid::Uuid, _>(i).is_ok_and(|g| g == *u),
-            Value::Timestamptz(t) => row
-                .try_get::<i64, _>(i)
-                .is_ok_and(|g| g == t.timestamp_micros()),
-            Value::Text(s) => row.try_get::<&str, _>(i).is_ok_and(|g| g == s),
-            Value::OptText(s) => text().is_ok_and(|g| g == s),
-            Value::Outcome(o) => text().is_ok_and(|g| g == o.map(|o| o.as_str())),
-            Value::Inet(ip) => {
-                text().is_ok_and(|g| g.map(|g| g.parse::<IpAddr>().ok()) == ip.map(Some))
+        // Text columns are compared as the bytes on the wire (UTF-8, the same
+        // in the binary format): no UTF-8 check, no type check per value.
+        let bytes = || -> Result<Option<&[u8]>, ()> {
+            let v = row.try_get_raw(i).map_err(|_| ())?;
+            match v.is_null() {
+                true => Ok(None),
+                false => v.as_bytes().map(Some).map_err(|_| ()),
             }
-            Value::Jsonb(j) => text().is_ok_and(|g| match (g, j) {
+        };
+        let text_is = |want: Option<&str>| bytes().is_ok_and(|g| g == want.map(str::as_bytes));
+        let same = match value {
+            Value::Uuid(u) => row
+                .try_get_unchecked::<uuid::Uuid, _>(i)
+                .is_ok_and(|g| g == *u),
+            Value::Timestamptz(t) => row
+                .try_get_unchecked::<i64, _>(i)
+                .is_ok_and(|g| g == t.timestamp_micros()),
+            Value::Text(s) => text_is(Some(s)),
+            Value::OptText(s) => text_is(s),
+            Value::Outcome(o) => text_is(o.map(|o| o.as_str())),
+            Value::Inet(ip) => row
+                .try_get_unchecked::<Option<&str>, _>(i)
+                .is_ok_and(|g| g.map(|g| g.parse::<IpAddr>().ok()) == ip.map(Some)),
+            Value::Jsonb(j) => bytes().is_ok_and(|g| match (g, j) {
                 (None, None) => true,
-                (Some(g), Some(j)) => json_text_eq(g, j.as_str()),
+                (Some(g), Some(j)) => {
+                    std::str::from_utf8(g).is_ok_and(|g| json_text_eq(g, j.as_str()))
+                }
                 _ => false,
             }),
         };
@@ -634,4 +691,26 @@ fn wal_checkpoints(dir: &Path, verifier: &Verifier) -> anyhow::Result<Vec<(Check
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_rendered_as_postgresql_prints_jsonb() {
+        // psql: SELECT '{"plan":"free","n":1,"ratio":1.0,"tags":["a","b"],
+        // "é":"x\\ny/","ab":{},"b":[]}'::jsonb (PostgreSQL 15).
+        let record =
+            r#"{"plan":"free","n":1,"ratio":1.0,"tags":["a","b"],"é":"x\\ny/","ab":{},"b":[]}"#;
+        let stored = r#"{"b": [], "n": 1, "ab": {}, "é": "x\\ny/", "plan": "free", "tags": ["a", "b"], "ratio": 1.0}"#;
+        let mut rendered = String::new();
+        jsonb_text(&serde_json::from_str(record).expect("json"), &mut rendered);
+        assert_eq!(rendered, stored);
+        assert!(json_text_eq(stored, record));
+        // What jsonb normalises goes the slow way, and still compares equal.
+        assert!(json_text_eq(r#"{"x": 100}"#, r#"{"x":1e2}"#));
+        assert!(!json_text_eq(r#"{"x": 101}"#, r#"{"x":1e2}"#));
+        assert!(!json_text_eq(stored, r#"{"plan":"pro"}"#));
+    }
 }

@@ -33,8 +33,8 @@ pub struct BatchRow {
     pub sample_rate: f64,
     /// The WAL record's payload (stored in `wal_payload`).
     pub payload: Vec<u8>,
-    /// The row's hash-chain link; `None` for a replayed row (replay does not
-    /// know the chain).
+    /// The row's hash-chain link; `None` where the reader does not know the
+    /// chain yet (replay of an archive, before its first checkpoint).
     pub link: Option<Link>,
 }
 

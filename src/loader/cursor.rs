@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::chain::{ChainState, Checkpoint};
+use crate::loader::chainer::Chainer;
 use crate::loader::batch::{Batch, BatchRow, SignedCheckpoint};
 use crate::loader::checkpoint::Committed;
 use crate::loader::metrics::StreamMetrics;
@@ -55,11 +56,8 @@ pub struct Cursor {
     stream: String,
     reader: StreamReader,
     committed: Lsn,
-    /// The hash chain through the last record gathered: each event's link
-    /// follows it, an epoch checkpoint restarts it (`chain`).
-    chain: ChainState,
-    /// `chain` when the batch being gathered began.
-    batch_start: ChainState,
+    /// The hash chain through the last record gathered ([`Chainer`]).
+    chain: Chainer,
     /// Consumed segments and their last LSN, waiting for the checkpoint to pass it.
     consumed: Vec<(PathBuf, Lsn)>,
     /// True when the last gather stopped because nothing more is written at all.
@@ -94,11 +92,13 @@ impl Cursor {
             stream: stream.to_string(),
             reader: StreamReader::open(dir, committed.saturating_add(1), Follow::Live),
             committed,
-            chain: ChainState {
-                head: from.chain_head,
-                ..ChainState::epoch_at(from.chain_lsn)
-            },
-            batch_start: ChainState::epoch_at(0),
+            chain: Chainer::resume(
+                stream,
+                ChainState {
+                    head: from.chain_head,
+                    ..ChainState::epoch_at(from.chain_lsn)
+                },
+            ),
             consumed,
             at_end: false,
             written_seen: committed,
@@ -123,7 +123,7 @@ impl Cursor {
     /// is alive to raise it, the stream is settled first (wal::settle).
     pub fn next_batch(&mut self, limits: &BatchLimits) -> Result<Gathered, CursorError> {
         let mut durable = reader::read_durable_lsn(&self.dir)?;
-        self.batch_start = self.chain;
+        self.chain.begin_batch();
         let mut out = Gathered {
             batch: Batch {
                 rows: Vec::new(),
@@ -168,7 +168,7 @@ impl Cursor {
             }
         }
         out.batch.end_lsn = self.reader.next_lsn().saturating_sub(1);
-        out.batch.chain = Some((self.chain.lsn, self.chain.head));
+        out.batch.chain = self.chain.position();
         self.written_seen = self.written_seen.max(out.batch.end_lsn);
         if self.oldest_pending.is_none() {
             self.oldest_pending = out.batch.rows.first().map(|r| r.event.occurred_at);
@@ -188,13 +188,13 @@ impl Cursor {
                 // and the payload) plus ~250 bytes of lengths, fixed-size fields
                 // and the link.
                 *bytes += event.event.content_len() + payload.len() + 250;
-                let link = self.chain.push(&self.stream, lsn, &payload);
+                let link = self.chain.event(lsn, &payload);
                 out.batch.rows.push(BatchRow {
                     lsn,
                     event: event.event,
                     sample_rate: event.sample_rate,
                     payload,
-                    link: Some(link),
+                    link,
                 });
             }
             ReadItem::Checkpoint { lsn, note, .. } => {
@@ -205,13 +205,7 @@ impl Cursor {
                 });
                 match parsed {
                     Ok((checkpoint, note)) => {
-                        // A writer that lost its chain state starts a new epoch
-                        // before its next event: follow it.
-                        if checkpoint.is_epoch() && checkpoint.size >= self.chain.lsn {
-                            self.chain = ChainState::epoch_at(checkpoint.size);
-                        } else if !checkpoint.is_epoch() {
-                            self.follow(&checkpoint, &mut out.batch.rows);
-                        }
+                        self.chain.checkpoint(&checkpoint, &mut out.batch.rows);
                         out.batch.signed.push(SignedCheckpoint {
                             lsn,
                             checkpoint,
@@ -239,43 +233,6 @@ impl Cursor {
                     .unwrap_or_else(|| format!("{damage:?}")),
             ),
         }
-    }
-
-    /// Where this loader's chain disagrees with a signed checkpoint, continues
-    /// from the checkpoint's head, so that one divergence is one finding of
-    /// verify-db and not one per later checkpoint. It happens when the loader
-    /// began mid-stream (a new database, segments before it already retired:
-    /// its chain could not know the head it started from) and when records
-    /// were changed in the WAL before the loader read them. The rows of this
-    /// batch after the checkpoint's size get their links again; when some were
-    /// committed by an earlier batch, the chain is left as it is.
-    fn follow(&mut self, checkpoint: &Checkpoint, rows: &mut [BatchRow]) {
-        let tail = rows.partition_point(|r| r.lsn <= checkpoint.size);
-        let ours = match tail.checked_sub(1) {
-            Some(i) => rows[i].link.map(|l| l.hash),
-            None if self.batch_start.lsn <= checkpoint.size => Some(self.batch_start.head),
-            // Links after the checkpoint's size are already committed.
-            None => return,
-        };
-        if ours == Some(checkpoint.head) {
-            return;
-        }
-        tracing::warn!(
-            stream = %self.stream,
-            size = checkpoint.size,
-            "hash chain: the loaded rows do not hash to the signed checkpoint's head \
-             (loading began mid-stream, or the WAL was changed); continuing from the signed head"
-        );
-        let mut chain = ChainState {
-            lsn: checkpoint.size,
-            head: checkpoint.head,
-            events: checkpoint.events,
-            epoch: checkpoint.epoch,
-        };
-        for row in &mut rows[tail..] {
-            row.link = Some(chain.push(&self.stream, row.lsn, &row.payload));
-        }
-        self.chain = chain;
     }
 
     fn settle_due(&self) -> bool {

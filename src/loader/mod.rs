@@ -41,6 +41,7 @@ pub mod backoff;
 pub mod batch;
 pub mod checkpoint;
 pub mod copy;
+mod chainer;
 pub mod cursor;
 pub mod dead_letter;
 pub mod metrics;

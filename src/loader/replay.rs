@@ -8,13 +8,20 @@
 //! skipped, not duplicated. The stream's checkpoint is moved forward to the end of
 //! what was replayed (never backward), in the same transaction, so a loader that
 //! starts afterwards does not send those rows again.
+//!
+//! Replayed rows get the chain links the loader gave them: replay computes the
+//! chain from the first record in the directory (all of it from LSN 1, or from
+//! the first signed checkpoint it meets; rows before that get none) and stores
+//! the signed checkpoints the table lacks.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::{Connection, PgConnection};
 
-use crate::loader::batch::BatchRow;
+use crate::chain::{ChainState, Checkpoint};
+use crate::loader::batch::{Batch, BatchRow, SignedCheckpoint};
+use crate::loader::chainer::Chainer;
 use crate::loader::checkpoint;
 use crate::loader::copy::{CopyBuffer, RowOrigin, COPY_COLUMNS};
 use crate::loader::{list_streams, LoadError, LoaderConfig};
@@ -126,10 +133,23 @@ async fn replay_stream(
     } else {
         None
     };
-    let mut reader = StreamReader::open(dir, from_lsn, Follow::AtRest);
+    // The chain is computed from the stream's first record still in `dir`, so
+    // that the rows sent get the links the loader gave them; from the very
+    // first LSN it is known, else from the first checkpoint met (Chainer).
+    let starts_at_one = reader::list_segments(dir)
+        .map_err(|e| stream_err(e.to_string()))?
+        .first()
+        .is_some_and(|s| s.first_lsn == 1);
+    let mut chain = match starts_at_one {
+        true => Chainer::resume(stream, ChainState::epoch_at(0)),
+        false => Chainer::unknown(stream),
+    };
+    let mut reader = StreamReader::open(dir, 1, Follow::AtRest);
     let mut summary = ReplaySummary::default();
     loop {
+        chain.begin_batch();
         let mut rows = Vec::new();
+        let mut signed = Vec::new();
         while rows.len() < REPLAY_BATCH_ROWS {
             match reader
                 .next_item(up_to)
@@ -140,81 +160,118 @@ async fn replay_stream(
                     event,
                     payload,
                     ..
-                }) => rows.push(BatchRow {
-                    lsn,
-                    event: event.event,
-                    sample_rate: event.sample_rate,
-                    payload,
-                    link: None,
-                }),
-                Some(ReadItem::SegmentConsumed { .. } | ReadItem::Checkpoint { .. }) => {}
+                }) => {
+                    let link = chain.event(lsn, &payload);
+                    rows.push(BatchRow {
+                        lsn,
+                        event: event.event,
+                        sample_rate: event.sample_rate,
+                        payload,
+                        link,
+                    });
+                }
+                Some(ReadItem::Checkpoint { lsn, note, .. }) => {
+                    let parsed = Checkpoint::parse(&note)
+                        .ok()
+                        .zip(String::from_utf8(note).ok());
+                    if let Some((checkpoint, note)) = parsed {
+                        chain.checkpoint(&checkpoint, &mut rows);
+                        if lsn >= from_lsn {
+                            signed.push(SignedCheckpoint {
+                                lsn,
+                                checkpoint,
+                                note,
+                            });
+                        }
+                    }
+                }
+                Some(ReadItem::SegmentConsumed { .. }) => {}
                 Some(damage) => {
-                    summary.damaged += 1;
-                    tracing::warn!(stream, "damaged WAL range skipped: {damage:?}");
+                    if reader.next_lsn() > from_lsn {
+                        summary.damaged += 1;
+                        tracing::warn!(stream, "damaged WAL range skipped: {damage:?}");
+                    }
                 }
                 None => break,
             }
         }
-        if rows.is_empty() {
+        if rows.is_empty() && signed.is_empty() {
             return Ok(summary);
         }
+        // Rows before from_lsn were read only to compute the chain.
+        let send = &rows[rows.partition_point(|r| r.lsn < from_lsn)..];
+        if send.is_empty() && signed.is_empty() {
+            continue;
+        }
         let end_lsn = reader.next_lsn().saturating_sub(1);
-        let inserted = insert_missing(conn, &config.table, stream, &rows, end_lsn)
+        let batch = Batch {
+            rows: send.to_vec(),
+            end_lsn,
+            chain: chain.position(),
+            signed,
+        };
+        let inserted = insert_missing(conn, &config.table, stream, &batch)
             .await
             .map_err(|e| stream_err(format!("replay batch failed: {e}")))?;
-        summary.rows_sent += rows.len() as u64;
+        summary.rows_sent += send.len() as u64;
         summary.rows_inserted += inserted;
-        summary.rows_present += rows.len() as u64 - inserted;
-        rows_sent.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        summary.rows_present += send.len() as u64 - inserted;
+        rows_sent.fetch_add(send.len() as u64, Ordering::Relaxed);
     }
 }
 
-/// One replay transaction: COPY into a temporary table, insert what is missing,
-/// move the checkpoint forward.
+/// One replay transaction: COPY into a temporary table, insert what is missing
+/// and the signed checkpoints the table lacks, move the checkpoint (and the
+/// chain's position, when known) forward.
 async fn insert_missing(
     conn: &mut PgConnection,
     table: &str,
     stream: &str,
-    rows: &[BatchRow],
-    end_lsn: u64,
+    batch: &Batch,
 ) -> Result<u64, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    sqlx::query(&format!(
-        "CREATE TEMP TABLE auditwal_replay (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP"
-    ))
-    .execute(&mut *tx)
-    .await?;
-    let mut body = CopyBuffer::new();
-    for r in rows {
-        body.push(
-            &r.event,
-            RowOrigin {
-                stream_id: stream,
-                lsn: r.lsn,
-                sample_rate: r.sample_rate,
-                link: r.link,
-                payload: Some(&r.payload),
-            },
-        );
+    let mut inserted = 0;
+    if !batch.rows.is_empty() {
+        sqlx::query(&format!(
+            "CREATE TEMP TABLE auditwal_replay (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        let mut body = CopyBuffer::new();
+        for r in &batch.rows {
+            body.push(
+                &r.event,
+                RowOrigin {
+                    stream_id: stream,
+                    lsn: r.lsn,
+                    sample_rate: r.sample_rate,
+                    link: r.link,
+                    payload: Some(&r.payload),
+                },
+            );
+        }
+        {
+            let mut copy = tx
+                .copy_in_raw(&crate::loader::copy::copy_statement("auditwal_replay"))
+                .await?;
+            copy.send(body.finish()).await?;
+            copy.finish().await?;
+        }
+        let cols = COPY_COLUMNS.join(", ");
+        inserted = sqlx::query(&format!(
+            "INSERT INTO {table} ({cols}) SELECT {cols} FROM auditwal_replay \
+             ON CONFLICT (event_id, occurred_at) DO NOTHING"
+        ))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     }
-    {
-        let mut copy = tx
-            .copy_in_raw(&crate::loader::copy::copy_statement("auditwal_replay"))
-            .await?;
-        copy.send(body.finish()).await?;
-        copy.finish().await?;
+    for s in &batch.signed {
+        checkpoint::store_signed(&mut tx, stream, s.lsn, &s.checkpoint, &s.note).await?;
     }
-    let cols = COPY_COLUMNS.join(", ");
-    let inserted = sqlx::query(&format!(
-        "INSERT INTO {table} ({cols}) SELECT {cols} FROM auditwal_replay \
-         ON CONFLICT (event_id, occurred_at) DO NOTHING"
-    ))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
     let current = checkpoint::lock(&mut tx, stream).await?;
-    if end_lsn > current {
-        checkpoint::advance(&mut tx, stream, end_lsn, None).await?;
+    if batch.end_lsn > current {
+        checkpoint::advance(&mut tx, stream, batch.end_lsn, batch.chain).await?;
     }
     tx.commit().await?;
     Ok(inserted)

@@ -91,6 +91,10 @@ fn write_signed_backlog(wal: &Path, key: &Path, n: u64) -> Result<(), Failure> {
 /// verify-db's statement, every row fetched and nothing checked; its wall time.
 async fn plain_read(url: &str, events: u64) -> Result<f64, Failure> {
     let mut conn = PgConnection::connect(url).await.context("connect")?;
+    sqlx::query(columns::VERIFY_SESSION_SQL)
+        .execute(&mut conn)
+        .await
+        .context("session settings")?;
     let sql = columns::verify_walk_sql();
     let start = Instant::now();
     let mut rows = sqlx::query(&sql)
