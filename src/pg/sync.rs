@@ -926,14 +926,19 @@ fn insert_one_sql() -> &'static str {
 /// The multi-row INSERT: one array per column, unnested in step.
 fn insert_many_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| unnest_insert_sql(false))
+    SQL.get_or_init(|| unnest_insert_sql(false, false))
 }
 
-/// [`insert_many_sql`] with the chain columns and the statement's checkpoints
-/// ([`sync_chain`]).
-fn insert_chained_sql() -> &'static str {
-    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| unnest_insert_sql(true))
+/// [`insert_many_sql`] with the chain columns ([`sync_chain`]), and with the
+/// statement's checkpoints when `checkpoints` (a data-modifying CTE costs
+/// every statement that carries it, so only those with one do).
+fn insert_chained_sql(checkpoints: bool) -> &'static str {
+    static LINKS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static WITH_CHECKPOINTS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match checkpoints {
+        false => LINKS.get_or_init(|| unnest_insert_sql(true, false)),
+        true => WITH_CHECKPOINTS.get_or_init(|| unnest_insert_sql(true, true)),
+    }
 }
 
 /// The chain columns a chained INSERT adds, one array each, after the stream
@@ -945,7 +950,7 @@ const CHAIN_ARRAYS: [(&str, &str); 4] = [
     ("wal_payload", "bytea"),
 ];
 
-fn unnest_insert_sql(chained: bool) -> String {
+fn unnest_insert_sql(chained: bool, checkpoints: bool) -> String {
     // One statement, one transaction, one commit for the whole batch. Text is
     // cast to inet/jsonb server-side.
     let mut alias: Vec<String> = SYNC_COLUMNS.iter().map(|c| c.name.to_string()).collect();
@@ -977,14 +982,16 @@ fn unnest_insert_sql(chained: bool) -> String {
         columns.push("stream_id".into());
         select.push(format!("${stream}::text"));
         let c = stream + 1 + CHAIN_ARRAYS.len();
-        with = format!(
-            "WITH checkpoints AS (INSERT INTO audit_chain_checkpoints \
-             (stream_id, lsn, size, head, note) SELECT ${stream}::text, * FROM \
-             unnest(${c}::int8[], ${}::int8[], ${}::bytea[], ${}::text[])) ",
-            c + 1,
-            c + 2,
-            c + 3
-        );
+        if checkpoints {
+            with = format!(
+                "WITH checkpoints AS (INSERT INTO audit_chain_checkpoints \
+                 (stream_id, lsn, size, head, note) SELECT ${stream}::text, * FROM \
+                 unnest(${c}::int8[], ${}::int8[], ${}::bytea[], ${}::text[])) ",
+                c + 1,
+                c + 2,
+                c + 3
+            );
+        }
     }
     format!(
         "{with}INSERT INTO {TABLE} ({}) SELECT {} FROM unnest({}) AS t({}) \
@@ -1145,21 +1152,26 @@ async fn insert_many(
                 .iter()
                 .map(|r| r.payload.as_deref().unwrap_or_default())
                 .collect();
-            let added = [
+            let mut added = vec![
                 args.add(stream),
                 args.add(&plan.lsns),
                 args.add(&plan.prev_lsns),
                 args.add(&plan.hashes),
                 args.add(payloads),
-                args.add(&plan.checkpoint_lsns),
-                args.add(&plan.checkpoint_sizes),
-                args.add(&plan.checkpoint_heads),
-                args.add(&plan.checkpoint_notes),
             ];
+            let checkpoints = !plan.checkpoint_lsns.is_empty();
+            if checkpoints {
+                added.extend([
+                    args.add(&plan.checkpoint_lsns),
+                    args.add(&plan.checkpoint_sizes),
+                    args.add(&plan.checkpoint_heads),
+                    args.add(&plan.checkpoint_notes),
+                ]);
+            }
             if let Some(Err(e)) = added.into_iter().find(Result::is_err) {
                 return Err(sqlx::Error::Encode(e));
             }
-            insert_chained_sql()
+            insert_chained_sql(checkpoints)
         }
     };
     let rows = sqlx::query_with(sql, args)

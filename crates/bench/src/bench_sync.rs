@@ -14,7 +14,10 @@
 //! ANALYZE and CHECKPOINT, so the maintenance the previous case's rows made due
 //! does not run inside it. Each coalesced case names its naive
 //! baseline, the throughput ratio (higher is better) and `p50_vs_baseline` (ours /
-//! naive p50 latency, lower is better).
+//! naive p50 latency, lower is better). Each `signed-N` case is `coalesced-N`
+//! with a chain key (every committer's rows linked, checkpoints signed in the
+//! same statements, src/pg/sync_chain.rs) and names `coalesced-N` as its
+//! baseline: what the chain costs sync mode.
 //!
 //! Knobs (environment): AUDITWAL_BENCH_SECS (per case, default 5),
 //! AUDITWAL_BENCH_ROUNDS (default 3), AUDITWAL_BENCH_COMMITTERS and
@@ -42,6 +45,8 @@ const WARMUP: Duration = Duration::from_secs(1);
 enum Kind {
     Coalesced,
     Naive,
+    /// Coalesced, with a chain key: every committer signs its chain.
+    Signed,
 }
 
 impl Kind {
@@ -49,6 +54,7 @@ impl Kind {
         match self {
             Kind::Coalesced => format!("coalesced-{level}"),
             Kind::Naive => format!("naive-{level}"),
+            Kind::Signed => format!("signed-{level}"),
         }
     }
 }
@@ -83,12 +89,16 @@ pub fn run(json: bool, dir: Option<PathBuf>) -> CmdResult {
             })?,
         Err(_) => LEVELS.to_vec(),
     };
+    let keys = tempfile::tempdir().context("cannot create a directory for the chain key")?;
+    let (chain_key, _) = auditwal::chain::keys::write_pair(keys.path(), "bench")
+        .context("cannot write the bench's chain key")?;
     let settings = Settings {
         secs: Duration::from_secs(secs),
         rounds,
         committers,
         step,
         levels,
+        chain_key,
     };
     let cluster = Cluster::start(ClusterOptions {
         base_dir: dir,
@@ -120,6 +130,8 @@ struct Settings {
     committers: usize,
     step: usize,
     levels: Vec<usize>,
+    /// For the signed cases.
+    chain_key: PathBuf,
 }
 
 async fn bench(cluster: &Cluster, settings: &Settings) -> Result<Vec<BenchResult>, Failure> {
@@ -135,17 +147,17 @@ async fn bench(cluster: &Cluster, settings: &Settings) -> Result<Vec<BenchResult
         pool.close().await;
     }
     // runs[level index][kind] = the runs of that case
-    let mut runs: Vec<[Vec<Run>; 2]> = settings
+    let mut runs: Vec<[Vec<Run>; 3]> = settings
         .levels
         .iter()
-        .map(|_| [Vec::new(), Vec::new()])
+        .map(|_| [Vec::new(), Vec::new(), Vec::new()])
         .collect();
     for round in 0..settings.rounds {
         for (li, &level) in settings.levels.iter().enumerate() {
             let order = if round % 2 == 0 {
-                [Kind::Naive, Kind::Coalesced]
+                [Kind::Naive, Kind::Coalesced, Kind::Signed]
             } else {
-                [Kind::Coalesced, Kind::Naive]
+                [Kind::Signed, Kind::Coalesced, Kind::Naive]
             };
             for kind in order {
                 quiesce_before_case(&options).await?;
@@ -162,9 +174,10 @@ async fn bench(cluster: &Cluster, settings: &Settings) -> Result<Vec<BenchResult
     }
     let mut results = Vec::new();
     for (li, &level) in settings.levels.iter().enumerate() {
-        let [coalesced, naive] = std::mem::take(&mut runs[li]);
+        let [coalesced, naive, signed] = std::mem::take(&mut runs[li]);
         let naive = summarize(Kind::Naive.name(level), naive);
         let ours = summarize(Kind::Coalesced.name(level), coalesced).against(&naive);
+        let signed = summarize(Kind::Signed.name(level), signed).against(&ours);
         let ours = match (ours.p50_us, naive.p50_us) {
             (Some(a), Some(b)) if b > 0.0 => {
                 let mut r = ours;
@@ -176,6 +189,7 @@ async fn bench(cluster: &Cluster, settings: &Settings) -> Result<Vec<BenchResult
         };
         results.push(naive);
         results.push(ours);
+        results.push(signed);
     }
     Ok(results)
 }
@@ -240,13 +254,16 @@ async fn run_case(
         Naive(sqlx::PgPool),
     }
     let target = match kind {
-        Kind::Coalesced => Target::Ours(
+        Kind::Coalesced | Kind::Signed => Target::Ours(
             SyncWriter::connect(url, {
                 let mut c = SyncConfig::default();
                 c.migrate = false;
                 c.committers = settings.committers;
                 c.extra_commit_step = settings.step;
                 c.timeout = Duration::from_secs(30);
+                if kind == Kind::Signed {
+                    c.chain_key = Some(settings.chain_key.clone());
+                }
                 c
             })
             .await
