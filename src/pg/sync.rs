@@ -40,9 +40,12 @@
 //!   the next batches fail at once for a moment instead of waiting on the same
 //!   silence ([`Reconnect`]).
 //!
-//! Sync rows have `stream_id` and `lsn` NULL and `sample_rate` 1.0 unless the caller
-//! passes one ([`SyncWriter::record_sampled`]). The WAL, the loader and the COPY
-//! encoding are elsewhere.
+//! Sync rows have `sample_rate` 1.0 unless the caller passes one
+//! ([`SyncWriter::record_sampled`]). Without a chain key their `stream_id` and
+//! `lsn` are NULL; with one (`SyncConfig::chain_key`) every committer is a
+//! signed chain stream of its own and its rows carry their links
+//! ([`super::sync_chain`]). The WAL, the loader and the COPY encoding are
+//! elsewhere.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
