@@ -146,25 +146,6 @@ async fn load_into(wal_dir: &Path) -> TestDb {
     db
 }
 
-/// Runs `sql` as the superuser with the append-only triggers off.
-async fn tamper(db: &TestDb, sql: &str) {
-    let mut tx = db.pool().begin().await.expect("begin");
-    for stmt in [
-        "ALTER TABLE audit_events DISABLE TRIGGER ALL",
-        "ALTER TABLE audit_events_default DISABLE TRIGGER ALL",
-        "ALTER TABLE audit_chain_checkpoints DISABLE TRIGGER ALL",
-    ]
-    .into_iter()
-    .chain(sql.split(';').map(str::trim).filter(|s| !s.is_empty()))
-    {
-        sqlx::query(stmt)
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("{stmt}: {e}"));
-    }
-    tx.commit().await.expect("commit");
-}
-
 async fn lsns(db: &TestDb) -> Vec<i64> {
     sqlx::query_scalar("SELECT lsn FROM audit_events WHERE stream_id = $1 ORDER BY lsn")
         .bind(STREAM)
@@ -228,10 +209,9 @@ async fn a_signed_trail_verifies_clean_and_every_tampering_is_named() {
 
     // UPDATE one field of one row.
     let target = all[40];
-    tamper(
-        &db,
-        &format!("UPDATE audit_events SET actor_id = 'mallory' WHERE stream_id = 'api' AND lsn = {target}"),
-    )
+    db.tamper(&format!(
+        "UPDATE audit_events SET actor_id = 'mallory' WHERE stream_id = 'api' AND lsn = {target}"
+    ))
     .await;
     let (code, findings, _) = wal.verify_db(&db, &[]);
     let f = only(&findings, "changed_row");
@@ -245,9 +225,7 @@ async fn a_signed_trail_verifies_clean_and_every_tampering_is_named() {
     // is checked against its predecessor).
     let db = wal.loaded_db().await;
     let target = all[77];
-    tamper(
-        &db,
-        &format!(
+    db.tamper(&format!(
             "UPDATE audit_events SET wal_payload = overlay(wal_payload placing '\\x00'::bytea from 20), \
              chain_hash = sha256(chain_hash) WHERE stream_id = 'api' AND lsn = {target}"
         ),
@@ -264,10 +242,9 @@ async fn a_signed_trail_verifies_clean_and_every_tampering_is_named() {
     // DELETE one row.
     let db = wal.loaded_db().await;
     let target = all[100];
-    tamper(
-        &db,
-        &format!("DELETE FROM audit_events WHERE stream_id = 'api' AND lsn = {target}"),
-    )
+    db.tamper(&format!(
+        "DELETE FROM audit_events WHERE stream_id = 'api' AND lsn = {target}"
+    ))
     .await;
     let (code, findings, _) = wal.verify_db(&db, &[]);
     let f = only(&findings, "deleted_rows");
@@ -284,9 +261,7 @@ async fn a_signed_trail_verifies_clean_and_every_tampering_is_named() {
         .find(|w| w[1] > w[0] + 1)
         .expect("an LSN gap")[0];
     let forged = gap + 1;
-    tamper(
-        &db,
-        &format!(
+    db.tamper(&format!(
             "INSERT INTO audit_events (event_id, occurred_at, action, actor_id, stream_id, lsn, \
              sample_rate, chain_prev_lsn, chain_hash, wal_payload) \
              SELECT gen_random_uuid(), occurred_at, action, 'ghost', stream_id, {forged}, sample_rate, \
@@ -309,14 +284,11 @@ async fn a_signed_trail_verifies_clean_and_every_tampering_is_named() {
     // Swap two rows' LSNs.
     let db = wal.loaded_db().await;
     let (a, b) = (all[200], all[201]);
-    tamper(
-        &db,
-        &format!(
-            "UPDATE audit_events SET lsn = -1 WHERE stream_id = 'api' AND lsn = {a}; \
+    db.tamper(&format!(
+        "UPDATE audit_events SET lsn = -1 WHERE stream_id = 'api' AND lsn = {a}; \
              UPDATE audit_events SET lsn = {a} WHERE stream_id = 'api' AND lsn = {b}; \
              UPDATE audit_events SET lsn = {b} WHERE stream_id = 'api' AND lsn = -1"
-        ),
-    )
+    ))
     .await;
     let (_, findings, _) = wal.verify_db(&db, &[]);
     let f = only(&findings, "reordered_pair");
@@ -325,20 +297,18 @@ async fn a_signed_trail_verifies_clean_and_every_tampering_is_named() {
     // DELETE the newest 10 rows: the table's own last checkpoint shows it.
     let db = wal.loaded_db().await;
     let keep = all[all.len() - 11];
-    tamper(
-        &db,
-        &format!("DELETE FROM audit_events WHERE stream_id = 'api' AND lsn > {keep}"),
-    )
+    db.tamper(&format!(
+        "DELETE FROM audit_events WHERE stream_id = 'api' AND lsn > {keep}"
+    ))
     .await;
     let (_, findings, _) = wal.verify_db(&db, &[]);
     let f = only(&findings, "cut_tail");
     assert_eq!(f["last_row"].as_i64(), Some(keep), "{f}");
     // ...and with the checkpoints that covered them deleted too, only the
     // writer's local WAL can tell.
-    tamper(
-        &db,
-        &format!("DELETE FROM audit_chain_checkpoints WHERE stream_id = 'api' AND size > {keep}"),
-    )
+    db.tamper(&format!(
+        "DELETE FROM audit_chain_checkpoints WHERE stream_id = 'api' AND size > {keep}"
+    ))
     .await;
     let (code, findings, _) = wal.verify_db(&db, &[]);
     assert_eq!(
@@ -502,13 +472,10 @@ async fn replayed_rows_get_the_loaders_links_and_verify_clean() {
     let db = wal.loaded_db().await;
     let all = lsns(&db).await;
     let cut = all[200];
-    tamper(
-        &db,
-        &format!(
-            "DELETE FROM audit_events WHERE lsn >= {cut}; \
+    db.tamper(&format!(
+        "DELETE FROM audit_events WHERE lsn >= {cut}; \
              DELETE FROM audit_chain_checkpoints WHERE lsn >= {cut}"
-        ),
-    )
+    ))
     .await;
     let (code, _, _) = wal.verify_db(&db, &[]);
     assert_eq!(

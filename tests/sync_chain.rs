@@ -117,24 +117,6 @@ fn verify_db(db: &TestDb, public: &Path, extra: &[&str]) -> (i32, Vec<Value>, Ve
     (code, findings, summaries)
 }
 
-/// Runs `sql` as the superuser with the append-only triggers off.
-async fn tamper(db: &TestDb, sql: &str) {
-    let mut tx = db.pool().begin().await.expect("begin");
-    for stmt in [
-        "ALTER TABLE audit_events DISABLE TRIGGER ALL",
-        "ALTER TABLE audit_events_default DISABLE TRIGGER ALL",
-    ]
-    .into_iter()
-    .chain(sql.split(';').map(str::trim).filter(|s| !s.is_empty()))
-    {
-        sqlx::query(stmt)
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("{stmt}: {e}"));
-    }
-    tx.commit().await.expect("commit");
-}
-
 /// A trigger that holds every row of action `doc.slow*` for 1.5 s, then
 /// refuses `doc.slow-fail`: a statement that outlives its caller's timeout and
 /// then commits, or fails.
@@ -218,11 +200,8 @@ async fn sync_rows_are_chained_settled_after_lost_answers_and_verified() {
             .fetch_one(db.pool())
             .await
             .expect("row of user-41");
-    tamper(
-        &db,
-        "UPDATE audit_events SET target_id = 'elsewhere' WHERE actor_id = 'user-41'",
-    )
-    .await;
+    db.tamper("UPDATE audit_events SET target_id = 'elsewhere' WHERE actor_id = 'user-41'")
+        .await;
     let (code, findings, _) = verify_db(&db, &public, &[]);
     assert_eq!(code, 1);
     assert_eq!(findings.len(), 1, "{findings:#?}");
@@ -238,8 +217,7 @@ async fn sync_rows_are_chained_settled_after_lost_answers_and_verified() {
     );
 
     // A row in no chain at all is a finding too.
-    tamper(
-        &db,
+    db.tamper(
         "INSERT INTO audit_events (event_id, occurred_at, action) \
          VALUES (gen_random_uuid(), now(), 'doc.forged')",
     )
@@ -272,11 +250,8 @@ async fn verify_db_since_walks_only_what_was_signed_after_the_time() {
     let since = between.to_rfc3339();
 
     // A change to the first writer's rows is outside the window.
-    tamper(
-        &db,
-        "UPDATE audit_events SET target_id = 'elsewhere' WHERE actor_id = 'user-3'",
-    )
-    .await;
+    db.tamper("UPDATE audit_events SET target_id = 'elsewhere' WHERE actor_id = 'user-3'")
+        .await;
     let (code, findings, summaries) = verify_db(&db, &public, &["--since", &since]);
     assert_eq!((code, findings.len()), (0, 0), "{findings:#?}");
     let rows: u64 = summaries
@@ -290,11 +265,8 @@ async fn verify_db_since_walks_only_what_was_signed_after_the_time() {
     assert_eq!(findings[0]["finding"], "changed_row");
 
     // One inside it is named.
-    tamper(
-        &db,
-        "UPDATE audit_events SET target_id = 'elsewhere' WHERE actor_id = 'user-33'",
-    )
-    .await;
+    db.tamper("UPDATE audit_events SET target_id = 'elsewhere' WHERE actor_id = 'user-33'")
+        .await;
     let (code, findings, _) = verify_db(&db, &public, &["--since", &since]);
     assert_eq!(code, 1);
     assert_eq!(findings.len(), 1, "{findings:#?}");
@@ -375,10 +347,10 @@ async fn a_dropped_partition_leaves_an_anchor_and_a_hand_cut_head_is_named() {
 
     // The three oldest remaining rows deleted by hand: named, even though
     // retention cut the stream before them.
-    tamper(
-        &db,
-        &format!("DELETE FROM audit_events WHERE lsn <= {}", lsns[2]),
-    )
+    db.tamper(&format!(
+        "DELETE FROM audit_events WHERE lsn <= {}",
+        lsns[2]
+    ))
     .await;
     let (code, findings, _) = verify_db(&db, &public, &[]);
     assert_eq!(code, 1);

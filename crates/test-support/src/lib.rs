@@ -153,6 +153,27 @@ impl TestDb {
             .await
             .expect("counting audit_events")
     }
+
+    /// Runs `sql` (statements separated by `;`) in one transaction as the
+    /// superuser with the append-only triggers off: the tampering a trail
+    /// must show (tests of the hash chain).
+    pub async fn tamper(&self, sql: &str) {
+        let mut tx = self.pool.begin().await.expect("begin");
+        for stmt in [
+            "ALTER TABLE audit_events DISABLE TRIGGER ALL",
+            "ALTER TABLE audit_events_default DISABLE TRIGGER ALL",
+            "ALTER TABLE audit_chain_checkpoints DISABLE TRIGGER ALL",
+        ]
+        .into_iter()
+        .chain(sql.split(';').map(str::trim).filter(|s| !s.is_empty()))
+        {
+            sqlx::query(stmt)
+                .execute(&mut *tx)
+                .await
+                .unwrap_or_else(|e| panic!("{stmt}: {e}"));
+        }
+        tx.commit().await.expect("commit");
+    }
 }
 
 impl Drop for TestDb {
