@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use auditwal::wal::format::{self, RecordKind, ScanItem};
-use common::{assert_ok, auditwal_bin, emit_lines_with_env, TestDb};
+use common::{assert_ok, auditwal_bin, emit_lines_with_env, verify_db_json, TestDb};
 use serde_json::Value;
 
 /// A signed WAL: keys, and a stream written by three `emit` runs (so the
@@ -99,37 +99,15 @@ impl SignedWal {
         copy
     }
 
-    /// `verify-db --json` (plus `extra`): exit code, findings, summary.
+    /// `verify-db --json` (plus `extra`): exit code, findings, the last
+    /// stream summary.
     fn verify_db(&self, db: &TestDb, extra: &[&str]) -> (i32, Vec<Value>, Value) {
-        let out = Command::new(auditwal_bin())
-            .args([
-                "verify-db",
-                "--json",
-                "--database-url",
-                db.url(),
-                "--public-key",
-            ])
-            .arg(self.public_key())
-            .args(extra)
-            .output()
-            .expect("run verify-db");
-        let code = out.status.code().expect("exit code");
-        assert!(
-            code == 0 || code == 1,
-            "verify-db failed ({code}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut findings = Vec::new();
-        let mut summary = Value::Null;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let v: Value = serde_json::from_str(line).expect("JSON line");
-            if v.get("finding").is_some() {
-                findings.push(v);
-            } else {
-                summary = v;
-            }
-        }
-        (code, findings, summary)
+        let (code, findings, summaries) = verify_db_json(db.url(), &self.public_key(), extra);
+        (
+            code,
+            findings,
+            summaries.last().cloned().unwrap_or(Value::Null),
+        )
     }
 }
 

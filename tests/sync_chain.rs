@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use auditwal::pg::{PgError, SyncConfig, SyncWriter};
 use auditwal::AuditEvent;
-use common::{assert_ok, auditwal_bin, TestDb};
+use common::{assert_ok, auditwal_bin, verify_db_json, TestDb};
 use serde_json::Value;
 
 fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
@@ -32,14 +32,20 @@ async fn writer(db: &TestDb, key: &Path, timeout: Duration) -> SyncWriter {
 }
 
 async fn writer_with(db: &TestDb, key: &Path, timeout: Duration, committers: usize) -> SyncWriter {
-    let mut config = SyncConfig::default();
+    let mut config = chain_config(key, timeout);
     config.committers = committers;
-    config.chain_key = Some(key.to_path_buf());
-    config.checkpoint_every = 7;
-    config.timeout = timeout;
     SyncWriter::connect(db.url(), config)
         .await
         .expect("connect the sync writer")
+}
+
+/// A signing writer's settings: checkpoints every 7 events.
+fn chain_config(key: &Path, timeout: Duration) -> SyncConfig {
+    let mut config = SyncConfig::default();
+    config.chain_key = Some(key.to_path_buf());
+    config.checkpoint_every = 7;
+    config.timeout = timeout;
+    config
 }
 
 /// A signing writer logged in as a role that is only `auditwal_writer`.
@@ -55,10 +61,7 @@ async fn writer_login(db: &TestDb, key: &Path, timeout: Duration) -> SyncWriter 
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
         .connect_lazy_with(options.username(&role).password("pw"));
-    let mut config = SyncConfig::default();
-    config.chain_key = Some(key.to_path_buf());
-    config.checkpoint_every = 7;
-    config.timeout = timeout;
+    let mut config = chain_config(key, timeout);
     config.migrate = false;
     SyncWriter::from_pool(pool, config)
         .await
@@ -85,36 +88,8 @@ async fn record_many(writer: &SyncWriter, from: usize, count: usize) {
     }
 }
 
-/// `verify-db --json` plus `extra`: exit code, findings, summaries by stream.
 fn verify_db(db: &TestDb, public: &Path, extra: &[&str]) -> (i32, Vec<Value>, Vec<Value>) {
-    let out = Command::new(auditwal_bin())
-        .args([
-            "verify-db",
-            "--json",
-            "--database-url",
-            db.url(),
-            "--public-key",
-        ])
-        .arg(public)
-        .args(extra)
-        .output()
-        .expect("run verify-db");
-    let code = out.status.code().expect("exit code");
-    assert!(
-        code == 0 || code == 1,
-        "verify-db failed ({code}): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (mut findings, mut summaries) = (Vec::new(), Vec::new());
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: Value = serde_json::from_str(line).expect("JSON line");
-        if v.get("finding").is_some() {
-            findings.push(v);
-        } else {
-            summaries.push(v);
-        }
-    }
-    (code, findings, summaries)
+    verify_db_json(db.url(), public, extra)
 }
 
 /// A trigger that holds every row of action `doc.slow*` for 1.5 s, then

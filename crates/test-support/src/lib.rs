@@ -435,3 +435,34 @@ pub async fn fails_within<T: std::fmt::Debug, E: std::fmt::Display>(
         }
     }
 }
+
+/// `auditwal verify-db --json --database-url URL --public-key KEY` plus
+/// `extra`: its exit code (asserted 0 or 1), its findings and its stream
+/// summaries, each line as JSON.
+pub fn verify_db_json(
+    url: &str,
+    public_key: &std::path::Path,
+    extra: &[&str],
+) -> (i32, Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let out = std::process::Command::new(auditwal_bin())
+        .args(["verify-db", "--json", "--database-url", url, "--public-key"])
+        .arg(public_key)
+        .args(extra)
+        .output()
+        .expect("run verify-db");
+    let code = out.status.code().expect("exit code");
+    assert!(
+        code == 0 || code == 1,
+        "verify-db failed ({code}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (mut findings, mut summaries) = (Vec::new(), Vec::new());
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+        match v.get("finding") {
+            Some(_) => findings.push(v),
+            None => summaries.push(v),
+        }
+    }
+    (code, findings, summaries)
+}
