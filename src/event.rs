@@ -333,12 +333,30 @@ struct EventInput {
     metadata: Option<JsonText>,
 }
 
+/// A fresh UUID v7 and the instant its timestamp names, from one clock read.
+///
+/// `Uuid::now_v7` and `Utc::now` each read the clock, and `now_v7` also
+/// serializes every caller of the process through a shared counter that keeps
+/// ids made in the same millisecond in order; together they were a fifth of
+/// building an event (docs/benchmarks.md, `bench record`). Event ids need to
+/// be unique, not ordered (the time is `occurred_at`): here all 74 bits after
+/// the millisecond timestamp are random, from the thread's generator.
+fn now_v7() -> (Uuid, DateTime<Utc>) {
+    let now = Utc::now();
+    // Before 1970 only with a broken clock; the id then carries time zero.
+    let secs = u64::try_from(now.timestamp()).unwrap_or(0);
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, now.timestamp_subsec_nanos());
+    (Uuid::new_v7(ts), now)
+}
+
 impl AuditEvent {
-    /// A new event for `action`, with a fresh UUID v7 and `occurred_at` = now.
+    /// A new event for `action`, with a fresh UUID v7 and `occurred_at` = now
+    /// (the same instant: see [`now_v7`]).
     pub fn new(action: impl Into<String>) -> Self {
+        let (event_id, occurred_at) = now_v7();
         AuditEvent {
-            event_id: Uuid::now_v7(),
-            occurred_at: Utc::now(),
+            event_id,
+            occurred_at,
             action: action.into(),
             actor_id: None,
             actor_type: None,
@@ -425,15 +443,16 @@ impl AuditEvent {
     pub fn from_json(line: &str, max_event_bytes: usize) -> Result<Self, EventError> {
         let input: EventInput =
             serde_json::from_str(line).map_err(|e| diagnose(line, e.to_string()))?;
+        let (fresh_id, now) = now_v7();
         let event_id = match input.event_id {
             Some(s) => Uuid::parse_str(&s).map_err(|_| EventError::InvalidEventId { value: s })?,
-            None => Uuid::now_v7(),
+            None => fresh_id,
         };
         let occurred_at = match input.occurred_at {
             Some(s) => DateTime::parse_from_rfc3339(&s)
                 .map_err(|_| EventError::InvalidTimestamp { value: s })?
                 .with_timezone(&Utc),
-            None => Utc::now(),
+            None => now,
         };
         let outcome = input.outcome.map(|s| s.parse()).transpose()?;
         let ip = match input.ip {

@@ -10,8 +10,8 @@
 //! - a receipt is returned only for what the mode promises (committed,
 //!   fsynced, or in the page cache); everything else is an error to the caller;
 //! - no call blocks a runtime thread on a wait or on file work: the WAL copy
-//!   is done inline (a memory copy under a mutex that no appender holds across a
-//!   system call or a wait); an append that needs a new segment (rotation:
+//!   is done inline (one `pwrite` of the frame into the page cache, under a
+//!   mutex that no appender holds across any other system call or a wait); an append that needs a new segment (rotation:
 //!   taking the prepared spare and renaming it in, waiting for the preparer,
 //!   or creating the segment when none is ready) runs on tokio's blocking
 //!   pool and is awaited ([`WalWriter::append_with_rate_async`]); durable
@@ -20,10 +20,10 @@
 //!   is retried after a short sleep until the block timeout, by the same rule
 //!   the writer's own blocking wait follows, `wal::BlockWait`); opening and
 //!   closing the stream run on the blocking pool. What is left on the runtime
-//!   thread: the copy into the mapped segment can page-fault (a minor fault
-//!   normally; with `zero_fill_segments = false` the first store into each
-//!   page of a segment starts a file-system journal transaction, which can
-//!   take milliseconds under heavy writeback), and dropping the last clone
+//!   thread: that `pwrite` can wait in the kernel (with `zero_fill_segments =
+//!   false` the first write into each block of a segment starts a file-system
+//!   journal transaction, which can take milliseconds under heavy writeback,
+//!   and the kernel throttles any writer when dirty pages pass its limit), and dropping the last clone
 //!   without [`AuditLog::close`] fsyncs in `Drop`. docs/modes.md says the same;
 //! - failures are counted and logged at most once per second per kind, with the
 //!   number of lines suppressed since the last one.

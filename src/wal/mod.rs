@@ -5,7 +5,7 @@
 //!
 //! | call | returns when | survives kill -9 | survives power loss |
 //! |---|---|---|---|
-//! | [`WalWriter::append`] | the record is copied into the mapped segment file | yes | once the next fsync ran (≤ `fsync_interval`, default 100 ms) |
+//! | [`WalWriter::append`] | the record is written to the segment file (page cache) | yes | once the next fsync ran (≤ `fsync_interval`, default 100 ms) |
 //! | [`WalWriter::append_async`] | the same, without holding the runtime thread when the append needs a new segment | yes | as `append` |
 //! | [`WalWriter::append_durable`] / [`WalWriter::wait_durable`] | an fdatasync covering the record completed | yes | yes |
 //!

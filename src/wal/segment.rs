@@ -1,15 +1,23 @@
-//! A segment file as the writer holds it: preallocated, mapped `MAP_SHARED`, and
-//! written by plain memory copies.
+//! A segment file as the writer holds it: preallocated, mapped `MAP_SHARED`
+//! (for reading, and for the header), and appended to with one `pwrite` per
+//! frame.
 //!
-//! Why a shared map: a record copied into it is in the page cache the moment the
-//! copy ends, so it survives a SIGKILL of the process with no system call on the
-//! append path; the flusher's fdatasync on the same file writes those pages out
-//! (on Linux, pages dirtied through a shared map are written back by fsync and
-//! fdatasync like pages dirtied by write()).
+//! Why `pwrite` and not stores into the map: either way a record is in the page
+//! cache when the call returns, so it survives a SIGKILL of the process. But a
+//! page dirtied through a writable shared map must be write-protected again
+//! when the flusher's fdatasync writes it back: one TLB-shootdown IPI to every
+//! CPU that runs the process's threads per page, and a write fault on the next
+//! store into it. On this project's two-vCPU machine those cost as much as the
+//! system call in the mean and made the tail (the async call's p99 was 19–21 µs
+//! against 3–4 µs with `pwrite`; docs/benchmarks.md, `bench record`), and they
+//! grow with the number of CPUs a service runs on. A `pwrite` leaves no
+//! writable mapping to clean. The map stays for reads: the flusher hashes
+//! appended frames through it and recovery scans it (on Linux a shared map and
+//! `pwrite` see the same page cache).
 //!
-//! Why preallocated: every byte of the file is reserved by `fallocate` before the
-//! file is mapped, so a store into the map can never need a block the disk does
-//! not have (which would be SIGBUS); a full disk shows up as an error when the
+//! Why preallocated: every byte of the file is reserved by `fallocate` (and
+//! written as zeros) before the first append, so an append never needs a block
+//! the disk does not have; a full disk shows up as an error when the
 //! spare segment is created. And because the size never changes after creation,
 //! fdatasync (data, no metadata) is enough to make appended records durable.
 //!
@@ -29,8 +37,9 @@ use super::error::WalError;
 use super::format::{self, Lsn, RecordKind, SegmentHeader};
 use super::fs::FileSystem;
 
-/// A mapped segment file. Shared (behind an `Arc`) by the appender, which writes
-/// through the map, and the flusher, which fdatasyncs the file.
+/// A mapped segment file. Shared (behind an `Arc`) by the appender, which
+/// writes to the file, and the flusher, which reads frames through the map and
+/// fdatasyncs the file.
 #[derive(Debug)]
 pub(crate) struct Segment {
     fs: Arc<dyn FileSystem>,
@@ -361,12 +370,15 @@ impl Drop for Spare {
 
 /// The segment being appended to, with its write offset. Owned by the writer's
 /// append state, behind its mutex: holding `&mut ActiveSegment` is what makes a
-/// thread the only one writing into the map.
+/// thread the only one appending to the file.
 #[derive(Debug)]
 pub(crate) struct ActiveSegment {
     segment: std::sync::Arc<Segment>,
     write_off: usize,
     sealed: bool,
+    /// The frame being appended, encoded here and then written with one
+    /// `pwrite`; kept between appends for its capacity.
+    frame: Vec<u8>,
 }
 
 impl ActiveSegment {
@@ -376,6 +388,7 @@ impl ActiveSegment {
             segment,
             write_off,
             sealed: false,
+            frame: Vec::new(),
         }
     }
 
@@ -403,7 +416,7 @@ impl ActiveSegment {
                 .is_some_and(|end| end <= self.segment.len)
     }
 
-    /// Copies one frame into the map at the write offset. The caller checked
+    /// Writes one frame at the write offset. The caller checked
     /// [`has_room_for`](Self::has_room_for).
     pub(crate) fn append(
         &mut self,
@@ -420,22 +433,22 @@ impl ActiveSegment {
                 max: self.segment.len.saturating_sub(self.write_off),
             });
         }
-        // SAFETY: [write_off, end) lies inside the map (checked above). `&mut
-        // self` is held under the writer's append mutex, so no other thread of
-        // this process writes or reads this range through this map; the flusher
-        // only fdatasyncs and madvises (no data access). Other processes map the
-        // file read-only and detect a frame they see half-copied by its CRC.
-        // The file cannot shrink under us: only this writer (holding the stream
-        // lock) ever changes segment sizes, and it never shrinks them.
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(
-                self.segment.map.as_mut_ptr().add(self.write_off),
-                frame_len,
-            )
-        };
-        format::encode_frame(dst, lsn, kind, payload).map_err(|e| WalError::Encode {
-            reason: e.to_string(),
+        // One pwrite of the whole frame, not a copy into the map: see the
+        // module comment. A frame another process reads half-written fails its
+        // CRC there. On an error nothing is published (the LSN is not taken and
+        // the write offset stays), so the next append overwrites whatever part
+        // of this frame reached the page cache.
+        self.frame.clear();
+        self.frame.resize(frame_len, 0);
+        format::encode_frame(&mut self.frame, lsn, kind, payload).map_err(|e| {
+            WalError::Encode {
+                reason: e.to_string(),
+            }
         })?;
+        let seg = &self.segment;
+        seg.fs
+            .write_at(&seg.file, &seg.path, &self.frame, self.write_off as u64)
+            .map_err(|e| WalError::io("append to segment", &seg.path, e))?;
         self.write_off = end;
         Ok(())
     }

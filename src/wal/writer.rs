@@ -2,10 +2,11 @@
 //! the disk budget policy, durable waits, and shutdown.
 //!
 //! The append path is: encode the event into a per-thread reused buffer (no
-//! lock held), then take the append mutex only to assign the LSN and copy the
-//! frame into the mapped segment (`segment::ActiveSegment::append`). No system
-//! call happens there; when `append` returns, the record is in the page cache and
-//! survives a SIGKILL of the process. Making it survive power loss is the
+//! lock held), then take the append mutex only to assign the LSN and write the
+//! frame to the segment with one `pwrite` (`segment::ActiveSegment::append`,
+//! whose module comment says why not a copy into the map); when `append`
+//! returns, the record is in the page cache and survives a SIGKILL of the
+//! process. Making it survive power loss is the
 //! flusher's job (`flusher.rs`): fdatasync every `fsync_interval`, or at once
 //! when a durable waiter is present, then publish the durable LSN
 //! (`durable.rs`).
@@ -404,7 +405,7 @@ impl WalWriter {
 
     /// [`append_with_rate`](Self::append_with_rate) without holding the runtime
     /// thread: the common case (the record fits in the current segment) is the
-    /// same memory copy under the append mutex, done inline. When a new segment
+    /// same `pwrite` under the append mutex, done inline. When a new segment
     /// is needed, one call runs the rotation on tokio's blocking pool and the
     /// others that need it meanwhile await it (one blocking-pool task per
     /// rotation, however many calls wait); an append that must wait for disk
@@ -960,7 +961,12 @@ pub(crate) mod tests {
         let st = wal.inner.lock_state();
         let segment = st.active.as_ref().expect("active segment").segment();
         let raw = segment.file_for_test().as_raw_fd();
-        let dev_null = std::fs::File::open("/dev/null").expect("open /dev/null");
+        // Writable: appends (pwrite) still succeed, into /dev/null; only the
+        // fdatasync fails (EINVAL).
+        let dev_null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .expect("open /dev/null");
         // SAFETY: `raw` stays owned by the segment's File; ManuallyDrop keeps
         // this second owner from closing it. dup2 only replaces what it refers to.
         let mut target = ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(raw) });
